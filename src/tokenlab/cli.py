@@ -1,0 +1,92 @@
+"""The ``tokenlab`` command line: one entry point, one sub-command per job.
+
+Each sub-command lives in a ``_add_<name>`` function that declares its arguments and a handler. Handlers import
+their heavy modules lazily so ``tokenlab --help`` stays fast. User mistakes (``ValueError``, ``KeyError``,
+``FileNotFoundError``) become one clear ``error:`` line and exit status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+Handler = Callable[[argparse.Namespace], int | None]
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list every registered model with its parameter count")
+    p.add_argument("--filter", default="*", help="wildcard on the model name, e.g. 'fan_*hybrid*'")
+    p.add_argument("--num-classes", type=int, default=1000, help="classes used when counting parameters")
+
+    def run(args: argparse.Namespace) -> int:
+        import fnmatch
+
+        import timm
+        import torch
+
+        from tokenlab.models import list_tokenlab_models
+
+        names = [n for n in list_tokenlab_models() if fnmatch.fnmatch(n, args.filter)]
+        if not names:
+            raise ValueError(f"no model matches {args.filter!r}")
+        width = max(len(n) for n in names)
+        print(f"{'model':<{width}}  {'params':>10}")
+        for name in names:
+            with torch.device("meta"):
+                model = timm.create_model(name, num_classes=args.num_classes)
+            count = sum(p.numel() for p in model.parameters())
+            print(f"{name:<{width}}  {count / 1e6:>9.2f}M")
+        return 0
+
+    p.set_defaults(handler=run)
+
+
+# Each entry adds one sub-command. Keep the list in the order `tokenlab --help` should show.
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_models,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenlab",
+        description="Train and evaluate vision transformers with token-level self-distillation (STL, iBOT).",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in _SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 0
+    try:
+        rc = handler(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: progress so far is kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        if args.debug:
+            raise
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
