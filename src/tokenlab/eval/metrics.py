@@ -1,0 +1,311 @@
+"""Classification, calibration and corruption-robustness metrics (pure functions on tensors and error tables).
+
+Implements REFERENCE §3 and the standard definitions they build on:
+
+- top-k accuracy: ``acc@k = (1/n) sum_i [y_i in topk(z_i)]``;
+- negative log-likelihood: ``NLL = -(1/n) sum_i log softmax(z_i)_{y_i}``;
+- expected calibration error (Guo et al., ICML 2017, https://arxiv.org/abs/1706.04599) with equal-width confidence
+  bins ``B_b``: ``ECE = sum_b (|B_b| / n) * |acc(B_b) - conf(B_b)|``;
+- corruption error (Hendrycks & Dietterich, ICLR 2019, https://arxiv.org/abs/1903.12261):
+  ``CE_c = sum_s E_{s,c} / sum_s E^ref_{s,c}``, ``mCE = mean_c CE_c``;
+  relative ``rCE_c = sum_s (E_{s,c} - E_clean) / sum_s (E^ref_{s,c} - E^ref_clean)``, ``relative mCE = mean_c rCE_c``;
+- retention ``= robust accuracy / clean accuracy`` with robust accuracy the mean accuracy over every
+  (corruption, severity) cell.
+
+Error tables are ``{corruption: {severity: error}}`` with errors in [0, 1].
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ALEXNET_CLEAN_ERROR",
+    "ALEXNET_ERRORS",
+    "COMMON_CORRUPTIONS",
+    "EXTRA_CORRUPTIONS",
+    "CorruptionScores",
+    "Reliability",
+    "corruption_scores",
+    "expected_calibration_error",
+    "mce",
+    "nll",
+    "relative_mce",
+    "retention",
+    "topk_accuracy",
+]
+
+COMMON_CORRUPTIONS: tuple[str, ...] = (
+    "gaussian_noise", "shot_noise", "impulse_noise",
+    "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+    "snow", "frost", "fog", "brightness",
+    "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+)  # fmt: skip
+EXTRA_CORRUPTIONS: tuple[str, ...] = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+
+# AlexNet mean top-1 error per ImageNet-C corruption, averaged over the 5 severities (REFERENCE §3).
+ALEXNET_ERRORS: dict[str, float] = {
+    "gaussian_noise": 0.886428, "shot_noise": 0.894468, "impulse_noise": 0.922640,
+    "defocus_blur": 0.819880, "glass_blur": 0.826268, "motion_blur": 0.785948, "zoom_blur": 0.798360,
+    "snow": 0.866816, "frost": 0.826572, "fog": 0.819324, "brightness": 0.564592,
+    "contrast": 0.853204, "elastic_transform": 0.646056, "pixelate": 0.717840, "jpeg_compression": 0.606500,
+}  # fmt: skip
+# AlexNet clean ImageNet top-1 error (Hendrycks & Dietterich 2019, Table 1: 43.5 %), used for relative mCE.
+ALEXNET_CLEAN_ERROR = 0.4348
+
+ErrorTable = Mapping[str, Mapping[int, float]]
+# A reference is either a full table or, like the AlexNet numbers, one mean error per corruption.
+Reference = Mapping[str, Mapping[int, float] | float]
+
+
+def _check_logits(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    if logits.ndim != 2 or targets.ndim != 1 or logits.shape[0] != targets.shape[0]:
+        raise ValueError(f"expected logits (n, K) and targets (n,), got {tuple(logits.shape)} and {tuple(targets.shape)}")
+    if logits.shape[0] == 0:
+        raise ValueError("no samples: metrics need at least one prediction")
+
+
+def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, float]:
+    """``acc@k = (1/n) sum_i [y_i in topk(z_i)]`` for each k (k larger than K counts as K).
+
+    Args:
+        logits: (n, K) scores.
+        targets: (n,) class indices.
+        ks: The k values.
+
+    Returns:
+        ``{k: accuracy}`` with accuracies in [0, 1].
+    """
+    _check_logits(logits, targets)
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices  # (n, kmax)
+    hit = top == targets[:, None]  # (n, kmax)
+    return {k: hit[:, : min(k, kmax)].any(dim=1).float().mean().item() for k in ks}
+
+
+def nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean negative log-likelihood ``-(1/n) sum_i log softmax(z_i)_{y_i}`` (natural log)."""
+    _check_logits(logits, targets)
+    return F.cross_entropy(logits.float(), targets, reduction="mean").item()
+
+
+@dataclass
+class Reliability:
+    """A reliability diagram: per confidence bin, the number of samples, mean confidence and accuracy.
+
+    Attributes:
+        edges: (n_bins + 1) bin edges over [0, 1].
+        counts: Samples per bin.
+        confidence: Mean max-probability per bin (nan for an empty bin).
+        accuracy: Accuracy per bin (nan for an empty bin).
+        ece: ``sum_b (|B_b| / n) |acc(B_b) - conf(B_b)|``.
+    """
+
+    edges: list[float]
+    counts: list[int]
+    confidence: list[float]
+    accuracy: list[float]
+    ece: float
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "edges": self.edges,
+            "counts": self.counts,
+            "confidence": [None if math.isnan(v) else v for v in self.confidence],
+            "accuracy": [None if math.isnan(v) else v for v in self.accuracy],
+            "ece": self.ece,
+        }
+
+
+def expected_calibration_error(logits: torch.Tensor, targets: torch.Tensor, n_bins: int = 15) -> Reliability:
+    """Expected calibration error with ``n_bins`` equal-width bins over the max softmax probability.
+
+    ``ECE = sum_b (|B_b| / n) * |acc(B_b) - conf(B_b)|``; a sample with confidence ``p`` falls in bin
+    ``b`` when ``edges[b] < p <= edges[b + 1]`` (the first bin also takes ``p = 0``).
+
+    Args:
+        logits: (n, K) scores.
+        targets: (n,) class indices.
+        n_bins: Number of bins, at least 1.
+
+    Returns:
+        The reliability diagram with its ECE.
+    """
+    _check_logits(logits, targets)
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    probs = logits.float().softmax(dim=1)
+    conf, pred = probs.max(dim=1)
+    correct = (pred == targets).float()
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    # bucketize with right=False gives i such that edges[i-1] < p <= edges[i]
+    idx = (torch.bucketize(conf.double(), edges, right=False) - 1).clamp(0, n_bins - 1)
+    n = conf.numel()
+    counts, confs, accs, ece = [], [], [], 0.0
+    for b in range(n_bins):
+        sel = idx == b
+        c = int(sel.sum())
+        counts.append(c)
+        if c == 0:
+            confs.append(math.nan)
+            accs.append(math.nan)
+            continue
+        mc, ma = conf[sel].double().mean().item(), correct[sel].double().mean().item()
+        confs.append(mc)
+        accs.append(ma)
+        ece += c / n * abs(ma - mc)
+    return Reliability(edges.tolist(), counts, confs, accs, ece)
+
+
+def _ref_sum(ref: Mapping[int, float] | float, severities: list[int]) -> float:
+    """``sum_s E^ref_{s,c}`` over ``severities``; a scalar reference is a mean over severities."""
+    if isinstance(ref, Mapping):
+        missing = [s for s in severities if s not in ref]
+        if missing:
+            raise KeyError(f"reference lacks severities {missing} (it has {sorted(ref)})")
+        return float(sum(ref[s] for s in severities))
+    return float(ref) * len(severities)
+
+
+def _common(errors: ErrorTable, reference: Reference) -> list[str]:
+    names = [c for c in errors if c in reference]
+    if not names:
+        raise ValueError(
+            f"no corruption in common between the errors ({sorted(errors)}) and the reference ({sorted(reference)})"
+        )
+    skipped = sorted(set(errors) - set(reference))
+    if skipped:
+        logger.info("corruptions without a reference are left out of mCE: %s", ", ".join(skipped))
+    return names
+
+
+def mce(errors: ErrorTable, reference: Reference = ALEXNET_ERRORS) -> tuple[float, dict[str, float]]:
+    """Mean corruption error: ``CE_c = sum_s E_{s,c} / sum_s E^ref_{s,c}``, ``mCE = mean_c CE_c``.
+
+    Args:
+        errors: ``{corruption: {severity: top-1 error}}`` of the model.
+        reference: The same table for the reference model, or one mean error per corruption (AlexNet on
+            ImageNet-C, the default), which counts as that error at every severity. Corruptions missing from the
+            reference are left out (logged).
+
+    Returns:
+        ``(mCE, {corruption: CE_c})``, as fractions (multiply by 100 for the usual percent).
+    """
+    ce = {}
+    for c in _common(errors, reference):
+        sev = sorted(errors[c])
+        denom = _ref_sum(reference[c], sev)
+        if denom <= 0:
+            raise ValueError(f"reference error for {c!r} is {denom}; CE needs a positive reference error")
+        ce[c] = sum(errors[c][s] for s in sev) / denom
+    return sum(ce.values()) / len(ce), ce
+
+
+def relative_mce(
+    errors: ErrorTable,
+    clean_error: float,
+    reference: Reference = ALEXNET_ERRORS,
+    reference_clean_error: float = ALEXNET_CLEAN_ERROR,
+) -> tuple[float, dict[str, float]]:
+    """Relative mCE: ``rCE_c = sum_s (E_{s,c} - E_clean) / sum_s (E^ref_{s,c} - E^ref_clean)``, mean over c.
+
+    Args:
+        errors: ``{corruption: {severity: error}}`` of the model.
+        clean_error: The model's clean top-1 error.
+        reference: Reference table or per-corruption mean errors (default AlexNet).
+        reference_clean_error: The reference model's clean error (default AlexNet's 0.4348).
+
+    Returns:
+        ``(relative mCE, {corruption: rCE_c})``.
+    """
+    rce = {}
+    for c in _common(errors, reference):
+        sev = sorted(errors[c])
+        denom = _ref_sum(reference[c], sev) - reference_clean_error * len(sev)
+        if denom <= 0:
+            raise ValueError(
+                f"reference degradation for {c!r} is {denom:.4f} (not above its clean error); relative CE is undefined"
+            )
+        rce[c] = sum(errors[c][s] - clean_error for s in sev) / denom
+    return sum(rce.values()) / len(rce), rce
+
+
+def retention(robust_accuracy: float, clean_accuracy: float) -> float:
+    """``retention = robust accuracy / clean accuracy`` (nan when the clean accuracy is 0)."""
+    return robust_accuracy / clean_accuracy if clean_accuracy > 0 else math.nan
+
+
+@dataclass
+class CorruptionScores:
+    """Summary of a corruption evaluation.
+
+    Attributes:
+        accuracy: ``{corruption: {severity: accuracy}}``.
+        per_corruption: Mean accuracy over severities per corruption.
+        per_severity: Mean accuracy over corruptions per severity.
+        robust_accuracy: Mean accuracy over every (corruption, severity) cell.
+        retention: ``robust_accuracy / clean_accuracy``.
+        mce, ce: mCE and per-corruption CE against the reference (None without a usable reference).
+        relative_mce, relative_ce: The same for relative mCE (None without a reference clean error).
+        reference: Name of the reference.
+    """
+
+    accuracy: dict[str, dict[int, float]]
+    per_corruption: dict[str, float]
+    per_severity: dict[int, float]
+    robust_accuracy: float
+    retention: float
+    mce: float | None = None
+    ce: dict[str, float] = field(default_factory=dict)
+    relative_mce: float | None = None
+    relative_ce: dict[str, float] = field(default_factory=dict)
+    reference: str | None = None
+
+
+def corruption_scores(
+    accuracy: Mapping[str, Mapping[int, float]],
+    clean_accuracy: float,
+    reference: Reference | None = ALEXNET_ERRORS,
+    reference_clean_error: float | None = ALEXNET_CLEAN_ERROR,
+    reference_name: str | None = "alexnet",
+) -> CorruptionScores:
+    """Per-corruption / per-severity accuracy, robust accuracy, retention, mCE and relative mCE in one go.
+
+    mCE and relative mCE are computed only over corruptions present in ``reference``; with no common corruption
+    (e.g. only the 4 extra types against AlexNet) they stay None.
+    """
+    if not accuracy or not any(accuracy.values()):
+        raise ValueError("empty accuracy table: no corruption was evaluated")
+    acc = {c: {int(s): float(a) for s, a in sev.items()} for c, sev in accuracy.items()}
+    cells = [a for sev in acc.values() for a in sev.values()]
+    severities = sorted({s for sev in acc.values() for s in sev})
+    per_sev = {s: sum(sev[s] for sev in acc.values() if s in sev) / sum(s in sev for sev in acc.values())
+               for s in severities}  # fmt: skip
+    robust = sum(cells) / len(cells)
+    out = CorruptionScores(
+        accuracy=acc,
+        per_corruption={c: sum(sev.values()) / len(sev) for c, sev in acc.items()},
+        per_severity=per_sev,
+        robust_accuracy=robust,
+        retention=retention(robust, clean_accuracy),
+        reference=reference_name,
+    )
+    if reference is not None and any(c in reference for c in acc):
+        errors = {c: {s: 1 - a for s, a in sev.items()} for c, sev in acc.items()}
+        out.mce, out.ce = mce(errors, reference)
+        if reference_clean_error is not None:
+            try:
+                out.relative_mce, out.relative_ce = relative_mce(
+                    errors, 1 - clean_accuracy, reference, reference_clean_error
+                )
+            except ValueError as err:
+                logger.warning("relative mCE not computed: %s", err)
+    return out
