@@ -1,0 +1,267 @@
+"""FAN-specific building blocks that timm does not provide.
+
+Fully Attentional Networks (Zhou et al., "Understanding The Robustness in Vision Transformers", ICML 2022,
+https://arxiv.org/abs/2204.12451) pair ordinary token self-attention with a *channel processing* module that
+re-weights channels by an attention computed over tokens. Everything generic (Mlp, DropPath, the Fourier
+positional encoding, the class-attention block, ConvNeXt stages) comes from timm; this file holds only:
+
+- ``TokenMixing``: multi-head self-attention with separate ``q`` and ``kv`` projections (the published key
+  layout), computed with ``scaled_dot_product_attention``;
+- ``DWConv`` / ``DWConvMlp``: the MLP with a depthwise-conv branch, ``fc1 -> h + gamma * DWConv(h) -> fc2``;
+- ``ChannelProcessing``: ``a = sigmoid(softmax_N(q)^T mean_d(softmax_N(k))) * t``, output ``a * LN(Mlp(x))``;
+- ``FANBlock``: ``x + DropPath(g1 * TokenMixing(LN(x)))`` then ``x + DropPath(g2 * ChannelProcessing(LN(x)))``;
+- ``ConvPatchEmbed`` (ViT stem: stride-2 3x3 conv+BN layers) and ``HybridPatchEmbed`` (truncated ConvNeXt).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Type
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerNorm2d
+from timm.models.convnext import ConvNeXtStage
+from torch import nn
+
+
+class TokenMixing(nn.Module):
+    """Multi-head self-attention over tokens, ``q`` and ``kv`` as separate linears (FAN key layout).
+
+    Args:
+        dim: Token width C.
+        num_heads: Number of heads; ``dim`` must be divisible by it.
+        qkv_bias: Bias on the q/kv projections (True in every published FAN).
+        attn_drop: Dropout on the attention weights (training only).
+        proj_drop: Dropout after the output projection.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        h = self.num_heads
+        q = self.q(x).reshape(B, N, h, C // h).transpose(1, 2)  # (B, h, N, d)
+        kv = self.kv(x).reshape(B, N, 2, h, C // h).permute(2, 0, 3, 1, 4)  # (2, B, h, N, d)
+        x = F.scaled_dot_product_attention(q, kv[0], kv[1], dropout_p=self.attn_drop if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class DWConv(nn.Module):
+    """Depthwise 3x3 conv -> activation -> BatchNorm -> depthwise 3x3 conv, applied on the token grid."""
+
+    def __init__(self, dim: int, act_layer: Type[nn.Module] = nn.GELU) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.act = act_layer()
+        self.bn = nn.BatchNorm2d(dim)
+        self.conv2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        B, N, C = x.shape
+        x = x.transpose(1, 2).reshape(B, C, H, W)  # (B, N, C) -> (B, C, H, W)
+        x = self.conv2(self.bn(self.act(self.conv1(x))))
+        return x.reshape(B, C, N).transpose(1, 2)
+
+
+class DWConvMlp(nn.Module):
+    """``fc1 -> h + gamma * DWConv(h) -> fc2``; there is no activation after ``fc1`` in the published model."""
+
+    def __init__(
+        self, dim: int, hidden_dim: int, act_layer: Type[nn.Module] = nn.GELU, drop: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.dwconv = DWConv(hidden_dim, act_layer)
+        self.gamma = nn.Parameter(torch.ones(hidden_dim))
+        self.drop = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        x = self.fc1(x)
+        x = x + self.gamma * self.dwconv(x, H, W)
+        return self.drop(self.fc2(self.drop(x)))
+
+
+class ChannelProcessing(nn.Module):
+    """FAN's attentive channel processing (the ``mlp`` of a FAN block).
+
+    Per head (width d): ``q = softmax_tokens(W_q x)``, ``k = mean_d softmax_tokens(x)``; the channel attention
+    ``a = sigmoid(q^T k) * t`` (one learnable temperature per head) gates ``v = LN(DWConvMlp(x))`` channel-wise.
+
+    Args:
+        dim: Token width C.
+        num_heads: Number of heads.
+        mlp_ratio: Hidden width of the value MLP relative to ``dim``.
+        qkv_bias: Bias on the ``q`` projection.
+        drop: Dropout inside the value MLP.
+        act_layer: Activation in the depthwise branch.
+        norm_layer: Norm applied to the value MLP output.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        act_layer: Type[nn.Module] = nn.GELU,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.mlp_v = DWConvMlp(dim, int(dim * mlp_ratio), act_layer, drop)
+        self.norm_v = norm_layer(dim)
+
+    def channel_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate ``a`` of shape (B, heads, d, 1)."""
+        B, N, C = x.shape
+        h = self.num_heads
+        q = self.q(x).reshape(B, N, h, C // h).transpose(1, 2)  # (B, h, N, d)
+        k = x.reshape(B, N, h, C // h).transpose(1, 2)  # (B, h, N, d)
+        q = q.softmax(dim=-2).transpose(-1, -2)  # softmax over tokens, (B, h, d, N)
+        k = k.softmax(dim=-2).mean(dim=-1, keepdim=True)  # softmax over tokens, mean over channels: (B, h, N, 1)
+        return torch.sigmoid(q @ k) * self.temperature  # (B, h, d, 1)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        B, N, C = x.shape
+        h = self.num_heads
+        attn = self.channel_attention(x)  # (B, h, d, 1)
+        v = self.norm_v(self.mlp_v(x, H, W)).reshape(B, N, h, C // h).permute(0, 2, 3, 1)  # (B, h, d, N)
+        return (attn * v).permute(0, 3, 1, 2).reshape(B, N, C)  # (B, h, d, N) -> (B, N, C)
+
+
+class FANBlock(nn.Module):
+    """Token mixing followed by channel processing, each with a layer-scale residual.
+
+    Args:
+        dim: Token width C.
+        num_heads: Number of heads (shared by both halves).
+        mlp_ratio: Hidden ratio of the channel-processing value MLP.
+        qkv_bias: Bias on attention projections.
+        drop: Dropout inside projections / MLP.
+        attn_drop: Dropout on attention weights.
+        drop_path: Stochastic-depth rate of this block.
+        eta: Initial value of the layer-scale vectors ``gamma1``/``gamma2``.
+        act_layer: Activation type.
+        norm_layer: Norm type (LayerNorm with eps 1e-6 in FAN).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        eta: float = 1.0,
+        act_layer: Type[nn.Module] = nn.GELU,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = TokenMixing(dim, num_heads, qkv_bias, attn_drop, drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = ChannelProcessing(dim, num_heads, mlp_ratio, qkv_bias, drop, act_layer, norm_layer)
+        self.gamma1 = nn.Parameter(eta * torch.ones(dim))
+        self.gamma2 = nn.Parameter(eta * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))
+        return x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x), H, W))
+
+
+def _conv3x3_bn(in_chs: int, out_chs: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_chs, out_chs, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out_chs))
+
+
+class ConvPatchEmbed(nn.Module):
+    """ViT-variant stem: ``log2(patch_size)`` stride-2 3x3 conv+BN layers with GELU in between.
+
+    Patch 16 uses widths C/8 -> C/4 -> C/2 -> C (the published layout, keys ``proj.{0,2,4,6}``); patch 8 and 4
+    drop the first one or two layers so small images (CIFAR at 32 px) still get a useful token grid.
+    """
+
+    _WIDTHS = {16: (8, 4, 2, 1), 8: (4, 2, 1), 4: (2, 1)}
+
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768) -> None:
+        super().__init__()
+        if patch_size not in self._WIDTHS:
+            raise ValueError(f"ViT-stem patch_size must be one of {sorted(self._WIDTHS)}, got {patch_size}")
+        self.patch_size = patch_size
+        layers: list[nn.Module] = []
+        chs = in_chans
+        for i, div in enumerate(self._WIDTHS[patch_size]):
+            if i:
+                layers.append(nn.GELU())
+            layers.append(_conv3x3_bn(chs, embed_dim // div))
+            chs = embed_dim // div
+        self.proj = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = self.proj(x)
+        H, W = x.shape[-2:]
+        return x.flatten(2).transpose(1, 2), (H, W)  # (B, C, H, W) -> (B, N, C)
+
+
+class _ConvNeXtTrunk(nn.Module):
+    """The first two ConvNeXt stages (stride 8, 256 channels) used as the hybrid stem's backbone."""
+
+    def __init__(self, in_chans: int, depths: tuple[int, int], dims: tuple[int, int] = (128, 256)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], 4, stride=4), LayerNorm2d(dims[0]))
+        stages = []
+        prev = dims[0]
+        for i, (depth, dim) in enumerate(zip(depths, dims)):
+            stages.append(
+                ConvNeXtStage(
+                    prev,
+                    dim,
+                    stride=1 if i == 0 else 2,
+                    depth=depth,
+                    conv_mlp=True,
+                    ls_init_value=1.0,
+                    norm_layer=LayerNorm2d,
+                )
+            )
+            prev = dim
+        self.stages = nn.Sequential(*stages)
+        self.num_features = prev
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x))
+
+
+class HybridPatchEmbed(nn.Module):
+    """Hybrid-variant stem: truncated ConvNeXt (stride 8) then a 2x2 stride-2 conv to the token width.
+
+    Tokens come out at stride 16, as in the ViT stem with patch 16.
+    """
+
+    def __init__(self, in_chans: int = 3, embed_dim: int = 768, depths: tuple[int, int] = (3, 3)) -> None:
+        super().__init__()
+        self.patch_size = 16
+        self.backbone = _ConvNeXtTrunk(in_chans, depths)
+        self.proj = nn.Conv2d(self.backbone.num_features, embed_dim, 2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = self.proj(self.backbone(x))
+        H, W = x.shape[-2:]
+        return x.flatten(2).transpose(1, 2), (H, W)

@@ -1,0 +1,243 @@
+"""Semantic segmentation with a FAN backbone and a SegFormer-style all-MLP decoder.
+
+Papers:
+- [0] Xie et al., "SegFormer: Simple and Efficient Design for Semantic Segmentation with Transformers",
+  NeurIPS 2021. https://arxiv.org/abs/2105.15203 (the decoder, §3.2)
+- [1] Zhao et al., "Fully Attentional Networks with Self-emerging Token Labeling", ICCV 2023.
+  https://arxiv.org/abs/2401.03844 (FAN/STL backbones transferred to Cityscapes with a SegFormer head)
+
+SegFormer's decoder, quoted: "First, multi-level features F_i from the MiT encoder go through an MLP layer to
+unify the channel dimension. Then, in a second step, features are up-sampled to 1/4th and concatenated together.
+Third, a MLP layer is adopted to fuse the concatenated features F. Finally, another MLP layer takes the fused
+feature to predict the segmentation mask M":
+
+    F_i' = Linear(C_i, D)(F_i)                       for every level i
+    F_i' = Upsample(H/s, W/s)(F_i')                   s = the finest stride among the levels
+    F    = Linear(L*D, D)(Concat(F_i'))               (+ BatchNorm + ReLU, as in the released head)
+    M    = Linear(D, K)(F)                            then bilinear up-sampling to the input size
+
+FAN is isotropic: every block works at the token stride (``patch_size``; 16 for the hybrid stem). SegFormer
+expects a pyramid, so an optional ``SimplePyramidNeck`` (the ViT-for-detection recipe: transposed convs up by 4
+and 2, identity, max-pool down by 2) turns four block outputs into strides {s/4, s/2, s, 2s}. With
+``neck="none"`` the levels stay at the token stride and the decoder only fuses them.
+
+``segformer_fan`` is registered with timm, so ``timm.create_model("segformer_fan", backbone=..., num_classes=K)``
+(and hence a training config) builds it by name. The classification-only parts of the backbone (class-attention
+blocks, class token, heads) are dropped: only ``forward_intermediates`` is used. Backbone weights from a
+``tokenlab`` classification run are loaded with ``load_backbone_weights`` (strict on the kept keys).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models import register_model
+from torch import nn
+
+from tokenlab.models._loading import check_state_dict, read_state_dict
+from tokenlab.models._registry import list_tokenlab_models
+
+__all__ = ["FANSegFormer", "SegFormerHead", "SimplePyramidNeck", "default_indices", "load_backbone_weights"]
+
+logger = logging.getLogger(__name__)
+
+NECKS = ("pyramid", "none")
+_TIMM_FACTORY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+# Parameters a classification FAN has that a segmentation backbone never uses (dropped after construction).
+_CLASSIFICATION_ONLY = ("cls_token", "cls_attn_blocks", "norm", "head", "aux_head")
+
+
+def default_indices(depth: int, levels: int = 4) -> list[int]:
+    """Evenly spaced block indices ending at the last block, e.g. depth 12 -> [2, 5, 8, 11]."""
+    if levels < 1 or levels > depth:
+        raise ValueError(f"cannot take {levels} feature levels from a backbone of depth {depth}")
+    return [round((i + 1) * depth / levels) - 1 for i in range(levels)]
+
+
+class SimplePyramidNeck(nn.Module):
+    """Turn four same-stride maps into a pyramid at strides {s/4, s/2, s, 2s} (ViTDet-style simple pyramid).
+
+    Args:
+        dim: Channels of every input map (the backbone width C).
+        levels: Number of input maps; must be 4.
+    """
+
+    def __init__(self, dim: int, levels: int = 4) -> None:
+        super().__init__()
+        if levels != 4:
+            raise ValueError(f"the pyramid neck needs exactly 4 feature levels, got {levels}; use neck='none'")
+        self.up4 = nn.Sequential(
+            nn.ConvTranspose2d(dim, dim, 2, stride=2), nn.BatchNorm2d(dim), nn.GELU(),
+            nn.ConvTranspose2d(dim, dim, 2, stride=2),
+        )
+        self.up2 = nn.ConvTranspose2d(dim, dim, 2, stride=2)
+        self.down2 = nn.MaxPool2d(2, ceil_mode=True)
+
+    def forward(self, maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.up4(maps[0]), self.up2(maps[1]), maps[2], self.down2(maps[3])]
+
+
+class SegFormerHead(nn.Module):
+    """SegFormer's all-MLP decoder over a list of NCHW maps (any strides; fused at the finest one).
+
+    "A lightweight All-MLP decoder ... aggregating information from different layers" [0]: a per-level linear
+    projection to ``embed_dim``, bilinear up-sampling to the finest level, a fusing linear (+BN+ReLU), dropout
+    and a linear classifier. 1x1 convolutions are the linears applied per pixel.
+
+    Args:
+        in_channels: Channels of each input level.
+        num_classes: Output classes K.
+        embed_dim: Decoder width D.
+        dropout: Dropout before the classifier.
+    """
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int, embed_dim: int = 256, dropout: float = 0.1) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.proj = nn.ModuleList(nn.Conv2d(c, embed_dim, 1) for c in in_channels)
+        self.fuse = nn.Sequential(
+            nn.Conv2d(embed_dim * len(in_channels), embed_dim, 1, bias=False), nn.BatchNorm2d(embed_dim), nn.ReLU()
+        )
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(embed_dim, num_classes, 1)
+
+    def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Logits ``(B, K, h, w)`` at the finest input resolution ``(h, w)``."""
+        if len(maps) != len(self.proj):
+            raise ValueError(f"expected {len(self.proj)} feature maps, got {len(maps)}")
+        size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
+        feats = [
+            F.interpolate(p(m), size=size, mode="bilinear", align_corners=False) if m.shape[-2:] != size else p(m)
+            for p, m in zip(self.proj, maps)
+        ]
+        return self.classifier(self.dropout(self.fuse(torch.cat(feats, dim=1))))
+
+
+class FANSegFormer(nn.Module):
+    """A FAN backbone (any registered FAN, ViT or hybrid stem) with multi-level features and a SegFormer head.
+
+    ``forward(x)`` returns per-pixel logits ``(B, K, H, W)`` with the input's spatial size.
+
+    Args:
+        backbone: Name of a registered FAN, e.g. ``"fan_tiny_12_p16_224"`` or ``"fan_tiny_8_p4_hybrid_token"``.
+        num_classes: Segmentation classes K (the ignore index is not a class).
+        indices: Blocks whose outputs feed the decoder; default: 4 evenly spaced blocks ending at the last.
+        neck: ``"pyramid"`` (strides s/4, s/2, s, 2s; needs 4 levels) or ``"none"`` (all at the token stride).
+        decoder_dim: Width D of the decoder.
+        decoder_dropout: Dropout before the classifier.
+        backbone_kwargs: Extra constructor kwargs of the backbone (``patch_size``, ``img_size``,
+            ``drop_path_rate``, ...). They must match a classification checkpoint loaded later.
+        img_size: Nominal training size, recorded for exporting; any size divisible by the patch size works.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "fan_tiny_12_p16_224",
+        num_classes: int = 19,
+        indices: Sequence[int] | None = None,
+        neck: str = "pyramid",
+        decoder_dim: int = 256,
+        decoder_dropout: float = 0.1,
+        backbone_kwargs: dict[str, Any] | None = None,
+        img_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        fans = [n for n in list_tokenlab_models() if n.startswith("fan_")]
+        if backbone not in fans:
+            raise ValueError(f"unknown FAN backbone {backbone!r}; valid: {', '.join(fans)}")
+        if neck not in NECKS:
+            raise ValueError(f"unknown neck {neck!r}; valid: {', '.join(NECKS)}")
+        bkw = dict(backbone_kwargs or {})
+        if img_size is not None:
+            bkw.setdefault("img_size", img_size)
+        self.backbone_name = backbone
+        self.backbone = timm.create_model(backbone, num_classes=0, **bkw)
+        for name in _CLASSIFICATION_ONLY:
+            if hasattr(self.backbone, name):
+                delattr(self.backbone, name)
+        self.backbone.has_aux_head = False
+        depth = len(self.backbone.blocks)
+        self.indices = list(indices) if indices is not None else default_indices(depth, 4)
+        bad = [i for i in self.indices if not -depth <= i < depth]
+        if bad:
+            raise ValueError(f"block indices {bad} out of range for {backbone} with depth {depth}")
+        self.indices = [i % depth for i in self.indices]
+        dim = self.backbone.num_features
+        self.neck: nn.Module = SimplePyramidNeck(dim, len(self.indices)) if neck == "pyramid" else nn.Identity()
+        self.decode_head = SegFormerHead([dim] * len(self.indices), num_classes, decoder_dim, decoder_dropout)
+        self.num_classes = num_classes
+        self.patch_size = self.backbone.patch_size
+        self.num_features = dim
+        self.img_size = img_size or self.backbone.img_size
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbone.{n}" for n in ("pos_embed", "mask_token")}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.set_grad_checkpointing(enable)
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The decoder's inputs: backbone maps after the neck, each ``(B, C, h_i, w_i)``."""
+        maps = self.backbone.forward_intermediates(x, self.indices)
+        return self.neck(maps) if isinstance(self.neck, SimplePyramidNeck) else maps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-pixel logits ``(B, K, H, W)`` at the input's size."""
+        logits = self.decode_head(self.forward_features(x))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _classification_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Weights (and the exported meta, if any) of a classification model: run dir, export stem or weights file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model"
+    meta = None
+    if path.suffix not in (".safetensors", ".pth", ".tar", ".pt"):
+        meta_file, weights = path.with_suffix(".json"), path.with_suffix(".safetensors")
+        if not weights.is_file():
+            raise FileNotFoundError(f"no classification model at {path} (expected {weights.name} and {meta_file.name})")
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+        path = weights
+    elif path.suffix == ".safetensors" and path.with_suffix(".json").is_file():
+        meta = json.loads(path.with_suffix(".json").read_text())
+    return read_state_dict(path, prefer="model_ema"), meta
+
+
+def load_backbone_weights(model: FANSegFormer, path: str | Path) -> dict[str, Any] | None:
+    """Initialise ``model.backbone`` from a tokenlab classification model (a run dir, export stem or file).
+
+    Class-token, class-attention and head weights are dropped (the segmentation backbone has none); every other
+    key must match exactly, or a ValueError lists the differences (e.g. another ``patch_size``). Returns the
+    exported meta when there is one, so callers can check the architecture.
+    """
+    state, meta = _classification_state_dict(path)
+    if meta is not None and meta.get("model") not in (None, model.backbone_name):
+        raise ValueError(
+            f"{path} holds a {meta['model']!r} but the segmentation backbone is {model.backbone_name!r}; "
+            f"set backbone={meta['model']!r} (and backbone_kwargs={meta.get('model_kwargs', {})})"
+        )
+    kept = {k: v for k, v in state.items() if k.split(".", 1)[0] not in _CLASSIFICATION_ONLY}
+    check_state_dict(model.backbone, kept, source=str(path))
+    model.backbone.load_state_dict(kept, strict=True)
+    logger.info("initialised %s backbone from %s (%d tensors)", model.backbone_name, path, len(kept))
+    return meta
+
+
+@register_model
+def segformer_fan(pretrained: bool = False, **kwargs: Any) -> FANSegFormer:
+    """FAN backbone + SegFormer head; pick the backbone with ``backbone=`` (any registered FAN)."""
+    if pretrained:
+        raise ValueError("segformer_fan has no pretrained weights; initialise the backbone with load_backbone_weights")
+    for key in _TIMM_FACTORY_KWARGS:  # timm's factory passes these to every model function
+        kwargs.pop(key, None)
+    return FANSegFormer(**kwargs)

@@ -1,0 +1,181 @@
+"""The ViT backbone for iBOT: timm's ``VisionTransformer`` with a learned mask token and tokenlab's contract.
+
+iBOT (Zhou et al., "iBOT: Image BERT Pre-Training with Online Tokenizer", ICLR 2022,
+https://arxiv.org/abs/2111.07832) replaces masked patch embeddings by a learned, zero-initialised mask embedding
+before the positional embedding. We do not write a second ViT: ``MaskedViT`` subclasses timm's and only changes
+``forward_features`` to accept the ``(B, N)`` mask and to return ``(cls, patches)`` like FAN does.
+``dynamic_img_size`` is on, so global (224) and local (96) crops share one model, with the position embedding
+interpolated per input size.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import resample_abs_pos_embed
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from tokenlab.models._loading import unwrap_state_dict
+from tokenlab.models.fan import TokenOutput
+
+__all__ = ["MaskedViT", "checkpoint_filter_fn"]
+
+logger = logging.getLogger(__name__)
+
+
+class MaskedViT(VisionTransformer):
+    """timm ``VisionTransformer`` taking a boolean patch mask; see ``VisionTransformer`` for all other args.
+
+    Args:
+        use_mask_token: Add the learned mask embedding (``mask_token``, zero-initialised).
+        **kwargs: Passed to ``timm.models.vision_transformer.VisionTransformer``.
+    """
+
+    def __init__(self, use_mask_token: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("dynamic_img_size", True)
+        super().__init__(**kwargs)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim)) if use_mask_token else None
+        self.has_aux_head = False
+        self.patch_size = self.patch_embed.patch_size[0]
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"mask_token"}
+
+    def grid_size(self, img_size: int | Sequence[int]) -> tuple[int, int]:
+        h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        return h // self.patch_size, w // self.patch_size
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.patch_embed.proj.in_channels:
+            raise ValueError(
+                f"expected an image batch (B, {self.patch_embed.proj.in_channels}, H, W), got shape {tuple(x.shape)}"
+            )
+        h, w = x.shape[-2:]
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"image size {h}x{w} is not divisible by the patch size {self.patch_size}")
+
+    def forward_features(  # type: ignore[override]
+        self, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(cls (B, C), patches (B, N, C))`` after the final norm; ``mask`` (B, N) True = masked."""
+        self._check_input(x)
+        x = self.patch_embed(x)  # (B, H, W, C) with dynamic_img_size, else (B, N, C)
+        if mask is not None:
+            if self.mask_token is None:
+                raise ValueError("this model has no mask token; create it with use_mask_token=True to pass a mask")
+            if mask.shape != (x.shape[0], x.shape[1:-1].numel()):
+                raise ValueError(f"mask shape {tuple(mask.shape)} does not match the token grid {tuple(x.shape[1:-1])}")
+            x = torch.where(mask.reshape(x.shape[:-1]).unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        x = self.norm_pre(self.patch_drop(self._pos_embed(x)))
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        x = self.norm(x)
+        return x[:, 0], x[:, self.num_prefix_tokens:]
+
+    def forward_head(  # type: ignore[override]
+        self, features: tuple[torch.Tensor, torch.Tensor], pre_logits: bool = False
+    ) -> torch.Tensor:
+        cls, patches = features
+        x = patches.mean(dim=1) if self.global_pool == "avg" else cls
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
+
+    def forward_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> TokenOutput:
+        grid = self.grid_size(x.shape[-2:])
+        return TokenOutput(self.forward_head(self.forward_features(x, mask)), None, grid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(
+    state_dict: dict[str, Any], model: MaskedViT, which: str = "teacher"
+) -> dict[str, torch.Tensor]:
+    """Import an official iBOT checkpoint (or any ViT state dict) into ``MaskedViT``.
+
+    Takes the ``teacher`` (default) or ``student`` entry, strips ``module.``/``backbone.`` prefixes, drops the
+    projection head and anything else the model lacks (logged by name), and resamples ``pos_embed`` to the model's
+    grid. Keys the model has but the checkpoint lacks (e.g. the classifier) are left to the caller's strict load.
+    """
+    if which in state_dict and isinstance(state_dict[which], dict):
+        state_dict = state_dict[which]
+    flat = unwrap_state_dict(state_dict)
+    own = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    skipped = []
+    for key, value in flat.items():
+        key = key[len("backbone."):] if key.startswith("backbone.") else key
+        if key not in own:
+            skipped.append(key)
+            continue
+        if key == "pos_embed" and value.shape != own[key].shape:
+            value = resample_abs_pos_embed(
+                value, new_size=model.patch_embed.grid_size, num_prefix_tokens=model.num_prefix_tokens
+            )
+        out[key] = value
+    if skipped:
+        logger.info("iBOT import skipped %d keys not in %s: %s", len(skipped), type(model).__name__, skipped[:12])
+    return out
+
+
+def _create_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> MaskedViT:
+    return build_model_with_cfg(MaskedViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "ibot_vit_tiny_patch4_32.untrained": _cfg(input_size=(3, 32, 32), crop_pct=1.0),
+        "ibot_vit_small_patch16_224.untrained": _cfg(),
+        "ibot_vit_base_patch16_224.untrained": _cfg(),
+        "ibot_vit_large_patch16_224.untrained": _cfg(),
+    }
+)
+
+
+@register_model
+def ibot_vit_tiny_patch4_32(pretrained: bool = False, **kwargs: Any) -> MaskedViT:
+    model_args = dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3)
+    return _create_vit("ibot_vit_tiny_patch4_32", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ibot_vit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> MaskedViT:
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_vit("ibot_vit_small_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ibot_vit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> MaskedViT:
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create_vit("ibot_vit_base_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ibot_vit_large_patch16_224(pretrained: bool = False, **kwargs: Any) -> MaskedViT:
+    model_args = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16)
+    return _create_vit("ibot_vit_large_patch16_224", pretrained, **dict(model_args, **kwargs))
