@@ -1,0 +1,342 @@
+"""Semantic-segmentation evaluation: mIoU, per-class IoU, pixel accuracy, inference modes, corruptions, overlays.
+
+Metrics come from one confusion matrix ``M`` (rows: true class, columns: predicted class) accumulated over every
+pixel whose label is not the ignore index:
+
+    IoU_k     = M_kk / (sum_j M_kj + sum_i M_ik - M_kk)       (TP / (TP + FN + FP))
+    mIoU      = mean of IoU_k over the classes with a non-empty union (a class that is neither present nor
+                predicted anywhere in the set has no IoU and is left out, as in mmsegmentation / Cityscapes)
+    pixel acc = sum_k M_kk / sum_ij M_ij
+
+Inference is either whole-image (``mode="whole"``) or sliding-window (``mode="slide"``: overlapping
+``crop x crop`` windows at ``stride``, logits averaged where windows overlap, the image zero-padded up to one crop
+when smaller) for images too large for one pass.
+
+Robustness follows the classification protocol (REFERENCE §3, Hendrycks & Dietterich 2019) with mIoU in place of
+accuracy: every (corruption, severity) cell gets its mIoU, the robust mIoU is their mean and
+``retention = robust mIoU / clean mIoU``. Corrupted images come from the evaluation issue's seeded corruption
+function (``tokenlab.eval.corruptions``) and are applied to the uint8 image before normalisation; masks are left
+untouched (the corruptions are photometric or small local warps).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SegMetrics",
+    "SegRobustness",
+    "ConfusionMeter",
+    "colorize",
+    "confusion_matrix",
+    "evaluate_segmentation",
+    "metrics_from_confusion",
+    "palette",
+    "predict_logits",
+    "robustness_summary",
+    "save_overlays",
+]
+
+MODES = ("whole", "slide")
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+    """``(K, K)`` int64 counts, rows = true class, columns = predicted class; ignored pixels are skipped.
+
+    Args:
+        pred: Predicted class per pixel, any shape, values in ``[0, K)``.
+        target: True class per pixel, same shape, values in ``[0, K)`` or ``ignore_index``.
+        num_classes: K.
+        ignore_index: Label value excluded from every count.
+
+    Raises:
+        ValueError: shapes differ, or a label/prediction lies outside ``[0, K)`` (other than the ignore index).
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {tuple(pred.shape)} differs from target shape {tuple(target.shape)}")
+    keep = target != ignore_index
+    t, p = target[keep].long(), pred[keep].long()
+    for name, v in (("label", t), ("prediction", p)):
+        if v.numel() and (int(v.min()) < 0 or int(v.max()) >= num_classes):
+            bad = sorted({int(x) for x in v[(v < 0) | (v >= num_classes)].unique()[:10]})
+            raise ValueError(
+                f"{name} values {bad} outside [0, {num_classes}) (ignore index {ignore_index}); "
+                f"check num_classes and the ignore index"
+            )
+    # (K * t + p) enumerates the cells row-major, so one bincount fills the matrix.
+    return torch.bincount(t * num_classes + p, minlength=num_classes**2).reshape(num_classes, num_classes).cpu()
+
+
+@dataclass
+class SegMetrics:
+    """Segmentation scores of one evaluation.
+
+    Attributes:
+        miou: Mean IoU over classes with a non-empty union (nan when there is none).
+        iou: Per-class IoU; nan for a class absent from both labels and predictions.
+        pixel_accuracy: Correct / labelled pixels.
+        mean_accuracy: Mean over present classes of per-class recall ``M_kk / sum_j M_kj``.
+        pixels: Number of labelled (not ignored) pixels counted.
+        class_names: Names of the K classes.
+        confusion: The ``(K, K)`` matrix as nested lists.
+    """
+
+    miou: float
+    iou: list[float]
+    pixel_accuracy: float
+    mean_accuracy: float
+    pixels: int
+    class_names: list[str]
+    confusion: list[list[int]] = field(repr=False, default_factory=list)
+
+    def per_class(self) -> dict[str, float]:
+        """``{class name: IoU}``."""
+        return dict(zip(self.class_names, self.iou))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "miou": self.miou, "pixel_accuracy": self.pixel_accuracy, "mean_accuracy": self.mean_accuracy,
+            "pixels": self.pixels, "iou": self.per_class(),
+        }  # fmt: skip
+
+
+def metrics_from_confusion(confusion: torch.Tensor, class_names: Sequence[str] | None = None) -> SegMetrics:
+    """IoU per class, mIoU, pixel and mean accuracy from a ``(K, K)`` confusion matrix (see module docstring)."""
+    cm = confusion.double()
+    k = cm.shape[0]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
+    if len(names) != k:
+        raise ValueError(f"{len(names)} class names for a {k}-class confusion matrix")
+    tp = cm.diagonal()
+    gt, pr = cm.sum(dim=1), cm.sum(dim=0)
+    union = gt + pr - tp
+    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, math.nan))
+    recall = torch.where(gt > 0, tp / gt.clamp_min(1), torch.full_like(tp, math.nan))
+    total = cm.sum()
+    return SegMetrics(
+        miou=float(iou.nanmean()) if (union > 0).any() else math.nan,
+        iou=[float(v) for v in iou],
+        pixel_accuracy=float(tp.sum() / total) if total > 0 else math.nan,
+        mean_accuracy=float(recall.nanmean()) if (gt > 0).any() else math.nan,
+        pixels=int(total),
+        class_names=names,
+        confusion=confusion.long().tolist(),
+    )
+
+
+class ConfusionMeter:
+    """Accumulates a confusion matrix over batches of logits ``(B, K, H, W)`` or class maps ``(B, H, W)``."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, class_names: Sequence[str] | None = None) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.class_names = class_names
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        if pred.ndim == target.ndim + 1:
+            pred = pred.argmax(dim=1)
+        self.matrix += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
+
+    def compute(self) -> SegMetrics:
+        return metrics_from_confusion(self.matrix, self.class_names)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    num_classes: int,
+    mode: str = "whole",
+    crop_size: int | Sequence[int] = 512,
+    stride: int | Sequence[int] = 341,
+) -> torch.Tensor:
+    """Logits ``(B, K, H, W)`` for a normalised batch, whole-image or by sliding window (see module docstring).
+
+    In ``"whole"`` mode the image is zero-padded to a multiple of the model's patch size and the logits cropped
+    back. In ``"slide"`` mode windows of ``crop_size`` move by ``stride``; the last window in each direction is
+    aligned to the image border so every pixel is covered, and overlapping logits are averaged.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown inference mode {mode!r}; valid: {', '.join(MODES)}")
+    B, _, H, W = images.shape
+    patch = int(getattr(model, "patch_size", 1))
+    if mode == "whole":
+        padded = _pad_to(images, math.ceil(H / patch) * patch, math.ceil(W / patch) * patch)
+        return model(padded)[..., :H, :W]
+    ch, cw = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
+    sh, sw = (stride, stride) if isinstance(stride, int) else tuple(stride)
+    if min(ch, cw, sh, sw) < 1 or ch % patch or cw % patch:
+        raise ValueError(f"crop {ch}x{cw} must be a positive multiple of the patch size {patch}; stride {sh}x{sw} >= 1")
+    padded = _pad_to(images, max(H, ch), max(W, cw))
+    PH, PW = padded.shape[-2:]
+    logits = padded.new_zeros(B, num_classes, PH, PW)
+    count = padded.new_zeros(1, 1, PH, PW)
+    for top in _starts(PH, ch, sh):
+        for left in _starts(PW, cw, sw):
+            out = model(padded[..., top : top + ch, left : left + cw])
+            logits[..., top : top + ch, left : left + cw] += out.float()
+            count[..., top : top + ch, left : left + cw] += 1
+    return (logits / count)[..., :H, :W]
+
+
+def _starts(size: int, crop: int, stride: int) -> list[int]:
+    """Window offsets covering ``[0, size)``; the last window ends at ``size``."""
+    starts = list(range(0, max(size - crop, 0) + 1, stride))
+    if starts[-1] + crop < size:
+        starts.append(size - crop)
+    return starts
+
+
+def _pad_to(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    H, W = x.shape[-2:]
+    return F.pad(x, (0, w - W, 0, h - H)) if (h, w) != (H, W) else x
+
+
+@torch.no_grad()
+def evaluate_segmentation(
+    model: nn.Module,
+    loader: Iterable[dict[str, torch.Tensor]],
+    num_classes: int,
+    ignore_index: int = 255,
+    mode: str = "whole",
+    crop_size: int | Sequence[int] = 512,
+    stride: int | Sequence[int] = 341,
+    device: str | torch.device = "cpu",
+    class_names: Sequence[str] | None = None,
+    image_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> SegMetrics:
+    """mIoU, per-class IoU and pixel accuracy of ``model`` over ``loader`` (batches with ``image`` and ``mask``).
+
+    Args:
+        model: Returns per-pixel logits ``(B, K, H, W)``.
+        loader: Yields ``{"image": (B, 3, H, W) float, "mask": (B, H, W) long}``.
+        num_classes: K.
+        ignore_index: Label value that is not scored.
+        mode / crop_size / stride: See ``predict_logits``.
+        device: Where the model runs.
+        class_names: Names for the per-class report.
+        image_fn: Optional function applied to each image batch before the model (e.g. a corruption).
+        amp_dtype: Autocast dtype (e.g. ``torch.bfloat16`` on a GPU); None for full precision.
+    """
+    device = torch.device(device)
+    model = model.to(device).eval()
+    meter = ConfusionMeter(num_classes, ignore_index, class_names)
+    for batch in loader:
+        images = batch["image"]
+        if image_fn is not None:
+            images = image_fn(images)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = predict_logits(model, images.to(device), num_classes, mode, crop_size, stride)
+        meter.update(logits.argmax(dim=1).cpu(), batch["mask"])
+    return meter.compute()
+
+
+@dataclass
+class SegRobustness:
+    """mIoU under corruptions.
+
+    Attributes:
+        clean: Clean-set metrics.
+        miou: ``{corruption: {severity: mIoU}}``.
+        per_corruption: Mean mIoU over severities per corruption.
+        robust_miou: Mean mIoU over every (corruption, severity) cell.
+        retention: ``robust_miou / clean.miou``.
+    """
+
+    clean: SegMetrics
+    miou: dict[str, dict[int, float]]
+    per_corruption: dict[str, float]
+    robust_miou: float
+    retention: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "clean": self.clean.to_dict(), "miou": self.miou, "per_corruption": self.per_corruption,
+            "robust_miou": self.robust_miou, "retention": self.retention,
+        }  # fmt: skip
+
+
+def robustness_summary(clean: SegMetrics, table: dict[str, dict[int, float]]) -> SegRobustness:
+    """Per-corruption means, robust mIoU (mean over cells) and retention from a ``{c: {s: mIoU}}`` table."""
+    cells = [v for sev in table.values() for v in sev.values()]
+    if not cells:
+        raise ValueError("empty corruption table: no corruption was evaluated")
+    robust = sum(cells) / len(cells)
+    return SegRobustness(
+        clean=clean,
+        miou=table,
+        per_corruption={c: sum(s.values()) / len(s) for c, s in table.items()},
+        robust_miou=robust,
+        retention=robust / clean.miou if clean.miou > 0 else math.nan,
+    )
+
+
+def palette(num_classes: int, ignore_color: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
+    """``(256, 3)`` uint8 colours: fixed well-separated colours per class (HSV golden-angle), black for others."""
+    import colorsys
+
+    pal = np.zeros((256, 3), dtype=np.uint8)
+    pal[:] = ignore_color
+    for k in range(min(num_classes, 255)):
+        r, g, b = colorsys.hsv_to_rgb((k * 0.618034) % 1.0, 0.75 if k % 2 else 0.95, 0.95 if k % 3 else 0.7)
+        pal[k] = (int(r * 255), int(g * 255), int(b * 255))
+    return pal
+
+
+def colorize(mask: np.ndarray | torch.Tensor, pal: np.ndarray) -> np.ndarray:
+    """``(H, W)`` labels -> ``(H, W, 3)`` uint8 colours (values outside 0..255 become the ignore colour)."""
+    m = np.asarray(mask, dtype=np.int64)
+    return pal[np.where((m >= 0) & (m < 256), m, 255)]
+
+
+def save_overlays(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    preds: Sequence[np.ndarray],
+    path: str | Path,
+    num_classes: int,
+    alpha: float = 0.5,
+    scale: int = 1,
+) -> Path:
+    """One PNG with a row per example: image | ground truth over image | prediction over image.
+
+    Args:
+        images: ``(H, W, 3)`` uint8 images.
+        masks / preds: ``(H, W)`` labels (the ignore index is drawn black in the ground truth).
+        path: Output PNG.
+        num_classes: K (fixes the palette).
+        alpha: Opacity of the label colours.
+        scale: Integer up-scaling (nearest) so tiny synthetic images are visible.
+    """
+    if not (len(images) == len(masks) == len(preds)) or not images:
+        raise ValueError(f"need the same non-zero number of images, masks and predictions, got "
+                         f"{len(images)}, {len(masks)}, {len(preds)}")  # fmt: skip
+    pal = palette(num_classes)
+    rows = []
+    for img, gt, pr in zip(images, masks, preds):
+        img = np.asarray(img, dtype=np.float32)
+        blend = [(1 - alpha) * img + alpha * colorize(m, pal).astype(np.float32) for m in (gt, pr)]
+        rows.append(np.concatenate([img, *blend], axis=1))
+    grid = np.concatenate(rows, axis=0).clip(0, 255).astype(np.uint8)
+    if scale > 1:
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+    return path
