@@ -13,6 +13,8 @@ a frozen labeler, an EMA teacher). The engine only talks to this protocol (``doc
 - ``trainable_module()``: the module whose parameters the optimizer updates (default ``self.model``).
 - ``export_module()``: the module evaluated and exported as ``RUN/model`` (default ``self.model``); when the engine
   keeps a model EMA of ``self.model`` it exports that EMA instead.
+- ``data_view``: class attribute naming the sample layout it needs (``"classification"``, ``"stl_paired"``,
+  ``"multicrop"``); the engine asks the data layer for that transform.
 - ``validation_step(model, batch)``: per-batch validation statistics (default: top-1 and CE of ``model(image)``).
 - ``extra_state_dict()`` / ``load_extra_state_dict(state)``: tensors outside ``state_dict()`` that must survive a
   resume (default: nothing; buffers and parameters of the method are already in ``state_dict()``).
@@ -104,6 +106,8 @@ class Method(nn.Module):
     """
 
     name: str = "method"
+    #: The sample layout the method needs from the data layer: "classification", "stl_paired" or "multicrop".
+    data_view: str = "classification"
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()

@@ -115,6 +115,8 @@ class STLStudent(Method):
         ValueError: the labeler has no ``aux_head`` or predicts another number of classes; bad option.
     """
 
+    data_view = "stl_paired"
+
     def __init__(
         self,
         model: nn.Module,

@@ -1,0 +1,184 @@
+"""Resumable training checkpoints, written atomically.
+
+Layout of one checkpoint (``RUN/checkpoints/step_000001234/``):
+
+- ``<name>.safetensors`` for every weight set (``method``: the method's ``state_dict``; ``ema``: the model EMA);
+- ``state.pt``: optimizer, grad scaler, step, epoch, position inside the epoch, non-finite counters, method extras,
+  the resolved config, and the RNG states (torch, CUDA, numpy, python) of every rank. It holds only tensors and
+  plain containers, so it is read back with ``torch.load(weights_only=True)``.
+
+A checkpoint is written into ``step_....tmp`` and renamed into place when complete, so a kill at any moment
+leaves every earlier checkpoint intact; ``latest_checkpoint`` only ever sees complete directories.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "capture_rng_state",
+    "check_writable",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint_dir",
+    "prune_checkpoints",
+    "restore_rng_state",
+    "save_checkpoint_dir",
+]
+
+logger = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+STATE_FILE = "state.pt"
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The RNG states of this process as tensors and plain values (safe for ``weights_only`` loading)."""
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {"version": int(py_version), "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of ``capture_rng_state``."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoint directories under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found) if (p / STATE_FILE).is_file()]
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``root``, or None."""
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint_dir(
+    root: str | Path, step: int, weights: Mapping[str, Mapping[str, torch.Tensor]], state: Mapping[str, Any]
+) -> Path:
+    """Write ``root/step_<step>`` atomically (temporary directory + rename) and return its path.
+
+    Args:
+        root: The run's ``checkpoints`` directory.
+        step: Optimizer step the checkpoint resumes from.
+        weights: ``{name: state_dict}``; each becomes ``<name>.safetensors``.
+        state: Everything else (tensors and plain containers only).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:09d}"
+    tmp = root / f"{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for name, sd in weights.items():
+        # clone: safetensors refuses tensors that share storage (tied weights)
+        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
+        save_file(tensors, str(tmp / f"{name}.safetensors"))
+    with open(tmp / STATE_FILE, "wb") as f:
+        torch.save(dict(state), f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        old = root / f"{final.name}.old.{time.monotonic_ns()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    _fsync_dir(root)
+    return final
+
+
+def load_checkpoint_dir(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """Read a checkpoint directory: ``({name: state_dict}, state)``; ``state.pt`` is loaded with weights_only."""
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a complete tokenlab checkpoint (no {STATE_FILE})")
+    weights = {p.name[: -len(".safetensors")]: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    return weights, state
+
+
+def prune_checkpoints(root: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints and any stale temporary directory."""
+    root = Path(root)
+    found = list_checkpoints(root)
+    for p in found[: max(0, len(found) - keep)]:
+        shutil.rmtree(p, ignore_errors=True)
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and (p.name.endswith(".tmp") or ".old." in p.name):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def check_writable(run_dir: str | Path, min_free_mb: float) -> None:
+    """Fail before training when ``run_dir`` cannot be written or its disk has less than ``min_free_mb`` free.
+
+    Raises:
+        PermissionError: the directory cannot be created or written.
+        ValueError: not enough free disk space.
+    """
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write_probe_{os.getpid()}"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"run directory {run_dir} is not writable: {err.strerror or err}") from None
+    free_mb = shutil.disk_usage(run_dir).free / 2**20
+    if free_mb < min_free_mb:
+        raise ValueError(
+            f"only {free_mb:.0f} MiB free under {run_dir}; train.min_free_disk_mb asks for {min_free_mb:.0f} MiB "
+            f"(free some space or lower train.min_free_disk_mb)"
+        )

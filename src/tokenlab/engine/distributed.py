@@ -1,0 +1,119 @@
+"""Process-group helpers: ``torchrun`` setup, rank queries, and reductions that are no-ops in one process.
+
+Every distributed call in tokenlab goes through here, so losses and methods run unchanged in one CPU process.
+``init_distributed`` reads the ``torchrun`` environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and joins the
+group with gloo on CPU or NCCL on GPU; the group timeout (``train.dist_timeout_s``) makes a rank that waits for a
+dead peer fail with an error instead of hanging forever (``torchrun`` then stops the remaining workers).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "all_gather_objects",
+    "all_reduce_mean",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_object",
+    "cleanup_distributed",
+    "init_distributed",
+    "is_distributed",
+    "is_main_process",
+    "local_rank",
+    "rank",
+    "world_size",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def init_distributed(device: torch.device, timeout_s: float = 600.0) -> bool:
+    """Join the ``torchrun`` process group when launched by it; returns True when distributed.
+
+    Raises:
+        ValueError: launched with several processes on CUDA but fewer visible GPUs than local ranks.
+    """
+    if is_distributed():
+        return True
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        if local_rank() >= torch.cuda.device_count():
+            raise ValueError(f"local rank {local_rank()} has no GPU ({torch.cuda.device_count()} visible)")
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    logger.info("rank %d/%d joined the %s process group (timeout %ss)", rank(), world_size(), backend, timeout_s)
+    return True
+
+
+def cleanup_distributed() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over ranks (a new tensor); ``t`` itself in one process."""
+    if not is_distributed():
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of ``t`` over ranks (a new tensor); ``t`` itself in one process."""
+    if not is_distributed():
+        return t
+    return all_reduce_sum(t) / world_size()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]``; ``[obj]`` in one process."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,109 @@
+"""Run metrics: JSON lines (``RUN/metrics.jsonl``), TensorBoard events (``RUN/tb/``) and a tqdm bar, rank 0 only.
+
+Each JSONL record is one object with ``kind`` (``"step"``, ``"epoch"``, ``"val"``, ``"event"``), ``step``, ``epoch``
+and the metrics, so plots and reports read one file. Other ranks get a ``MetricLogger`` that writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+from tqdm.auto import tqdm
+
+try:
+    from torch.utils.tensorboard import SummaryWriter
+except ImportError:  # tensorboard missing: JSONL only, said once at start-up
+    SummaryWriter = None
+
+__all__ = ["MetricLogger", "read_metrics"]
+
+logger = logging.getLogger(__name__)
+
+
+class MetricLogger:
+    """Writes metrics of the main process.
+
+    Args:
+        run_dir: The run directory.
+        enabled: False on ranks other than 0: every call is a no-op.
+        tensorboard: Also write TensorBoard events under ``run_dir/tb``.
+        progress: Show a tqdm bar.
+        total_steps: Length of the bar.
+        initial_step: Where the bar starts (resume).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        progress: bool = True,
+        total_steps: int = 0,
+        initial_step: int = 0,
+    ) -> None:
+        self.enabled = enabled
+        self._file = None
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        run_dir = Path(run_dir)
+        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            if SummaryWriter is None:
+                logger.warning("tensorboard is not installed; writing metrics.jsonl only")
+            else:
+                self._tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=initial_step or None)
+        if progress:
+            self._bar = tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True, desc="train")
+
+    def log(self, kind: str, step: int, epoch: int, metrics: Mapping[str, Any]) -> None:
+        """Append one record and mirror scalar metrics to TensorBoard under ``<kind>/<name>``."""
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": step, "epoch": epoch}
+        record.update({k: _plain(v) for k, v in metrics.items()})
+        assert self._file is not None
+        self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if k not in ("kind", "step", "epoch") and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def progress(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Move the bar to ``step`` and show ``metrics`` (loss, lr, images/s)."""
+        if self._bar is None:
+            return
+        self._bar.n = step
+        self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._file is not None:
+            self._file.close()
+        self._bar = self._tb = self._file = None
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """Records of ``RUN/metrics.jsonl``, optionally only those of one ``kind``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
+    out = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in out if kind is None or r.get("kind") == kind]

@@ -1,0 +1,55 @@
+"""Per-iteration schedules, computed up front as arrays and indexed by the optimizer step.
+
+Warm-up + cosine (SGDR without restarts, Loshchilov & Hutter 2017, https://arxiv.org/abs/1608.03983), the
+schedule of the STL and iBOT recipes, for the learning rate, weight decay, teacher temperature or EMA momentum:
+
+    v(s) = start + (base - start) * s / W                                   for s < W (linear warm-up)
+    v(s) = final + (base - final) * (1 + cos(pi * (s - W) / (T - W))) / 2   for W <= s < T
+    v(s) = final                                                            for T <= s < T + cool-down
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["cosine_schedule", "linear_warmup_then_constant"]
+
+
+def cosine_schedule(
+    base: float,
+    final: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    warmup_start: float = 0.0,
+    cooldown_steps: int = 0,
+) -> np.ndarray:
+    """Values for steps ``0 .. total_steps + cooldown_steps - 1`` (float64).
+
+    Args:
+        base: Value at the end of the warm-up (the peak learning rate).
+        final: Value at the end of the cosine.
+        total_steps: Steps of warm-up + cosine.
+        warmup_steps: Linear warm-up steps from ``warmup_start`` to ``base``.
+        warmup_start: First value of the warm-up.
+        cooldown_steps: Extra steps held at ``final``.
+
+    Raises:
+        ValueError: negative lengths or a warm-up as long as the run.
+    """
+    if total_steps < 1 or warmup_steps < 0 or cooldown_steps < 0:
+        raise ValueError(f"bad schedule lengths: total={total_steps}, warmup={warmup_steps}, cooldown={cooldown_steps}")
+    if warmup_steps >= total_steps and total_steps > 1:
+        raise ValueError(f"warm-up ({warmup_steps} steps) must be shorter than the schedule ({total_steps} steps)")
+    warm = np.linspace(warmup_start, base, warmup_steps, endpoint=False) if warmup_steps else np.zeros(0)
+    n = total_steps - warmup_steps
+    t = np.arange(n, dtype=np.float64) / max(1, n)
+    cos = final + 0.5 * (base - final) * (1.0 + np.cos(math.pi * t))
+    return np.concatenate([warm, cos, np.full(cooldown_steps, final, dtype=np.float64)])
+
+
+def linear_warmup_then_constant(base: float, total_steps: int, warmup_steps: int, warmup_start: float = 0.0) -> np.ndarray:
+    """Linear warm-up from ``warmup_start`` to ``base`` over ``warmup_steps``, then ``base``."""
+    warm = np.linspace(warmup_start, base, warmup_steps, endpoint=False) if warmup_steps else np.zeros(0)
+    return np.concatenate([warm, np.full(max(0, total_steps - warmup_steps), base, dtype=np.float64)])
