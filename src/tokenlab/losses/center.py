@@ -1,0 +1,84 @@
+"""Teacher-output centering shared by the iBOT [CLS] and patch losses.
+
+DINO [0] and iBOT [1] keep a running mean ``c`` of the teacher's projection outputs and subtract it before the
+teacher softmax. Centering stops one prototype from dominating; the low teacher temperature (sharpening) stops the
+output from becoming uniform. The two together are the only thing that prevents collapse, so the center follows
+its definition exactly:
+
+    c <- m * c + (1 - m) * (1 / R) sum_r t_r
+
+where ``t_r`` are all teacher output rows of the step (every view, image and, for patches, token) over every
+process, and ``m`` is the center momentum (iBOT: 0.9). iBOT keeps separate centers for [CLS] and patch outputs;
+each loss owns one ``Center``.
+
+Reductions over processes go through ``tokenlab.engine.distributed`` and are no-ops in one process.
+
+- [0]: DINO: Emerging Properties in Self-Supervised Vision Transformers, 2021, https://arxiv.org/abs/2104.14294
+- [1]: iBOT: Image BERT Pre-Training with Online Tokenizer, 2021, https://arxiv.org/abs/2111.07832
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tokenlab.engine.distributed import all_reduce_sum
+
+__all__ = ["Center"]
+
+
+class Center(nn.Module):
+    """Exponential moving average of the teacher outputs, subtracted before the teacher softmax.
+
+    Args:
+        dim: K, the size of the last axis of the outputs.
+        momentum: m in ``c <- m c + (1 - m) mean(t)``; 0 uses only the current batch, 1 freezes the center.
+
+    Attributes:
+        center: (K,) float32 buffer, saved in ``state_dict`` so a resumed run continues with the same center.
+
+    Raises:
+        ValueError: ``dim < 1`` or ``momentum`` outside [0, 1].
+
+    Examples:
+        >>> center = Center(4, momentum=0.5)
+        >>> center.update(torch.ones(3, 4))
+        >>> center.center.tolist()
+        [0.5, 0.5, 0.5, 0.5]
+    """
+
+    def __init__(self, dim: int, momentum: float = 0.9) -> None:
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"center dim must be >= 1, got {dim}")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"center momentum must be in [0, 1], got {momentum}")
+        self.dim = dim
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(dim))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, momentum={self.momentum}"
+
+    def forward(self, teacher_out: torch.Tensor) -> torch.Tensor:
+        """``teacher_out - c`` in float32; ``teacher_out`` is (..., K)."""
+        self._check(teacher_out)
+        return teacher_out.float() - self.center
+
+    @torch.no_grad()
+    def batch_mean(self, teacher_out: torch.Tensor) -> torch.Tensor:
+        """Mean of all rows of ``teacher_out`` (..., K) over every process: (K,)."""
+        self._check(teacher_out)
+        rows = teacher_out.detach().float().reshape(-1, self.dim)  # (..., K) -> (R, K)
+        total = torch.cat([rows.sum(dim=0), rows.new_tensor([rows.shape[0]])])
+        total = all_reduce_sum(total)
+        return total[:-1] / total[-1].clamp(min=1.0)
+
+    @torch.no_grad()
+    def update(self, teacher_out: torch.Tensor) -> None:
+        """``c <- m c + (1 - m) mean(teacher_out)`` (in place)."""
+        self.center.mul_(self.momentum).add_(self.batch_mean(teacher_out), alpha=1.0 - self.momentum)
+
+    def _check(self, teacher_out: torch.Tensor) -> None:
+        if teacher_out.shape[-1] != self.dim:
+            raise ValueError(f"teacher output has {teacher_out.shape[-1]} dims on its last axis; center has {self.dim}")

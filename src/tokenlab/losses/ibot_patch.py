@@ -1,0 +1,101 @@
+"""iBOT masked-patch self-distillation loss (masked image modelling with an online tokenizer).
+
+The student sees a global crop with some patches replaced by the mask token; the teacher (the online tokenizer)
+sees the same crop unmasked. For every masked patch ``i`` of image ``b`` the student predicts the teacher's
+centered, sharpened distribution over prototypes. The loss is averaged over the masked patches of each image,
+then over the images (an image without masked patches contributes 0, as in iBOT):
+
+    L_mim = -(1 / B) sum_b (1 / max(1, |M_b|)) sum_{i in M_b} sum_k softmax((t_bi - c) / tau_t)_k
+                                                                    * log softmax(s_bi / tau_s)_k
+
+The center ``c`` (separate from the [CLS] center) moves toward the mean of *all* teacher patch outputs of the step,
+masked or not. ``B`` counts every (view, image) pair, so pass the global views stacked along the batch axis.
+
+- [0]: iBOT: Image BERT Pre-Training with Online Tokenizer, 2021, https://arxiv.org/abs/2111.07832
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenlab.losses.center import Center
+
+__all__ = ["IBOTPatchLoss"]
+
+
+class IBOTPatchLoss(nn.Module):
+    """Masked-token distillation from the teacher's patch outputs to the student's.
+
+    Args:
+        out_dim: K, the number of prototypes of the patch head.
+        student_temp: tau_s (iBOT: 0.1).
+        center_momentum: Momentum of the patch center (iBOT: 0.9).
+
+    Raises:
+        ValueError: a non-positive temperature (here or in ``forward``).
+
+    Examples:
+        >>> loss_fn = IBOTPatchLoss(out_dim=8)
+        >>> s, t = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+        >>> mask = torch.tensor([[True, False, False, True], [False, False, False, False]])
+        >>> loss = loss_fn(s, t, mask, teacher_temp=0.04)
+    """
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+        super().__init__()
+        if student_temp <= 0:
+            raise ValueError(f"student_temp must be > 0, got {student_temp}")
+        self.student_temp = student_temp
+        self.center = Center(out_dim, center_momentum)
+
+    @torch.no_grad()
+    def teacher_probs(self, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """``softmax((t - c) / tau_t)`` over the last axis, float32."""
+        if teacher_temp <= 0:
+            raise ValueError(f"teacher_temp must be > 0, got {teacher_temp}")
+        return F.softmax(self.center(teacher_out) / teacher_temp, dim=-1)
+
+    def forward(
+        self,
+        student_out: torch.Tensor,
+        teacher_out: torch.Tensor,
+        mask: torch.Tensor,
+        teacher_temp: float,
+        update_center: bool = True,
+    ) -> torch.Tensor:
+        """Compute ``L_mim`` and (by default) update the patch center.
+
+        Args:
+            student_out: (B, N, K) student patch-head outputs on the masked crops.
+            teacher_out: (B, N, K) teacher patch-head outputs on the same crops, unmasked.
+            mask: (B, N) bool, True where the student's patch was masked.
+            teacher_temp: tau_t for this step.
+            update_center: Move the center after computing the loss.
+
+        Returns:
+            Scalar loss (float32).
+
+        Raises:
+            ValueError: shapes that disagree or a non-boolean mask.
+        """
+        if student_out.ndim != 3 or student_out.shape != teacher_out.shape:
+            raise ValueError(
+                f"expected student and teacher outputs of equal shape (B, N, K); got {tuple(student_out.shape)} and "
+                f"{tuple(teacher_out.shape)}"
+            )
+        if mask.dtype != torch.bool or mask.shape != student_out.shape[:2]:
+            raise ValueError(
+                f"mask must be a bool tensor of shape {tuple(student_out.shape[:2])}, got {mask.dtype} "
+                f"{tuple(mask.shape)}"
+            )
+        targets = self.teacher_probs(teacher_out.detach(), teacher_temp)  # (B, N, K)
+        log_probs = F.log_softmax(student_out.float() / self.student_temp, dim=-1)
+        token_ce = -(targets * log_probs).sum(dim=-1)  # (B, N, K) -> (B, N)
+        weights = mask.float()
+        per_image = (token_ce * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)  # (B, N) -> (B,)
+        loss = per_image.mean()
+        if update_center:
+            self.center.update(teacher_out)
+        return loss

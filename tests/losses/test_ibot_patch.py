@@ -1,0 +1,85 @@
+"""iBOT patch loss: CE over masked tokens, averaged per image, then over the batch."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenlab.losses.ibot_patch import IBOTPatchLoss
+
+LN3 = math.log(3.0)
+
+
+def test_pinned_value() -> None:
+    # B = 2, N = 2, K = 2. Image 0 masks token 0 only: teacher softmax (.75, .25), student softmax (.25, .75):
+    # CE = -(.75 ln .25 + .25 ln .75) = 1.111642. Token 1 of image 0 is unmasked and must not count (its student
+    # logits are extreme). Image 1 masks nothing and contributes 0. Loss = (1.111642 + 0) / 2 = 0.555821.
+    ts, tt = 0.1, 0.04
+    student = torch.tensor([[[0.0, LN3], [50.0, -50.0]], [[1.0, 2.0], [3.0, 4.0]]]) * ts
+    teacher = torch.tensor([[[LN3, 0.0], [-50.0, 50.0]], [[0.0, 1.0], [2.0, 0.0]]]) * tt
+    mask = torch.tensor([[True, False], [False, False]])
+    loss = IBOTPatchLoss(out_dim=2, student_temp=ts)(student, teacher, mask, teacher_temp=tt)
+    assert loss.item() == pytest.approx(0.555821, abs=1e-5)
+
+
+def test_per_image_average_then_batch_mean() -> None:
+    # image 0 masks 1 token with CE a, image 1 masks 3 tokens with CEs b1..b3: loss = (a + mean(b)) / 2,
+    # not the mean over all 4 masked tokens.
+    torch.manual_seed(1)
+    student, teacher = torch.randn(2, 4, 5), torch.randn(2, 4, 5)
+    mask = torch.tensor([[False, True, False, False], [True, True, True, False]])
+    loss_fn = IBOTPatchLoss(out_dim=5, student_temp=0.1)
+    loss = loss_fn(student, teacher, mask, teacher_temp=0.07)
+    ce = -(F.softmax(teacher / 0.07, -1) * F.log_softmax(student / 0.1, -1)).sum(-1)
+    expected = (ce[0, 1] + ce[1, :3].mean()) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.item() != pytest.approx(ce[mask].mean().item(), rel=1e-3)
+
+
+def test_no_masked_tokens_gives_finite_zero() -> None:
+    student = torch.randn(3, 4, 6, requires_grad=True)
+    loss = IBOTPatchLoss(out_dim=6)(student, torch.randn(3, 4, 6), torch.zeros(3, 4, dtype=torch.bool), 0.04)
+    assert torch.isfinite(loss) and loss.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(student.grad).all()
+
+
+def test_center_uses_every_teacher_token() -> None:
+    loss_fn = IBOTPatchLoss(out_dim=3, center_momentum=0.9)
+    loss_fn.center.center.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    teacher = torch.randn(2, 5, 3)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, 0] = True
+    before = loss_fn.center.center.clone()
+    loss = loss_fn(torch.randn(2, 5, 3), teacher, mask, teacher_temp=0.04)
+    assert torch.isfinite(loss)
+    expected = 0.9 * before + 0.1 * teacher.reshape(-1, 3).mean(0)
+    assert torch.allclose(loss_fn.center.center, expected, atol=1e-6)
+
+
+def test_teacher_probs_are_centered() -> None:
+    loss_fn = IBOTPatchLoss(out_dim=2)
+    loss_fn.center.center.copy_(torch.tensor([LN3 * 0.04, 0.0]))
+    # (t - c) / 0.04 = (0, 0) -> uniform
+    probs = loss_fn.teacher_probs(torch.tensor([[[LN3 * 0.04, 0.0]]]), teacher_temp=0.04)
+    assert torch.allclose(probs, torch.tensor([[[0.5, 0.5]]]))
+
+
+def test_no_gradient_reaches_the_teacher() -> None:
+    student = torch.randn(2, 3, 4, requires_grad=True)
+    teacher = torch.randn(2, 3, 4, requires_grad=True)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    IBOTPatchLoss(out_dim=4)(student, teacher, mask, 0.04).backward()
+    assert teacher.grad is None and student.grad is not None
+
+
+def test_errors() -> None:
+    loss_fn = IBOTPatchLoss(out_dim=4)
+    ok = torch.zeros(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="equal shape"):
+        loss_fn(torch.randn(2, 3, 4), torch.randn(2, 2, 4), ok, 0.04)
+    with pytest.raises(ValueError, match="bool tensor"):
+        loss_fn(torch.randn(2, 3, 4), torch.randn(2, 3, 4), ok.float(), 0.04)
+    with pytest.raises(ValueError, match="teacher_temp"):
+        loss_fn(torch.randn(2, 3, 4), torch.randn(2, 3, 4), ok, -1.0)
