@@ -43,9 +43,47 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model (supervised, STL labeler/student, iBOT, ...) from a YAML recipe",
+        description="Merge configs/default.yaml, the recipe and key=value overrides, validate, then train. "
+        "Launch with torchrun for several processes.",
+    )
+    p.add_argument("--config", default=None, help="recipe file or shipped recipe name (e.g. cifar10_stl_student)")
+    p.add_argument("--run-dir", default=None, help="output directory (same as run_dir=...)")
+    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint of the run) or a checkpoint path")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. optim.lr=1e-3")
+
+    def run(args: argparse.Namespace) -> int:
+        from omegaconf import OmegaConf
+
+        from tokenlab.engine import load_config, train
+
+        overrides = list(args.overrides)
+        if args.run_dir is not None:
+            overrides.append(f"run_dir={args.run_dir}")
+        if args.resume is not None:
+            overrides.append(f"checkpoint.resume={args.resume}")
+        cfg = load_config(args.config, overrides)
+        if args.print_config:
+            print(OmegaConf.to_yaml(cfg), end="")
+            return 0
+        result = train(cfg)
+        val = ", ".join(f"{k} {v:.4f}" for k, v in result.val.items())
+        print(f"trained {result.step} steps into {result.run_dir}" + (f"; validation: {val}" if val else ""))
+        if result.nonfinite_steps:
+            print(f"skipped {result.nonfinite_steps} steps with a non-finite loss")
+        return 0
+
+    p.set_defaults(handler=run)
+
+
 # Each entry adds one sub-command. Keep the list in the order `tokenlab --help` should show.
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_models,
+    _add_train,
 ]
 
 
