@@ -1,0 +1,186 @@
+"""Heads that sit on a backbone's tokens: projection heads for self-distillation.
+
+A head is built from block specs by ``ProjectionHead`` (lightly's pattern): each block is
+``(in_dim, out_dim, norm_layer | None, act_layer | None)`` and becomes Linear -> norm -> activation. Method heads
+are thin subclasses that only choose the blocks and add what is special to them.
+
+- ``DINOHead`` (DINO [0], iBOT [1]): MLP ``in -> hidden -> ... -> bottleneck`` with GELU, then L2 normalisation,
+  then a weight-normalised, bias-free linear layer onto ``K`` prototypes:
+
+      z = MLP(x),   u = z / ||z||_2,   out_k = g_k * <v_k / ||v_k||_2, u>
+
+  with the gains ``g`` fixed to 1 by default (``norm_last_layer``), which keeps training stable.
+- ``IBOTHead``: the [CLS] and patch projections of iBOT, one shared ``DINOHead`` or two separate ones.
+
+- [0]: DINO: Emerging Properties in Self-Supervised Vision Transformers, 2021, https://arxiv.org/abs/2104.14294
+- [1]: iBOT: Image BERT Pre-Training with Online Tokenizer, 2021, https://arxiv.org/abs/2111.07832
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+__all__ = ["BlockSpec", "DINOHead", "IBOTHead", "ProjectionHead"]
+
+# (in_dim, out_dim, norm layer or None, activation or None)
+BlockSpec = tuple[int, int, "nn.Module | None", "nn.Module | None"]
+
+
+class ProjectionHead(nn.Module):
+    """An MLP built from block specs: each block is Linear, then the optional norm, then the optional activation.
+
+    Args:
+        blocks: ``[(in_dim, out_dim, norm_layer or None, act_layer or None), ...]``; a block with a norm layer gets a
+            bias-free Linear (the norm's shift replaces it).
+
+    Raises:
+        ValueError: no blocks, non-positive sizes, or consecutive blocks whose sizes do not chain.
+    """
+
+    def __init__(self, blocks: Sequence[BlockSpec]) -> None:
+        super().__init__()
+        if not blocks:
+            raise ValueError("a projection head needs at least one block")
+        layers: list[nn.Module] = []
+        prev_out: int | None = None
+        for i, (in_dim, out_dim, norm, act) in enumerate(blocks):
+            if in_dim < 1 or out_dim < 1:
+                raise ValueError(f"block {i} has non-positive sizes ({in_dim}, {out_dim})")
+            if prev_out is not None and in_dim != prev_out:
+                raise ValueError(f"block {i} takes {in_dim} features but block {i - 1} gives {prev_out}")
+            layers.append(nn.Linear(in_dim, out_dim, bias=norm is None))
+            layers.extend(m for m in (norm, act) if m is not None)
+            prev_out = out_dim
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the MLP on the last axis: (..., in_dim) -> (..., out_dim)."""
+        return self.layers(x)
+
+
+class DINOHead(ProjectionHead):
+    """DINO/iBOT projection head: MLP -> L2-normalised bottleneck -> weight-normalised prototypes.
+
+    iBOT: "the projection head ... is a 3-layer MLP with hidden dimension 2048, followed by l2-normalized bottleneck
+    with dimension 256 and a weight-normalized fully connected layer with K dimensions"; the head is shared by the
+    [CLS] token and the patch tokens.
+
+    Args:
+        in_dim: Backbone feature size C.
+        out_dim: K prototypes (iBOT: 8192).
+        hidden_dim: Hidden size of the MLP (2048).
+        bottleneck_dim: Size of the L2-normalised bottleneck (256).
+        num_layers: Linear layers in the MLP (3); 1 maps ``in_dim`` straight to the bottleneck.
+        use_bn: BatchNorm after the hidden linears (off in iBOT's ViT recipes).
+        norm_last_layer: Fix the weight-norm gains of the last layer to 1 (not trained).
+        act_layer: Activation class of the hidden layers.
+
+    Raises:
+        ValueError: ``num_layers < 1`` or non-positive sizes.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 8192,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        num_layers: int = 3,
+        use_bn: bool = False,
+        norm_last_layer: bool = True,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+    ) -> None:
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if min(in_dim, out_dim, hidden_dim, bottleneck_dim) < 1:
+            raise ValueError(f"head sizes must be positive, got {in_dim=}, {out_dim=}, {hidden_dim=}, {bottleneck_dim=}")
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
+        blocks: list[BlockSpec] = [
+            (dims[i], dims[i + 1], nn.BatchNorm1d(dims[i + 1]) if use_bn else None, act_layer())
+            for i in range(num_layers - 1)
+        ]
+        blocks.append((dims[-2], dims[-1], None, None))
+        super().__init__(blocks)
+        # BatchNorm1d needs (R, C): with it, every leading axis is folded into one before the MLP.
+        self._fold_batch = use_bn
+        self.apply(_init_linear)
+        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        gain = self.last_layer.parametrizations.weight.original0
+        with torch.no_grad():
+            gain.fill_(1.0)
+        gain.requires_grad_(not norm_last_layer)
+        self.in_dim, self.out_dim = in_dim, out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> (..., K) prototype scores (cosine similarities times the gains)."""
+        if self._fold_batch:
+            lead = x.shape[:-1]
+            z = self.layers(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)  # (..., C) -> (R, C) -> (..., D)
+        else:
+            z = self.layers(x)
+        return self.last_layer(F.normalize(z, dim=-1, p=2))
+
+    def last_layer_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the prototype layer (iBOT freezes them during the first epoch)."""
+        return list(self.last_layer.parameters())
+
+
+class IBOTHead(nn.Module):
+    """The [CLS] and patch projections of iBOT.
+
+    Args:
+        in_dim: Backbone feature size C.
+        out_dim: K prototypes of the [CLS] head (8192).
+        patch_out_dim: K of the patch head when not shared (defaults to ``out_dim``).
+        shared: One head for both (iBOT's default) or two separate heads.
+        **kwargs: ``DINOHead`` options (hidden_dim, bottleneck_dim, num_layers, use_bn, norm_last_layer).
+
+    Raises:
+        ValueError: ``patch_out_dim`` differing from ``out_dim`` with a shared head.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 8192,
+        patch_out_dim: int | None = None,
+        shared: bool = True,
+        **kwargs: object,
+    ) -> None:
+        super().__init__()
+        patch_out_dim = out_dim if patch_out_dim is None else patch_out_dim
+        if shared and patch_out_dim != out_dim:
+            raise ValueError(f"a shared head has one output size; got out_dim={out_dim}, patch_out_dim={patch_out_dim}")
+        self.cls_head = DINOHead(in_dim, out_dim, **kwargs)  # type: ignore[arg-type]
+        self.patch_head = None if shared else DINOHead(in_dim, patch_out_dim, **kwargs)  # type: ignore[arg-type]
+        self.out_dim, self.patch_out_dim = out_dim, patch_out_dim
+
+    @property
+    def shared(self) -> bool:
+        return self.patch_head is None
+
+    def forward(self, cls: torch.Tensor, patches: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``cls`` (B, C) -> (B, K); ``patches`` (B, N, C) -> (B, N, K_patch) (``None`` passes through)."""
+        cls_out = self.cls_head(cls)
+        if patches is None:
+            return cls_out, None
+        return cls_out, (self.patch_head or self.cls_head)(patches)
+
+    def last_layer_parameters(self) -> list[nn.Parameter]:
+        params = self.cls_head.last_layer_parameters()
+        if self.patch_head is not None:
+            params += self.patch_head.last_layer_parameters()
+        return params
+
+
+def _init_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
