@@ -99,7 +99,9 @@ class DINOHead(ProjectionHead):
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         if min(in_dim, out_dim, hidden_dim, bottleneck_dim) < 1:
-            raise ValueError(f"head sizes must be positive, got {in_dim=}, {out_dim=}, {hidden_dim=}, {bottleneck_dim=}")
+            raise ValueError(
+                f"head sizes must be positive, got {in_dim=}, {out_dim=}, {hidden_dim=}, {bottleneck_dim=}"
+            )
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
         blocks: list[BlockSpec] = [
             (dims[i], dims[i + 1], nn.BatchNorm1d(dims[i + 1]) if use_bn else None, act_layer())
@@ -165,7 +167,9 @@ class IBOTHead(nn.Module):
     def shared(self) -> bool:
         return self.patch_head is None
 
-    def forward(self, cls: torch.Tensor, patches: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, cls: torch.Tensor, patches: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``cls`` (B, C) -> (B, K); ``patches`` (B, N, C) -> (B, N, K_patch) (``None`` passes through)."""
         cls_out = self.cls_head(cls)
         if patches is None:
