@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -41,7 +41,9 @@ __all__ = [
     "OODSpec",
     "imagenet_synsets",
     "load_class_mapping",
+    "Predictions",
     "predict",
+    "score_predictions",
     "resolve_ood_classes",
     "restrict_logits",
 ]
@@ -111,33 +113,60 @@ def _rule_logits(model: nn.Module, x: torch.Tensor, rule: str) -> torch.Tensor:
         raise ValueError(f"unknown prediction rule {rule!r}; valid: {', '.join(RULES)}")
 
 
+@dataclass
+class Predictions:
+    """Logits collected by :func:`predict`.
+
+    Attributes:
+        logits: ``{rule: (n, K) float32 logits}``.
+        targets: (n,) labels.
+        groups: (n,) value of the batch key ``"group"`` (e.g. a corruption cell id), or None without it.
+        skipped: Unreadable images skipped, in total.
+        skipped_groups: The ``"group"`` value of every skipped image.
+        seconds: Wall time.
+    """
+
+    logits: dict[str, torch.Tensor]
+    targets: torch.Tensor
+    groups: torch.Tensor | None
+    skipped: int
+    skipped_groups: list[int]
+    seconds: float
+
+
 def predict(
     model: nn.Module,
-    loader: Iterator[Mapping[str, Any]] | DataLoader,
+    loader: Iterable[Mapping[str, Any]],
     device: str | torch.device = "cpu",
     amp: str | None = None,
     rules: Sequence[str] = ("official",),
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
-    """Run ``model`` over ``loader`` once and collect float32 logits for each rule.
+) -> Predictions:
+    """Run ``model`` over ``loader`` once (``inference_mode`` + optional autocast) and collect logits per rule.
 
-    Returns:
-        ``({rule: (n, K) logits}, (n,) targets, skipped)``; batches carrying ``"valid"`` drop their invalid rows.
+    Batches carrying ``"valid"`` drop their invalid rows (counted in ``skipped``).
     """
+    unknown = [r for r in rules if r not in RULES]
+    if unknown:
+        raise ValueError(f"unknown prediction rule(s) {unknown}; valid: {', '.join(RULES)}")
     device = torch.device(device)
     model.eval().to(device)
     outs: dict[str, list[torch.Tensor]] = {r: [] for r in rules}
-    targets, skipped = [], 0
+    targets, groups, skipped_groups, skipped = [], [], [], 0
+    both = set(rules) == {"official", "cls"} and hasattr(model, "forward_tokens")
+    t0 = time.perf_counter()
     with torch.inference_mode(), autocast_context(device, amp):
         for batch in loader:
-            x, y = batch["image"], batch["label"]
+            x, y, g = batch["image"], batch["label"], batch.get("group")
             if "valid" in batch:
                 keep = batch["valid"].bool()
                 skipped += int((~keep).sum())
-                x, y = x[keep], y[keep]
+                if g is not None:
+                    skipped_groups.extend(g[~keep].tolist())
+                x, y, g = x[keep], y[keep], (g[keep] if g is not None else None)
             if x.shape[0] == 0:
                 continue
             x = x.to(device, non_blocking=True)
-            if set(rules) == {"official", "cls"} and hasattr(model, "forward_tokens"):
+            if both:
                 tok = model.forward_tokens(x)  # one forward pass serves both rules
                 outs["official"].append(tok.combined().float().cpu())
                 outs["cls"].append(tok.cls_logits.float().cpu())
@@ -145,9 +174,18 @@ def predict(
                 for r in rules:
                     outs[r].append(_rule_logits(model, x, r).float().cpu())
             targets.append(y.cpu())
+            if g is not None:
+                groups.append(g.cpu())
     if not targets:
         raise ValueError(f"no readable image in the data set ({skipped} unreadable)")
-    return {r: torch.cat(v) for r, v in outs.items()}, torch.cat(targets), skipped
+    return Predictions(
+        logits={r: torch.cat(v) for r, v in outs.items()},
+        targets=torch.cat(targets),
+        groups=torch.cat(groups) if groups else None,
+        skipped=skipped,
+        skipped_groups=skipped_groups,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def restrict_logits(logits: torch.Tensor, subset: Sequence[int]) -> torch.Tensor:
@@ -176,7 +214,7 @@ def _scores(logits: torch.Tensor, targets: torch.Tensor, rule: str, skipped: int
 
 def evaluate_classifier(
     model: nn.Module,
-    loader: Iterator[Mapping[str, Any]] | DataLoader,
+    loader: Iterable[Mapping[str, Any]],
     device: str | torch.device = "cpu",
     amp: str | None = None,
     rules: Sequence[str] = ("official",),
@@ -196,12 +234,19 @@ def evaluate_classifier(
     Returns:
         ``{rule: ClassifyResult}``.
     """
-    unknown = [r for r in rules if r not in RULES]
-    if unknown:
-        raise ValueError(f"unknown prediction rule(s) {unknown}; valid: {', '.join(RULES)}")
-    t0 = time.perf_counter()
-    logits, targets, skipped = predict(model, loader, device, amp, rules)
-    seconds = time.perf_counter() - t0
+    pred = predict(model, loader, device, amp, rules)
+    return score_predictions(pred.logits, pred.targets, pred.skipped, pred.seconds, subset, n_bins)
+
+
+def score_predictions(
+    logits: Mapping[str, torch.Tensor],
+    targets: torch.Tensor,
+    skipped: int = 0,
+    seconds: float = 0.0,
+    subset: Sequence[int] | None = None,
+    n_bins: int = 15,
+) -> dict[str, ClassifyResult]:
+    """Metrics of collected logits per rule, restricted to ``subset`` first when given."""
     if subset is not None:
         pos = {c: j for j, c in enumerate(subset)}
         missing = sorted({int(t) for t in targets.tolist()} - set(pos))

@@ -251,7 +251,7 @@ class FAN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits; for token models the official STL rule ``cls + 0.5 * max_tokens(aux)``."""
-        if self.has_aux_head:
+        if self.has_aux_head and self.num_classes > 0:
             return self.forward_tokens(x).combined()
         return self.forward_head(self.forward_features(x))
 
