@@ -58,10 +58,11 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
         load_checkpoint(_model(), tmp_path / "missing.pth")
 
 
-def test_arbitrary_objects_are_never_unpickled(tmp_path: Path) -> None:
-    class Evil:  # noqa: B903
-        pass
+class Evil:
+    """A class that a full unpickler would import and instantiate."""
 
+
+def test_arbitrary_objects_are_never_unpickled(tmp_path: Path) -> None:
     sd = collections.OrderedDict(_model().state_dict())
     torch.save({"state_dict": sd, "args": Evil()}, tmp_path / "evil.pth")
     with pytest.raises(ValueError, match="weights_only=True"):
