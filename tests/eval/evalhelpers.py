@@ -1,0 +1,44 @@
+"""Builders of tiny on-disk fixtures for the eval tests: image trees, masked data sets and exported runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+
+from tokenlab.models import save_exported
+
+
+def make_tree(root: Path, classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 3, size: int = 32) -> Path:
+    """Write ``root/<class>/<i>.png`` with seeded random pixels; class k images are tinted towards channel k."""
+    rng = np.random.default_rng(0)
+    for k, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 120, size=(size, size, 3), dtype=np.uint8)
+            img[..., k % 3] += 120
+            Image.fromarray(img).save(root / c / f"{i}.png")
+    return root
+
+
+TINY_KW = {"img_size": 32, "patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}
+
+
+def make_run(run_dir: Path, classes: tuple[str, ...] = ("cat", "dog"), token: bool = True, seed: int = 0) -> Path:
+    """A tiny exported FAN run directory (random weights) with a short metrics.jsonl."""
+    torch.manual_seed(seed)
+    name = "fan_nano_6_p16_224_token" if token else "fan_nano_6_p16_224"
+    model = timm.create_model(name, num_classes=len(classes), **TINY_KW)
+    meta = {"model": name, "model_kwargs": {**TINY_KW, "num_classes": len(classes)}, "num_classes": len(classes),
+            "classes": list(classes), "img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+    save_exported(model, run_dir / "model", meta)
+    lines = []
+    for step in range(1, 6):
+        lines.append({"kind": "step", "step": step, "epoch": 0, "loss": 2.0 / step, "lr": 1e-3 * step})
+    lines.append({"kind": "val", "step": 5, "epoch": 0, "top1": 0.5 + 0.1 * seed})
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return run_dir

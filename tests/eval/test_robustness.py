@@ -1,0 +1,89 @@
+"""End-to-end evaluation of a tiny exported run: clean, corruptions (cached), OOD, references and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from evalhelpers import make_run, make_tree
+from tokenlab.eval.robustness import evaluate_run, load_reference, resolve_data
+
+
+@pytest.fixture
+def synth(tmp_path: Path) -> Path:
+    """A dataset dir in the synthetic layout: dataset.json + val/ + rendition/ + shortcut/."""
+    d = tmp_path / "synth"
+    (d / "val").mkdir(parents=True)
+    make_tree(d / "val", per_class=3)
+    make_tree(d / "rendition", classes=("dog",), per_class=2)
+    make_tree(d / "shortcut", per_class=2)
+    (d / "dataset.json").write_text(json.dumps({"classes": ["cat", "dog"]}))
+    return d
+
+
+def test_evaluate_run_writes_eval_json(tmp_path: Path, synth: Path):
+    run = make_run(tmp_path / "run")
+    res = evaluate_run(run, synth, corruptions="gaussian_noise,contrast", severities="1,2",
+                       cache_dir=tmp_path / "cache", workers=0, progress=False)  # fmt: skip
+    data = json.loads((run / "eval.json").read_text())
+    assert data["rules"] == ["official", "cls"] and set(data["clean"]) == {"official", "cls"}
+    assert data["clean"]["official"]["n"] == 6
+    corr = data["corruptions"]["official"]
+    assert set(corr["accuracy"]) == {"gaussian_noise", "contrast"} and set(corr["accuracy"]["contrast"]) == {"1", "2"}
+    assert corr["mce"] is None  # 2-class model: the AlexNet table does not apply ("auto")
+    assert corr["retention"] == pytest.approx(corr["robust_accuracy"] / data["clean"]["official"]["top1"])
+    # the rendition split covers only 'dog' -> logits restricted to 1 class -> accuracy 1
+    assert data["ood"]["rendition"]["subset"] == [1] and data["ood"]["rendition"]["official"]["top1"] == 1.0
+    assert data["ood"]["shortcut"]["official"]["n"] == 4
+    assert res.corruptions is not None and res.corruptions.num_images == 4 * 6
+
+    # a second run uses the first as mCE reference; the corruption cache is reused
+    run2 = make_run(tmp_path / "run2", seed=1)
+    res2 = evaluate_run(run2, synth, corruptions="gaussian_noise,contrast", severities="1,2", reference=run,
+                        cache_dir=tmp_path / "cache", workers=0, ood=None, progress=False)  # fmt: skip
+    s = res2.corruptions.scores["official"]
+    ref = load_reference(run, 2)
+    assert s.reference == "run" and ref is not None
+    expected = sum(
+        sum(1 - s.accuracy[c][k] for k in (1, 2)) / sum(ref.table[c][k] for k in (1, 2)) for c in s.accuracy
+    ) / 2
+    assert s.mce == pytest.approx(expected)
+
+
+def test_reads_existing_imagenet_c_tree(tmp_path: Path, synth: Path):
+    tree = tmp_path / "inc"
+    make_tree(tree / "fog" / "3", per_class=2)
+    (tree / "fog" / "3" / "cat" / "bad.jpg").write_bytes(b"\x00\x01")
+    run = make_run(tmp_path / "run", token=False)
+    res = evaluate_run(run, synth, corruption_tree=tree, workers=0, ood=None, out=tmp_path / "e.json")
+    assert res.rules == ["official"]
+    assert res.corruptions is not None and res.corruptions.skipped == {"fog/3": 1}
+    assert res.corruptions.num_images == 4
+    assert json.loads((tmp_path / "e.json").read_text())["corruptions"]["skipped"] == {"fog/3": 1}
+
+
+def test_bad_input(tmp_path: Path, synth: Path):
+    run = make_run(tmp_path / "run", classes=("cat", "dog", "bird"))
+    with pytest.raises(ValueError, match=r"checkpoint classes do not match data set .*only in checkpoint: \['bird'\]"):
+        evaluate_run(run, synth, workers=0)
+    with pytest.raises(FileNotFoundError, match="data directory not found"):
+        evaluate_run(run, tmp_path / "nope", workers=0)
+    with pytest.raises(ValueError, match=r"split 'test' not in .*valid: rendition, shortcut, val"):
+        resolve_data(f"{synth}:test")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no class sub-directories"):
+        evaluate_run(run, tmp_path / "empty", workers=0)
+    with pytest.raises(FileNotFoundError, match="no exported model"):
+        evaluate_run(tmp_path / "norun", synth, workers=0)
+    run2 = make_run(tmp_path / "run2")
+    with pytest.raises(KeyError, match=r"mapping names unknown classes \['wolf'\]"):
+        evaluate_run(run2, synth, ood=[f"x={synth / 'val'}@{_mapping(tmp_path)}"], workers=0)
+    with pytest.raises(FileNotFoundError, match="reference 'nowhere'"):
+        evaluate_run(run2, synth, corruption_tree=tmp_path, reference="nowhere", workers=0, ood=None)
+
+
+def _mapping(tmp_path: Path) -> Path:
+    f = tmp_path / "map.json"
+    f.write_text(json.dumps({"cat": "wolf"}))
+    return f
