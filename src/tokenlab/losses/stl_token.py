@@ -74,7 +74,8 @@ def make_token_labels(
     K = t.shape[-1]
     if label_type == "gumbel":
         u = torch.rand(t.shape, generator=generator, device=t.device, dtype=t.dtype)
-        gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20))
+        u = u.clamp(1e-20, 1.0 - 1e-7)
+        gumbel = -torch.log(-torch.log(u))  # Gumbel(0, 1) noise
         soft = F.softmax((t + gumbel) / tau, dim=-1)
         y = F.one_hot(soft.argmax(dim=-1), K).to(t.dtype) if hard else soft
     elif label_type == "softmax":

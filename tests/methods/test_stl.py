@@ -1,0 +1,114 @@
+"""STL stage 1 (labeler) and stage 2 (student) methods."""
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tokenlab  # noqa: F401
+from tokenlab.methods import StepContext, TrainPlan, build_method
+from tokenlab.models import save_exported
+
+KW = dict(img_size=16, embed_dim=32, depth=1, num_heads=2)
+
+
+def _ctx() -> StepContext:
+    return StepContext(step=0, epoch=0, plan=TrainPlan(10, 10, 1), device=torch.device("cpu"))
+
+
+def _token_model(k: int = 3, patch: int = 4) -> nn.Module:
+    return timm.create_model("fan_nano_6_p16_224_token", num_classes=k, patch_size=patch, **KW)
+
+
+def _batch(b: int = 4) -> dict:
+    return {"image": torch.randn(b, 3, 16, 16), "teacher_image": torch.randn(b, 3, 16, 16),
+            "label": torch.arange(b) % 3}
+
+
+def test_labeler_loss_equals_formula():
+    model = _token_model().eval()
+    method = build_method("stl_labeler", model=model, aux_loss_weight=0.5, label_smoothing=0.0)
+    batch = _batch()
+    out = method.training_step(batch, _ctx())
+    cls, patches = model.forward_features(batch["image"])
+    ce_cls = F.cross_entropy(model.head(cls), batch["label"])
+    ce_aux = F.cross_entropy(model.aux_head(patches.mean(1)), batch["label"])
+    assert out["loss"].item() == pytest.approx((ce_cls + 0.5 * ce_aux).item(), abs=1e-5)
+    assert out["cls"].item() == pytest.approx(ce_cls.item(), abs=1e-5)
+
+
+def test_student_loss_equals_formula_with_argmax_labels():
+    student, teacher = _token_model().eval(), _token_model().eval()
+    method = build_method("stl_student", model=student, labeler=teacher, label_type="argmax", token_smoothing=0.1,
+                          token_loss_weight=0.7, label_smoothing=0.0)
+    batch = _batch()
+    out = method.training_step(batch, _ctx())
+    t = teacher.forward_tokens(batch["teacher_image"]).token_logits
+    y = F.one_hot(t.argmax(-1), 3).float() * 0.9 + 0.1 / 3
+    s = student.forward_tokens(batch["image"])
+    tok = -(y * F.log_softmax(s.token_logits, -1)).sum(-1).mean()
+    cls = F.cross_entropy(s.cls_logits, batch["label"])
+    assert out["token"].item() == pytest.approx(tok.item(), abs=1e-5)
+    assert out["loss"].item() == pytest.approx((cls + 0.7 * tok).item(), abs=1e-5)
+
+
+def test_teacher_is_frozen_and_never_changes():
+    student, teacher = _token_model(), _token_model()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    method = build_method("stl_student", model=student, labeler=teacher, mixup_alpha=0.8)
+    method.train()
+    assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
+    assert not any(n.startswith("_teacher") for n in method.state_dict())
+    params = list(method.parameters())
+    assert all(p is not q for p in params for q in teacher.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        method.training_step(_batch(), _ctx())["loss"].backward()
+        opt.step()
+        assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert any(p.grad is not None for p in student.parameters())
+
+
+def test_heterogeneous_labeler_grid_is_interpolated():
+    student, teacher = _token_model(patch=4), _token_model(patch=8)  # 4x4 vs 2x2 token grids
+    method = build_method("stl_student", model=student, labeler=teacher)
+    out = method.training_step(_batch(), _ctx())
+    assert torch.isfinite(out["loss"]) and out["token"].item() > 0
+
+
+def test_teacher_views():
+    student, teacher = _token_model(), _token_model()
+    batch = _batch()
+    full = build_method("stl_student", model=student, labeler=teacher, teacher_aug="full", label_type="argmax")
+    assert full._teacher_input(batch) is batch["image"]
+    none = build_method("stl_student", model=student, labeler=teacher, teacher_aug="none")
+    with pytest.raises(KeyError, match="clean_image"):
+        none.training_step(batch, _ctx())
+
+
+def test_labeler_loaded_from_run_dir(tmp_path):
+    teacher = _token_model()
+    save_exported(teacher, tmp_path / "model", {"model": "fan_nano_6_p16_224_token",
+                                                "model_kwargs": dict(KW, num_classes=3, patch_size=4)})
+    method = build_method("stl_student", model=_token_model(), labeler=str(tmp_path))
+    torch.testing.assert_close(method.teacher.head.weight, teacher.head.weight)
+    assert not method.teacher.training
+
+
+def test_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no exported model"):
+        build_method("stl_student", model=_token_model(), labeler=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="labeler predicts 5 classes but the student has 3"):
+        build_method("stl_student", model=_token_model(3), labeler=_token_model(5))
+    with pytest.raises(ValueError, match="needs method.kwargs.labeler"):
+        build_method("stl_student", model=_token_model())
+    plain = timm.create_model("fan_nano_6_p16_224", num_classes=3, patch_size=4, **KW)
+    with pytest.raises(ValueError, match="labeler must be an STL token model"):
+        build_method("stl_student", model=_token_model(), labeler=plain)
+    with pytest.raises(ValueError, match="stl_labeler model must be an STL token model"):
+        build_method("stl_labeler", model=plain)
+    with pytest.raises(ValueError, match="teacher_aug 'clean'"):
+        build_method("stl_student", model=_token_model(), labeler=_token_model(), teacher_aug="clean")
