@@ -48,6 +48,7 @@ __all__ = [
     "SegmentationDataset",
     "SegmentationTransform",
     "build_segmentation_dataset",
+    "build_segmentation_transforms",
     "cityscapes_pairs",
     "denormalize",
     "folder_pairs",
@@ -203,6 +204,8 @@ class SegmentationDataset(Dataset):
         self.transform = transform or SegmentationTransform(train=False, ignore_index=ignore_index)
         self.seed = seed
         self.epoch = 0
+        self.classes = self.class_names  # the engine stores ``classes``/``mean``/``std`` with the exported model
+        self.mean, self.std = list(self.transform.mean), list(self.transform.std)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -367,3 +370,25 @@ def build_segmentation_dataset(
     if num_classes is not None and num_classes != len(ps.class_names):
         raise ValueError(f"num_classes={num_classes} but {root} ({kind}) has {len(ps.class_names)} classes")
     return SegmentationDataset(ps.pairs, ps.class_names, transform, ignore_index, ps.label_map, seed)
+
+
+def build_segmentation_transforms(
+    train: bool,
+    img_size: int | Sequence[int],
+    scale_range: Sequence[float] = (0.5, 2.0),
+    hflip: float = 0.5,
+    rotate_degrees: float = 0.0,
+    color_jitter: float = 0.4,
+    eval_resize: int | None = None,
+    ignore_index: int = 255,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> SegmentationTransform:
+    """The ``"segmentation"`` view of the data layer: training crop ``img_size`` or evaluation at native size.
+
+    Same call shape as the data layer's ``build_transforms(view, train=..., img_size=..., **data.transform)``.
+    """
+    return SegmentationTransform(
+        crop_size=img_size, train=train, scale_range=scale_range, hflip=hflip, rotate_degrees=rotate_degrees,
+        color_jitter=color_jitter, resize=eval_resize, ignore_index=ignore_index, mean=mean, std=std,
+    )  # fmt: skip

@@ -41,8 +41,11 @@ __all__ = [
     "ConfusionMeter",
     "colorize",
     "confusion_matrix",
+    "corrupted_pairs",
+    "evaluate_corruptions",
     "evaluate_segmentation",
     "metrics_from_confusion",
+    "overlay_examples",
     "palette",
     "predict_logits",
     "robustness_summary",
@@ -340,3 +343,101 @@ def save_overlays(
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(path)
     return path
+
+
+def corrupted_pairs(
+    pairs: Sequence[tuple[Path, Path]], source_root: str | Path, cell_dir: str | Path
+) -> list[tuple[Path, Path]]:
+    """Pair each clean mask with the corrupted copy of its image (same path relative to ``source_root``).
+
+    The corruption cache writes ``cell/<relative path>`` with its own extension (png or jpg), so the match is by
+    relative path without extension.
+    """
+    source_root, cell_dir = Path(source_root), Path(cell_dir)
+    found = {p.relative_to(cell_dir).with_suffix(""): p for p in cell_dir.rglob("*") if p.is_file()}
+    out = []
+    for img, mask in pairs:
+        rel = Path(img).relative_to(source_root).with_suffix("")
+        if rel not in found:
+            raise FileNotFoundError(f"corrupted copy of {img} missing in {cell_dir} (expected {rel}.png/.jpg)")
+        out.append((found[rel], Path(mask)))
+    return out
+
+
+def evaluate_corruptions(
+    model: nn.Module,
+    dataset: Any,
+    source_root: str | Path,
+    cache_dir: str | Path,
+    corruptions: str | Sequence[str] | None = "common",
+    severities: str | Sequence[int] | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    workers: int | None = None,
+    progress: bool = False,
+    **predict_kwargs: Any,
+) -> SegRobustness:
+    """Clean and corrupted mIoU of ``model`` on ``dataset`` (a ``tokenlab.data.segmentation.SegmentationDataset``).
+
+    Corrupted images come from the evaluation issue's cache (``tokenlab.eval.corruptions.generate_corruptions``)
+    of the image tree ``source_root`` (``<group>/<image>``, e.g. the synthetic ``val`` split or a Cityscapes
+    ``leftImg8bit/val``); each cell is paired with the clean masks and scored like the clean set.
+
+    Args:
+        model: Segmentation model (``(B, K, H, W)`` logits).
+        dataset: The clean evaluation set; its transform, classes, label map and ignore index are reused.
+        source_root: Root of the clean images the corruptions are generated from.
+        cache_dir: Where the corruption cache lives (reused across runs).
+        corruptions / severities: Names or groups / ``"1-5"`` (see ``tokenlab.eval.corruptions``).
+        seed: Base seed of the per-image corruptions.
+        batch_size: Evaluation batch size.
+        workers: Corruption-generation processes.
+        progress: Show the generation progress bar.
+        **predict_kwargs: ``mode``, ``crop_size``, ``stride``, ``device``, ``amp_dtype`` of ``evaluate_segmentation``.
+    """
+    from torch.utils.data import DataLoader
+
+    from tokenlab.data.segmentation import SegmentationDataset
+    from tokenlab.eval.corruptions import generate_corruptions, read_corruption_tree
+
+    def score(ds: Any) -> SegMetrics:
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
+        return evaluate_segmentation(model, loader, ds.num_classes, ds.ignore_index, class_names=ds.class_names,
+                                     **predict_kwargs)  # fmt: skip
+
+    clean = score(dataset)
+    cache = generate_corruptions(source_root, cache_dir, corruptions, severities, seed=seed, workers=workers,
+                                 progress=progress)  # fmt: skip
+    cells = read_corruption_tree(cache.root, cache.corruptions, cache.severities)
+    table: dict[str, dict[int, float]] = {}
+    for corruption, sevs in cells.items():
+        for severity, cell in sevs.items():
+            ds = SegmentationDataset(
+                corrupted_pairs(dataset.pairs, source_root, cell), dataset.class_names, dataset.transform,
+                dataset.ignore_index, dataset.label_map,
+            )  # fmt: skip
+            table.setdefault(corruption, {})[severity] = score(ds).miou
+            logger.info("%s severity %d: mIoU %.4f", corruption, severity, table[corruption][severity])
+    return robustness_summary(clean, table)
+
+
+@torch.no_grad()
+def overlay_examples(
+    model: nn.Module, dataset: Any, path: str | Path, count: int = 8, device: str | torch.device = "cpu",
+    scale: int = 1, **predict_kwargs: Any,
+) -> Path:
+    """Write ``count`` evenly spaced examples of ``dataset`` as image | ground truth | prediction rows (PNG)."""
+    from tokenlab.data.segmentation import denormalize
+
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    model = model.to(device).eval()
+    idx = np.linspace(0, len(dataset) - 1, num=min(count, len(dataset))).round().astype(int)
+    images, masks, preds = [], [], []
+    for i in idx:
+        sample = dataset[int(i)]
+        logits = predict_logits(model, sample["image"][None].to(device), dataset.num_classes, **predict_kwargs)
+        images.append(denormalize(sample["image"], dataset.mean, dataset.std))
+        masks.append(sample["mask"].numpy())
+        preds.append(logits[0].argmax(dim=0).cpu().numpy())
+    return save_overlays(images, masks, preds, path, dataset.num_classes, scale=scale)

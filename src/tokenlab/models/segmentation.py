@@ -182,6 +182,14 @@ class FANSegFormer(nn.Module):
         return {f"backbone.{n}" for n in ("pos_embed", "mask_token")}
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Stem, then one group per backbone block, then neck + decoder (for layer-wise lr decay)."""
+        return dict(
+            stem=r"^backbone\.(?:mask_token|pos_embed|patch_embed)",
+            blocks=[(r"^backbone\.blocks\.(\d+)", None), (r"^(?:neck|decode_head)\.", (99999,))],
+        )
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.backbone.set_grad_checkpointing(enable)
 
