@@ -1,0 +1,393 @@
+"""Token-label analysis: how good are the per-token labels of an STL labeler or student?
+
+STL (Zhao et al., ICCV 2023, https://arxiv.org/abs/2401.03844; REFERENCE §2) trains a student on per-token labels
+``y_hat_i = argmax_k aux_logits_{i,k}`` produced by a labeler whose ``aux_head`` learned from the patch tokens. On a
+data set with object masks (the synthetic set: 0 background, k + 1 object of class k) we measure, per token i of
+image b with label ``y_b``, object indicator ``M_bi`` (more than ``threshold`` of the token's pixels are object) and
+predicted label ``p_bi`` with confidence ``c_bi = max_k softmax(z_bi)_k``:
+
+- foreground token accuracy ``sum_{b,i} M_bi [p_bi = y_b] / sum_{b,i} M_bi``;
+- background tokens: the share labelled with the image class ``sum (1 - M_bi)[p_bi = y_b] / sum (1 - M_bi)``,
+  their class distribution ``P(p = k | background)`` and mean confidence;
+- IoU between the tokens that agree with the image label ``A_b = {i : p_bi = y_b}`` and the object tokens
+  ``M_b``: ``IoU_b = |A_b ∩ M_b| / |A_b ∪ M_b|``, averaged over images (images with an empty union are left out);
+- label stability between a teacher view and a student view of the same geometry:
+  ``(1 / N) sum_i [p^t_bi = p^s_bi]`` averaged over tokens and images.
+
+Token logits come from ``aux_head`` (``source="aux"``) or from the class head applied to every patch token
+(``source="head"``), which is what a labeler trained with the class token only can offer. Comparing a labeler
+trained with the patch-token loss against one trained with the class token only shows what the token loss adds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from tokenlab.eval.classify import autocast_context
+from tokenlab.eval.folders import scan_image_tree
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SOURCES",
+    "MaskedTreeDataset",
+    "TokenExamples",
+    "TokenResult",
+    "TokenStats",
+    "analyze_run",
+    "analyze_tokens",
+    "label_stability",
+    "mask_to_token_grid",
+    "photometric_view",
+    "token_predictions",
+]
+
+SOURCES = ("auto", "aux", "head")
+
+
+def mask_to_token_grid(mask: torch.Tensor, grid: tuple[int, int], threshold: float = 0.5) -> torch.Tensor:
+    """Object tokens: ``(B, Hm, Wm)`` pixel mask (0 = background) -> ``(B, H, W)`` bool.
+
+    A token is object when the fraction of its pixels that are object exceeds ``threshold`` (area pooling, so
+    any ``Hm, Wm`` works, including non-multiples of the grid).
+    """
+    if mask.ndim != 3:
+        raise ValueError(f"expected masks of shape (B, H, W), got {tuple(mask.shape)}")
+    frac = F.adaptive_avg_pool2d((mask > 0).float()[:, None], grid)[:, 0]  # (B, 1, Hm, Wm) -> (B, H, W)
+    return frac > threshold
+
+
+def label_stability(pred_a: torch.Tensor, pred_b: torch.Tensor) -> float:
+    """Fraction of tokens with the same label in two views: ``mean [p^a = p^b]``."""
+    if pred_a.shape != pred_b.shape:
+        raise ValueError(f"token label grids differ in shape: {tuple(pred_a.shape)} vs {tuple(pred_b.shape)}")
+    return (pred_a == pred_b).float().mean().item()
+
+
+@dataclass
+class TokenStats:
+    """Running sums for the token metrics (see the module docstring for the formulas)."""
+
+    num_classes: int
+    fg: int = 0
+    fg_correct: int = 0
+    bg: int = 0
+    bg_agree: int = 0
+    fg_conf: float = 0.0
+    bg_conf: float = 0.0
+    bg_hist: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    ious: list[float] = field(default_factory=list)
+    stable: int = 0
+    stable_total: int = 0
+    images: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bg_hist.numel() == 0:
+            self.bg_hist = torch.zeros(self.num_classes, dtype=torch.long)
+
+    def update(
+        self,
+        pred: torch.Tensor,
+        conf: torch.Tensor,
+        labels: torch.Tensor,
+        fg: torch.Tensor,
+        pred_other_view: torch.Tensor | None = None,
+    ) -> None:
+        """Add a batch: ``pred``/``conf``/``fg`` are (B, H, W), ``labels`` (B,)."""
+        if not (pred.shape == conf.shape == fg.shape) or labels.shape != pred.shape[:1]:
+            raise ValueError(
+                f"shape mismatch: pred {tuple(pred.shape)}, conf {tuple(conf.shape)}, fg {tuple(fg.shape)}, "
+                f"labels {tuple(labels.shape)}"
+            )
+        agree = pred == labels[:, None, None]  # (B, H, W)
+        bg = ~fg
+        self.images += pred.shape[0]
+        self.fg += int(fg.sum())
+        self.fg_correct += int((agree & fg).sum())
+        self.bg += int(bg.sum())
+        self.bg_agree += int((agree & bg).sum())
+        self.fg_conf += float(conf[fg].double().sum())
+        self.bg_conf += float(conf[bg].double().sum())
+        self.bg_hist += torch.bincount(pred[bg].flatten(), minlength=self.num_classes)[: self.num_classes]
+        inter = (agree & fg).flatten(1).sum(1)
+        union = (agree | fg).flatten(1).sum(1)
+        self.ious += [i / u for i, u in zip(inter.tolist(), union.tolist()) if u > 0]
+        if pred_other_view is not None:
+            self.stable += int((pred == pred_other_view).sum())
+            self.stable_total += pred.numel()
+
+    def summary(self) -> dict[str, Any]:
+        def ratio(a: float, b: float) -> float:
+            return a / b if b else math.nan
+
+        return {
+            "images": self.images,
+            "fg_tokens": self.fg,
+            "bg_tokens": self.bg,
+            "fg_accuracy": ratio(self.fg_correct, self.fg),
+            "fg_confidence": ratio(self.fg_conf, self.fg),
+            "bg_agree_with_image_label": ratio(self.bg_agree, self.bg),
+            "bg_confidence": ratio(self.bg_conf, self.bg),
+            "bg_distribution": (self.bg_hist.double() / max(self.bg, 1)).tolist(),
+            "iou": ratio(sum(self.ious), len(self.ious)),
+            "stability": ratio(self.stable, self.stable_total),
+        }
+
+
+def _token_source(model: nn.Module, source: str) -> str:
+    if source not in SOURCES:
+        raise ValueError(f"unknown token-label source {source!r}; valid: {', '.join(SOURCES)}")
+    has_aux = bool(getattr(model, "has_aux_head", False))
+    if source == "auto":
+        return "aux" if has_aux else "head"
+    if source == "aux" and not has_aux:
+        raise ValueError(f"source 'aux' needs a model with an aux_head; {type(model).__name__} has none (use 'head')")
+    return source
+
+
+def token_predictions(model: nn.Module, x: torch.Tensor, source: str = "auto") -> tuple[torch.Tensor, tuple[int, int]]:
+    """Per-token logits ``(B, N, K)`` and the grid, from ``aux_head`` or the class head on the patch tokens."""
+    source = _token_source(model, source)
+    if source == "aux":
+        out = model.forward_tokens(x)
+        return out.token_logits, out.grid
+    elif source == "head":
+        _, patches = model.forward_features(x)
+        return model.get_classifier()(patches), model.grid_size(x.shape[-2:])
+    else:
+        raise ValueError(f"unknown token-label source {source!r}; valid: {', '.join(SOURCES)}")
+
+
+def photometric_view(
+    x: torch.Tensor, mean: Sequence[float], std: Sequence[float], generator: torch.Generator, strength: float = 0.4
+) -> torch.Tensor:
+    """A student view with the same geometry: per-image brightness/contrast jitter and Gaussian noise.
+
+    As in STL's paired views, only colour changes between teacher and student, so token i sees the same patch in
+    both. Brightness and contrast factors are drawn from ``U(1 - strength, 1 + strength)``; noise has std 0.03.
+    """
+    m = torch.tensor(mean, dtype=x.dtype)[:, None, None]
+    s = torch.tensor(std, dtype=x.dtype)[:, None, None]
+    img = x.cpu() * s + m  # normalised -> [0, 1]
+    b = x.shape[0]
+    bright = 1 + strength * (2 * torch.rand(b, 1, 1, 1, generator=generator) - 1)
+    contrast = 1 + strength * (2 * torch.rand(b, 1, 1, 1, generator=generator) - 1)
+    grey = img.mean(dim=(1, 2, 3), keepdim=True)
+    img = ((img * bright - grey) * contrast + grey + 0.03 * torch.randn(img.shape, generator=generator)).clamp(0, 1)
+    return ((img - m) / s).to(x.device)
+
+
+@dataclass
+class TokenExamples:
+    """The first few analysed images for pictures: images in [0, 1], token labels, confidences, masks."""
+
+    images: torch.Tensor  # (n, 3, S, S)
+    labels: torch.Tensor  # (n,)
+    pred: torch.Tensor  # (n, H, W)
+    conf: torch.Tensor  # (n, H, W)
+    masks: torch.Tensor  # (n, S, S)
+    attention: torch.Tensor | None = None  # (n, heads, H, W)
+
+
+@dataclass
+class TokenResult:
+    """Token-label analysis of one model; ``metrics`` holds :meth:`TokenStats.summary`."""
+
+    name: str
+    source: str
+    classes: list[str]
+    metrics: dict[str, Any]
+    examples: TokenExamples | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        m = dict(self.metrics)
+        m["bg_distribution"] = dict(zip(self.classes, m["bg_distribution"]))
+        return {"name": self.name, "source": self.source, "classes": self.classes, **m}
+
+
+def analyze_tokens(
+    model: nn.Module,
+    loader: Iterable[Mapping[str, Any]],
+    classes: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    source: str = "auto",
+    threshold: float = 0.5,
+    device: str | torch.device = "cpu",
+    amp: str | None = None,
+    num_examples: int = 8,
+    seed: int = 0,
+    name: str = "model",
+) -> TokenResult:
+    """Token-label metrics of ``model`` over ``loader`` (batches with ``image``, ``label``, ``mask``).
+
+    Args:
+        model: A FAN (token model or not) or any model with ``forward_features``/``get_classifier``/``grid_size``.
+        loader: Batches ``{"image": (B,3,S,S), "label": (B,), "mask": (B,S,S)}``; with ``"teacher_image"``, stability
+            compares that view with ``image``; without it, with :func:`photometric_view` of ``image``.
+        classes: Class names (for the background distribution).
+        mean, std: The normalisation of the images (to build the jittered view and the example pictures).
+        source: ``auto`` (aux head when present), ``aux`` or ``head``.
+        threshold: Object fraction above which a token counts as object.
+        device, amp: Inference settings.
+        num_examples: Images kept for pictures.
+        seed: Seed of the photometric student view.
+        name: Label of this model in reports.
+    """
+    src = _token_source(model, source)
+    device = torch.device(device)
+    model.eval().to(device)
+    stats = TokenStats(len(classes))
+    gen = torch.Generator().manual_seed(seed)
+    ex: dict[str, list[torch.Tensor]] = {"images": [], "labels": [], "pred": [], "conf": [], "masks": [], "attn": []}
+    kept = 0
+    with torch.inference_mode(), autocast_context(device, amp):
+        for batch in loader:
+            if "mask" not in batch:
+                raise KeyError("token analysis needs a data set with masks (batch key 'mask'); e.g. the synthetic set")
+            x = batch["image"].to(device)
+            labels = batch["label"].cpu()
+            if "valid" in batch:
+                keep = batch["valid"].bool()
+                x, labels, masks = x[keep.to(device)], labels[keep], batch["mask"][keep]
+            else:
+                masks = batch["mask"]
+            if x.shape[0] == 0:
+                continue
+            logits, grid = token_predictions(model, x, src)
+            probs = logits.float().softmax(-1)  # (B, N, K)
+            conf, pred = probs.max(-1)
+            pred = pred.reshape(-1, *grid).cpu()  # (B, N) -> (B, H, W)
+            conf = conf.reshape(-1, *grid).cpu()
+            other = batch.get("teacher_image")
+            view = other.to(device) if other is not None else photometric_view(x, mean, std, gen)
+            pred_view = token_predictions(model, view, src)[0].argmax(-1).reshape(-1, *grid).cpu()
+            fg = mask_to_token_grid(masks, grid, threshold)
+            stats.update(pred, conf, labels, fg, pred_view)
+            if kept < num_examples:
+                n = min(num_examples - kept, x.shape[0])
+                m = torch.tensor(mean)[:, None, None]
+                s = torch.tensor(std)[:, None, None]
+                ex["images"].append((x[:n].float().cpu() * s + m).clamp(0, 1))
+                ex["labels"].append(labels[:n])
+                ex["pred"].append(pred[:n])
+                ex["conf"].append(conf[:n])
+                ex["masks"].append(masks[:n])
+                if hasattr(model, "class_attention_maps"):
+                    ex["attn"].append(model.class_attention_maps(x[:n]).float().cpu())
+                kept += n
+    if stats.images == 0:
+        raise ValueError("no image analysed: the loader was empty")
+    examples = None
+    if kept:
+        examples = TokenExamples(
+            *(torch.cat(ex[k]) for k in ("images", "labels", "pred", "conf", "masks")),
+            attention=torch.cat(ex["attn"]) if ex["attn"] else None,
+        )
+    return TokenResult(name, src, list(classes), stats.summary(), examples)
+
+
+class MaskedTreeDataset(Dataset):
+    """Images ``root/<class>/<name>`` with masks ``mask_root/<class>/<name>`` resized/cropped together.
+
+    Samples are ``{"image": (3, S, S) normalised, "label", "mask": (S, S) long, "index"}``.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        mask_root: str | Path,
+        class_to_idx: Mapping[str, int],
+        img_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
+        _, self.items = scan_image_tree(root)
+        self.root, self.mask_root = Path(root), Path(mask_root)
+        if not self.mask_root.is_dir():
+            raise FileNotFoundError(f"mask directory not found: {self.mask_root}")
+        unknown = sorted({c for _, c in self.items if c not in class_to_idx})
+        if unknown:
+            raise KeyError(f"class folders {unknown[:10]} are not classes of the model; valid: {sorted(class_to_idx)}")
+        missing = [p for p, c in self.items[:50] if not self._mask_path(p, c).is_file()]
+        if missing:
+            raise FileNotFoundError(f"no mask for {missing[0]} (expected {self._mask_path(missing[0], '')})")
+        self.class_to_idx = dict(class_to_idx)
+        self.geom = v2.Compose([v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size)])
+        self.norm = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+
+    def _mask_path(self, path: Path, cls: str) -> Path:
+        return self.mask_root / path.relative_to(self.root)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        path, cls = self.items[i]
+        with Image.open(path) as im:
+            img = tv_tensors.Image(v2.functional.pil_to_tensor(im.convert("RGB")))
+        with Image.open(self._mask_path(path, cls)) as mm:
+            mask = tv_tensors.Mask(torch.as_tensor(v2.functional.pil_to_tensor(mm.convert("L"))[0], dtype=torch.long))
+        img, mask = self.geom(img, mask)  # one geometry for both (masks use nearest)
+        return {"image": self.norm(img).as_subclass(torch.Tensor), "label": self.class_to_idx[cls],
+                "mask": mask.as_subclass(torch.Tensor), "index": i}  # fmt: skip
+
+
+def analyze_run(
+    checkpoint: str | Path,
+    data: str | Path,
+    out: str | Path | None = None,
+    source: str = "auto",
+    threshold: float = 0.5,
+    device: str = "cpu",
+    amp: str | None = None,
+    batch_size: int = 64,
+    workers: int = 0,
+    num_examples: int = 8,
+    seed: int = 0,
+) -> TokenResult:
+    """Load an exported model (run dir or stem), analyse its token labels on ``data`` and write ``tokens.json``.
+
+    ``data`` is a data spec with masks (``DIR[:split]`` of the synthetic set; masks in ``DIR/<split>_masks``).
+    """
+    import json
+    import os
+
+    from torch.utils.data import DataLoader
+
+    from tokenlab.eval.robustness import _match_classes, resolve_data
+    from tokenlab.eval.folders import list_class_dirs
+    from tokenlab.models import load_exported
+
+    ckpt = Path(checkpoint)
+    model, meta = load_exported(ckpt, device=device)
+    spec = resolve_data(data)
+    if spec.masks is None:
+        where = spec.dataset_dir / f"{spec.split}_masks" if spec.dataset_dir else f"{spec.root}_masks"
+        raise FileNotFoundError(f"token analysis needs object masks; none at {where} (use the synthetic data set)")
+    classes = _match_classes(meta, list_class_dirs(spec.root), spec.root)
+    mean, std = meta.get("mean", (0.485, 0.456, 0.406)), meta.get("std", (0.229, 0.224, 0.225))
+    ds = MaskedTreeDataset(spec.root, spec.masks, {c: i for i, c in enumerate(classes)}, int(meta.get("img_size", 224)),
+                           mean, std)  # fmt: skip
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
+    name = ckpt.name if ckpt.is_dir() else ckpt.parent.name
+    res = analyze_tokens(model, loader, classes, mean, std, source, threshold, device, amp, num_examples, seed, name)
+    target = Path(out) if out else (ckpt / "tokens.json" if ckpt.is_dir() else ckpt.parent / "tokens.json")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**res.to_dict(), "data": str(spec.root), "threshold": threshold}, indent=1))
+    os.replace(tmp, target)
+    logger.info("wrote %s", target)
+    return res
