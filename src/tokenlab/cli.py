@@ -80,10 +80,145 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="generate the built-in synthetic data set, or picture what a data set feeds")
+    actions = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+
+    synth = actions.add_parser("synth", help="write the synthetic shapes data set (image folders + masks)")
+    synth.add_argument("--out", required=True, help="output directory")
+    synth.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files")
+    synth.add_argument("--img-size", type=int, default=64, help="image side in pixels")
+    for split, count in (("train", 5000), ("val", 1000), ("rendition", 1000), ("shortcut", 1000)):
+        synth.add_argument(f"--{split}", type=int, default=count, help=f"{split} images (0 skips the split)")
+    synth.add_argument("--shortcut-p", type=float, default=0.8, help="train images whose texture matches the class")
+    synth.add_argument("--workers", type=int, default=2, help="rendering threads")
+
+    show = actions.add_parser("show", help="write PNG grids: samples with mask overlays, STL pairs, iBOT crops")
+    show.add_argument("spec", help="synthetic set / image folder / CSV list / 'cifar10'")
+    show.add_argument("--out", required=True, help="PNG path for the samples grid; pairs go to <stem>_pairs.png")
+    show.add_argument("--split", default="train", help="split to show")
+    show.add_argument("--count", type=int, default=16, help="samples in the grid")
+    show.add_argument("--img-size", type=int, default=64, help="view side in pixels")
+    show.add_argument("--teacher", default="spatial", help="teacher mode of the pairs grid: none, spatial or full")
+    show.add_argument("--ibot", action="store_true", help="also write <stem>_ibot.png with multi-crops and masks")
+    show.add_argument("--patch-size", type=int, default=8, help="token size of the iBOT masks")
+    show.add_argument("--seed", type=int, default=0, help="which samples and augmentations")
+
+    def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        if args.data_command == "synth":
+            from tokenlab.data.synthetic import SynthConfig, generate, shortcut_correlation
+
+            counts = {s: getattr(args, s) for s in ("train", "val", "rendition", "shortcut")}
+            config = SynthConfig(seed=args.seed, img_size=args.img_size, counts=counts, shortcut_p=args.shortcut_p)
+            meta = generate(args.out, config, workers=args.workers)
+            for split, entry in meta["splits"].items():
+                print(f"{split:<10} {entry['count']:>6} images  texture = class: "
+                      f"{shortcut_correlation(meta, split):.3f}")
+            print(f"wrote {args.out} (classes: {', '.join(meta['classes'])})")
+            return 0
+        if args.data_command == "show":
+            from tokenlab.data.show import crops_grid, pairs_grid, samples_grid
+
+            out = Path(args.out)
+            if out.suffix.lower() != ".png":
+                raise ValueError(f"--out must be a .png path, got {args.out!r}")
+            written = [samples_grid(args.spec, args.split, out, args.count, args.seed, args.img_size)]
+            pairs = out.with_name(f"{out.stem}_pairs.png")
+            written.append(pairs_grid(args.spec, args.split, pairs, min(args.count, 8), args.seed, args.img_size,
+                                      args.teacher))
+            if args.ibot:
+                written.append(crops_grid(args.spec, args.split, out.with_name(f"{out.stem}_ibot.png"), 4, args.seed,
+                                          args.img_size, args.patch_size))
+            for path in written:
+                print(f"wrote {path}")
+            return 0
+        raise ValueError(f"unknown data action {args.data_command!r}; valid: synth, show")
+
+    p.set_defaults(handler=run)
+
+
+def _add_segment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "segment",
+        help="semantic segmentation with FAN backbones: fine-tune (train) and evaluate clean + corrupted mIoU (eval)",
+        description="`segment train` runs a segmentation recipe (e.g. seg_synthetic) through the engine; "
+        "`segment eval RUN` scores an exported segmentation run (mIoU, per-class IoU, pixel accuracy, corruptions).",
+    )
+    seg = p.add_subparsers(dest="segment_command", metavar="ACTION", required=True)
+    t = seg.add_parser("train", help="fine-tune a segmentation model from a recipe")
+    t.add_argument("--config", default="seg_synthetic", help="recipe file or shipped name (seg_synthetic, seg_cityscapes)")
+    t.add_argument("--run-dir", default=None, help="output directory (same as run_dir=...)")
+    t.add_argument("--init-from", default=None, help="classification run whose backbone initialises the model")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. data.root=DIR")
+    e = seg.add_parser("eval", help="evaluate an exported segmentation run")
+    e.add_argument("run", help="run directory (or export stem) of a segmentation model")
+    e.add_argument("--data", default="synthetic", help="layout: synthetic | cityscapes | folder")
+    e.add_argument("--root", required=True, help="data root")
+    e.add_argument("--split", default="val")
+    e.add_argument("--out", default=None, help="output folder (default RUN/segmentation)")
+    e.add_argument("--corruptions", default=None, help="names or groups (common, fast, ...); omit for clean only")
+    e.add_argument("--severities", default="1-5")
+    e.add_argument("--cache-dir", default=None, help="corruption cache (default ROOT/../corruption-cache)")
+    e.add_argument("--mode", default="whole", help="whole | slide")
+    e.add_argument("--crop", type=int, default=512, help="sliding-window size")
+    e.add_argument("--stride", type=int, default=341, help="sliding-window stride")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--amp", default="none", help="none | bf16")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--overlays", type=int, default=8, help="examples in overlays.png (0: none)")
+
+    def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        if args.segment_command == "train":
+            from omegaconf import OmegaConf
+
+            from tokenlab.engine import load_config
+            from tokenlab.methods.segmentation import train_segmentation
+
+            overrides = list(args.overrides)
+            if args.run_dir is not None:
+                overrides.append(f"run_dir={args.run_dir}")
+            if args.init_from is not None:
+                overrides.append(f"method.kwargs.init_from={args.init_from}")
+            cfg = load_config(args.config, overrides)
+            if args.print_config:
+                print(OmegaConf.to_yaml(cfg), end="")
+                return 0
+            result = train_segmentation(cfg)
+            val = ", ".join(f"{k} {v:.4f}" for k, v in result.val.items())
+            print(f"trained {result.step} steps into {result.run_dir}" + (f"; validation: {val}" if val else ""))
+            return 0
+        from tokenlab.eval.segmentation import evaluate_run
+
+        out = Path(args.out) if args.out else Path(args.run) / "segmentation"
+        res = evaluate_run(
+            args.run, args.data, args.root, args.split, out, args.corruptions, args.severities, args.cache_dir,
+            args.mode, args.crop, args.stride, args.device, args.batch_size, args.overlays, args.amp,
+        )
+        clean = res["clean"]
+        print(f"clean: mIoU {clean['miou']:.4f}  pixel acc {clean['pixel_accuracy']:.4f}  ({res['images']} images)")
+        for name, iou in clean["iou"].items():
+            print(f"  {name:<20} IoU {iou:.4f}")
+        if "robust_miou" in res:
+            print(f"corrupted: mIoU {res['robust_miou']:.4f}  retention {res['retention']:.4f}")
+            for c, v in res["per_corruption"].items():
+                print(f"  {c:<20} mIoU {v:.4f}")
+        print(f"wrote {out / 'segmentation.json'}")
+        return 0
+
+    p.set_defaults(handler=run)
+
+
 # Each entry adds one sub-command. Keep the list in the order `tokenlab --help` should show.
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_models,
     _add_train,
+    _add_data,
+    _add_segment,
 ]
 
 
