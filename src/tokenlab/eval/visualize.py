@@ -1,0 +1,316 @@
+"""Pictures (matplotlib, Agg backend, PNG): token-label maps, class-attention maps, corruption bars and severity
+curves comparing runs, reliability diagrams, and training curves from ``metrics.jsonl``.
+
+Every function takes plain data (tensors, dicts read from ``eval.json`` / ``tokens.json`` / ``metrics.jsonl``),
+writes one PNG and returns its path; nothing here computes a metric.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402  (after selecting the Agg backend)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "plot_class_attention",
+    "plot_corruption_bars",
+    "plot_reliability",
+    "plot_severity_curves",
+    "plot_token_labels",
+    "plot_training_curves",
+    "read_jsonl",
+]
+
+_DPI = 110
+_VAL_KEYS = ("top1", "acc1", "val_top1", "accuracy")  # validation accuracy names, first found wins
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=_DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _class_colors(k: int) -> np.ndarray:
+    cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
+    return np.array([cmap(i % cmap.N)[:3] for i in range(k)])
+
+
+def _upsample(grid: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """``(H, W)`` token values -> ``(S, S)`` pixels (nearest), for overlays."""
+    return F.interpolate(grid[None, None].float(), size=size, mode="nearest")[0, 0].numpy()
+
+
+def plot_token_labels(
+    images: torch.Tensor,
+    pred: torch.Tensor,
+    conf: torch.Tensor,
+    labels: torch.Tensor,
+    classes: Sequence[str],
+    path: str | Path,
+    masks: torch.Tensor | None = None,
+    title: str | None = None,
+) -> Path:
+    """Per image: the image (with the object contour), the token-label map (colour = class, opacity = confidence),
+    and the agreement map (green: token label = image label, red: other class).
+
+    Args:
+        images: (n, 3, S, S) in [0, 1].
+        pred, conf: (n, H, W) token labels and confidences.
+        labels: (n,) image labels.
+        classes: Class names.
+        path: Output PNG.
+        masks: (n, S, S) object masks (0 = background) drawn as contours.
+        title: Figure title.
+    """
+    n = images.shape[0]
+    size = tuple(images.shape[-2:])
+    colors = _class_colors(len(classes))
+    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n), squeeze=False)
+    for i in range(n):
+        img = images[i].permute(1, 2, 0).numpy()
+        lab = int(labels[i])
+        p = _upsample(pred[i], size).astype(int)
+        c = _upsample(conf[i], size)
+        ax = axes[i, 0]
+        ax.imshow(img)
+        if masks is not None:
+            ax.contour(masks[i].numpy() > 0, levels=[0.5], colors="yellow", linewidths=1)
+        ax.set_title(f"label: {classes[lab]}", fontsize=9)
+        overlay = np.concatenate([colors[p], c[..., None]], axis=-1)
+        axes[i, 1].imshow(img.mean(-1), cmap="gray", vmin=0, vmax=1)
+        axes[i, 1].imshow(overlay)
+        axes[i, 1].set_title("token labels (alpha = conf.)", fontsize=9)
+        agree = (p == lab).astype(float)
+        axes[i, 2].imshow(img)
+        axes[i, 2].imshow(agree, cmap=ListedColormap(["#d62728", "#2ca02c"]), alpha=0.55, vmin=0, vmax=1)
+        if masks is not None:
+            axes[i, 2].contour(masks[i].numpy() > 0, levels=[0.5], colors="yellow", linewidths=1)
+        share = float((pred[i] == lab).float().mean())
+        axes[i, 2].set_title(f"agrees with label: {share:.0%}", fontsize=9)
+        for ax in axes[i]:
+            ax.set_axis_off()
+    used = sorted({int(v) for v in pred.unique().tolist()} | {int(v) for v in labels.tolist()})
+    fig.legend(handles=[Patch(color=colors[k], label=classes[k]) for k in used], loc="lower center",
+               ncol=min(len(used), 5), fontsize=8, bbox_to_anchor=(0.5, -0.02))  # fmt: skip
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return _save(fig, path)
+
+
+def plot_class_attention(
+    images: torch.Tensor, attention: torch.Tensor, path: str | Path, max_heads: int = 4, title: str | None = None
+) -> Path:
+    """Per image: the image, the head-mean class attention, and up to ``max_heads`` single heads.
+
+    Args:
+        images: (n, 3, S, S) in [0, 1].
+        attention: (n, heads, H, W) class-token attention over the patch tokens.
+    """
+    n, heads = attention.shape[:2]
+    size = tuple(images.shape[-2:])
+    show = min(heads, max_heads)
+    fig, axes = plt.subplots(n, 2 + show, figsize=(2.2 * (2 + show), 2.2 * n), squeeze=False)
+    for i in range(n):
+        img = images[i].permute(1, 2, 0).numpy()
+        maps = [attention[i].mean(0)] + [attention[i, h] for h in range(show)]
+        axes[i, 0].imshow(img)
+        axes[i, 0].set_title("image", fontsize=9)
+        for j, m in enumerate(maps):
+            up = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+            axes[i, 1 + j].imshow(img)
+            axes[i, 1 + j].imshow(up, cmap="inferno", alpha=0.6)
+            axes[i, 1 + j].set_title("mean of heads" if j == 0 else f"head {j - 1}", fontsize=9)
+        for ax in axes[i]:
+            ax.set_axis_off()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_corruption_bars(
+    per_corruption: Mapping[str, Mapping[str, float]],
+    path: str | Path,
+    clean: Mapping[str, float] | None = None,
+    title: str = "accuracy per corruption (mean over severities)",
+) -> Path:
+    """Grouped bars: one group per corruption, one bar per run.
+
+    Args:
+        per_corruption: ``{run: {corruption: accuracy}}``.
+        clean: ``{run: clean accuracy}``, drawn as a dashed line per run.
+    """
+    runs = list(per_corruption)
+    names = sorted({c for v in per_corruption.values() for c in v})
+    if not runs or not names:
+        raise ValueError("nothing to plot: no corruption results")
+    width = 0.8 / len(runs)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(names) * max(1, len(runs) / 2) + 2), 4))
+    colors = plt.get_cmap("tab10")
+    x = np.arange(len(names))
+    for j, r in enumerate(runs):
+        vals = [100 * per_corruption[r].get(c, np.nan) for c in names]
+        ax.bar(x + (j - (len(runs) - 1) / 2) * width, vals, width, label=r, color=colors(j % 10))
+        if clean and r in clean:
+            ax.axhline(100 * clean[r], color=colors(j % 10), ls="--", lw=1)
+    ax.set_xticks(x, [c.replace("_", " ") for c in names], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title + ("; dashed: clean" if clean else ""), fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_severity_curves(
+    per_severity: Mapping[str, Mapping[int | str, float]],
+    path: str | Path,
+    clean: Mapping[str, float] | None = None,
+    title: str = "accuracy vs corruption severity (mean over corruptions)",
+) -> Path:
+    """Accuracy against severity, one line per run, with the clean accuracy at severity 0.
+
+    Args:
+        per_severity: ``{run: {severity: accuracy}}``.
+        clean: ``{run: clean accuracy}``.
+    """
+    if not per_severity:
+        raise ValueError("nothing to plot: no severity results")
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for r, sev in per_severity.items():
+        pts = sorted((int(s), a) for s, a in sev.items())
+        if clean and r in clean:
+            pts = [(0, clean[r])] + pts
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=r)
+    ax.set_xlabel("severity (0 = clean)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_xticks(range(0, 6))
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_reliability(reliability: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
+    """Reliability diagrams side by side: accuracy per confidence bin against the diagonal, bin counts below.
+
+    Args:
+        reliability: ``{run: Reliability.to_dict()}`` (``edges``, ``counts``, ``accuracy``, ``confidence``, ``ece``).
+    """
+    if not reliability:
+        raise ValueError("nothing to plot: no reliability data")
+    n = len(reliability)
+    fig, axes = plt.subplots(2, n, figsize=(3.3 * n, 4.6), squeeze=False, gridspec_kw={"height_ratios": [3, 1]})
+    for j, (r, rel) in enumerate(reliability.items()):
+        edges = np.asarray(rel["edges"])
+        centers = (edges[:-1] + edges[1:]) / 2
+        w = np.diff(edges)
+        acc = np.array([np.nan if v is None else v for v in rel["accuracy"]], dtype=float)
+        conf = np.array([np.nan if v is None else v for v in rel["confidence"]], dtype=float)
+        ax = axes[0, j]
+        ax.bar(centers, np.nan_to_num(acc), w, edgecolor="k", lw=0.5, label="accuracy")
+        gap = np.where(np.isnan(acc), 0, np.abs(conf - acc))
+        low = np.nan_to_num(np.fmin(acc, conf))
+        ax.bar(centers, gap, w, bottom=low, color="#d62728", alpha=0.35, label="gap to confidence")
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{r}\nECE = {100 * rel['ece']:.2f}%", fontsize=9)
+        if j == 0:
+            ax.set_ylabel("accuracy")
+            ax.legend(fontsize=7, loc="upper left")
+        axes[1, j].bar(centers, rel["counts"], w, color="grey")
+        axes[1, j].set_xlim(0, 1)
+        axes[1, j].set_xlabel("confidence")
+        if j == 0:
+            axes[1, j].set_ylabel("count")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file; a truncated last line (a run still writing) is ignored with a warning."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics file not found: {path}")
+    out = []
+    lines = path.read_text().splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines):
+                logger.warning("ignoring a truncated last line in %s", path)
+            else:
+                raise ValueError(f"{path}:{n} is not valid JSON") from None
+    return out
+
+
+def plot_training_curves(runs: Mapping[str, str | Path], path: str | Path, smooth: int = 20) -> Path:
+    """Training curves of several runs: step loss (moving average over ``smooth`` records) and validation top-1.
+
+    Args:
+        runs: ``{name: run dir}`` (each with ``metrics.jsonl``).
+        smooth: Moving-average window of the step loss.
+    """
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.8))
+    any_val = False
+    for name, run in runs.items():
+        recs = read_jsonl(Path(run) / "metrics.jsonl")
+        steps = [(r["step"], r["loss"]) for r in recs if r.get("kind") == "step" and _finite(r.get("loss"))]
+        if steps:
+            s, loss = np.array(steps, dtype=float).T
+            k = max(1, min(smooth, len(loss) // 5 or 1))
+            ma = np.convolve(loss, np.ones(k) / k, mode="valid")
+            ax_loss.plot(s[k - 1 :], ma, label=name)
+        val = []
+        for r in recs:
+            key = next((k for k in _VAL_KEYS if _finite(r.get(k))), None) if r.get("kind") == "val" else None
+            if key is not None:
+                val.append((r.get("epoch", r["step"]), r[key]))
+        if val:
+            any_val = True
+            e, acc = np.array(val, dtype=float).T
+            acc = acc * 100 if acc.max() <= 1 else acc
+            ax_val.plot(e, acc, marker="o", label=name)
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("training loss (moving average)")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend(fontsize=8)
+    ax_val.set_xlabel("epoch")
+    ax_val.set_ylabel("validation top-1 (%)")
+    ax_val.grid(alpha=0.3)
+    if any_val:
+        ax_val.legend(fontsize=8)
+    else:
+        ax_val.text(0.5, 0.5, "no validation records", ha="center", va="center", transform=ax_val.transAxes)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
