@@ -1,0 +1,75 @@
+"""Block mask generator: ratios, block sizes and aspect stay inside their bounds over many draws."""
+
+import math
+
+import pytest
+import torch
+
+from tokenlab.data.masking import BlockMaskGenerator
+
+
+@pytest.mark.parametrize("grid,min_block", [((14, 14), 16), ((8, 8), 4), ((6, 10), 3)])
+def test_ratios_and_blocks_within_bounds(grid: tuple[int, int], min_block: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    maker = BlockMaskGenerator(grid, ratio=(0.1, 0.5), mask_prob=1.0, min_block=min_block, aspect=(0.3, 1 / 0.3))
+    total = grid[0] * grid[1]
+    ratios = []
+    for _ in range(300):
+        mask, blocks = maker.sample(gen)
+        assert mask.shape == grid and mask.dtype == torch.bool
+        ratio = mask.float().mean().item()
+        ratios.append(ratio)
+        assert ratio <= 0.5 + 1e-9
+        # every realised mask is the union of its blocks
+        rebuilt = torch.zeros(grid, dtype=torch.bool)
+        for b in blocks:
+            assert b.height * b.width >= min_block
+            assert 0.3 - 1e-9 <= b.height / b.width <= 1 / 0.3 + 1e-9
+            assert b.top + b.height <= grid[0] and b.left + b.width <= grid[1]
+            rebuilt[b.top : b.top + b.height, b.left : b.left + b.width] = True
+        assert torch.equal(rebuilt, mask)
+    ratios_t = torch.tensor(ratios)
+    # the realised ratio falls short of the U(0.1, 0.5) target by less than one block
+    assert ratios_t.mean() > 0.3 - min_block / total - 0.05
+    assert ratios_t.max() > 0.4
+
+
+def test_mask_prob_leaves_images_unmasked() -> None:
+    gen = torch.Generator().manual_seed(1)
+    maker = BlockMaskGenerator(14, ratio=(0.1, 0.5), mask_prob=0.5)
+    empty = sum(int(maker(gen).sum() == 0) for _ in range(400))
+    assert 0.4 < empty / 400 < 0.6
+
+
+def test_default_min_block_scales_with_grid() -> None:
+    assert BlockMaskGenerator(14).min_block == 16
+    assert BlockMaskGenerator(8).min_block == round(16 * 64 / 196)
+
+
+def test_same_generator_state_same_mask() -> None:
+    maker = BlockMaskGenerator(16, ratio=(0.2, 0.4))
+    a = maker(torch.Generator().manual_seed(5))
+    b = maker(torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"grid": 0}, "grid"),
+        ({"grid": 8, "ratio": (0.6, 0.2)}, "ratio"),
+        ({"grid": 8, "mask_prob": 1.5}, "mask_prob"),
+        ({"grid": 4, "min_block": 17}, "min_block"),
+        ({"grid": 8, "aspect": (2.0, 1.0)}, "aspect"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        BlockMaskGenerator(**kwargs)
+
+
+def test_aspect_is_log_uniform_enough_to_reach_both_ends() -> None:
+    gen = torch.Generator().manual_seed(2)
+    maker = BlockMaskGenerator(14, ratio=(0.4, 0.5), min_block=16)
+    aspects = [math.log(b.height / b.width) for _ in range(200) for b in maker.sample(gen)[1]]
+    assert min(aspects) < -0.5 and max(aspects) > 0.5

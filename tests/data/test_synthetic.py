@@ -1,0 +1,103 @@
+"""Synthetic data set: determinism, shortcut correlation, masks, speed, parameters."""
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tokenlab.data.synthetic import SHAPES, TEXTURES, SynthConfig, generate, shortcut_correlation
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_same_seed_byte_identical_whatever_the_workers(tmp_path: Path) -> None:
+    config = SynthConfig(seed=3, counts={"train": 70, "rendition": 40})
+    generate(tmp_path / "a", config, workers=1)
+    generate(tmp_path / "b", config, workers=2)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    generate(tmp_path / "c", SynthConfig(seed=4, counts={"train": 70, "rendition": 40}))
+    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+
+
+def test_layout_and_metadata(synth_dir: Path) -> None:
+    meta = json.loads((synth_dir / "dataset.json").read_text())
+    assert meta["classes"] == list(SHAPES) and len(SHAPES) >= 10
+    assert meta["seed"] == 7 and meta["params"]["shortcut_p"] == 0.8
+    for split, count in (("train", 120), ("val", 40), ("rendition", 30), ("shortcut", 30)):
+        files = sorted((synth_dir / split).rglob("*.png"))
+        masks = sorted((synth_dir / f"{split}_masks").rglob("*.png"))
+        assert len(files) == len(masks) == count == meta["splits"][split]["count"]
+    assert len(meta["splits"]["rendition"]["styles"]) == 30
+    # labels are balanced
+    assert np.bincount(meta["splits"]["train"]["labels"]).tolist() == [12] * 10
+
+
+def test_masks_mark_the_object_with_class_plus_one(synth_dir: Path) -> None:
+    meta = json.loads((synth_dir / "dataset.json").read_text())
+    for split in ("train", "rendition"):
+        for index, label in list(enumerate(meta["splits"][split]["labels"]))[:20]:
+            name = f"{SHAPES[label]}/{index:06d}.png"
+            image = np.asarray(Image.open(synth_dir / split / name))
+            mask = np.asarray(Image.open(synth_dir / f"{split}_masks" / name))
+            assert image.shape == (64, 64, 3) and mask.shape == (64, 64)
+            assert set(np.unique(mask).tolist()) == {0, label + 1}
+            assert 0.03 < (mask > 0).mean() < 0.7
+
+
+def test_shortcut_correlation_is_p_in_train_and_chance_in_val(tmp_path: Path) -> None:
+    # labels/textures are assigned before rendering, so count-only checks are cheap; render a few to be honest
+    config = SynthConfig(seed=11, counts={"train": 2000, "val": 2000, "shortcut": 500}, shortcut_p=0.7)
+    from tokenlab.data.synthetic import assign_split
+
+    meta = {"splits": {}}
+    for split in config.counts:
+        labels, textures = assign_split(config, split)
+        meta["splits"][split] = {"labels": labels.tolist(), "textures": textures.tolist()}
+    assert abs(shortcut_correlation(meta, "train") - 0.7) <= 0.02
+    assert abs(shortcut_correlation(meta, "val") - 1 / len(TEXTURES)) <= 0.02
+    assert shortcut_correlation(meta, "shortcut") == 0.0
+    written = generate(tmp_path, SynthConfig(seed=11, counts={"train": 200}, shortcut_p=0.7))
+    assert abs(shortcut_correlation(written, "train") - 0.7) <= 0.02
+
+
+def test_small_set_is_fast(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    generate(tmp_path, SynthConfig(counts={"train": 200}))
+    # target < 1 s; the bound leaves room for a busy shared machine
+    assert time.perf_counter() - start < 3.0
+
+
+def test_other_image_size(tmp_path: Path) -> None:
+    generate(tmp_path, SynthConfig(img_size=32, counts={"val": 10}))
+    image = Image.open(next((tmp_path / "val").rglob("*.png")))
+    assert image.size == (32, 32)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"counts": {"test": 3}}, "unknown split"),
+        ({"counts": {"train": -1}}, "counts"),
+        ({"shortcut_p": 1.2}, "shortcut_p"),
+        ({"img_size": 4}, "img_size"),
+    ],
+)
+def test_bad_config(tmp_path: Path, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        generate(tmp_path, SynthConfig(**kwargs))
+
+
+def test_correlation_of_missing_split() -> None:
+    with pytest.raises(KeyError, match="not in the data set"):
+        shortcut_correlation({"splits": {}}, "train")
