@@ -42,3 +42,21 @@ def make_run(run_dir: Path, classes: tuple[str, ...] = ("cat", "dog"), token: bo
     lines.append({"kind": "val", "step": 5, "epoch": 0, "top1": 0.5 + 0.1 * seed})
     (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     return run_dir
+
+
+def make_masked_set(root: Path, classes=("cat", "dog"), n: int = 2, size: int = 32) -> Path:
+    """Synthetic-layout set: object square of class k, mask value k + 1."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset.json").write_text(json.dumps({"classes": list(classes)}))
+    for k, c in enumerate(classes):
+        for split in ("val", "val_masks"):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+            mask = np.zeros((size, size), np.uint8)
+            mask[8:24, 8:24] = k + 1
+            img[mask > 0] = 200
+            Image.fromarray(img).save(root / "val" / c / f"{i}.png")
+            Image.fromarray(mask).save(root / "val_masks" / c / f"{i}.png")
+    return root

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from evalhelpers import TINY_KW, make_run
-from PIL import Image
+from evalhelpers import TINY_KW, make_masked_set, make_run
 
 from tokenlab.eval.tokens import (
     TokenStats,
@@ -67,26 +66,8 @@ def test_iou_averages_over_images_and_skips_empty_union():
         st.update(pred, torch.ones(3, 2, 2), torch.tensor([0, 0, 0]), fg)
 
 
-def _masked_set(root: Path, classes=("cat", "dog"), n: int = 2, size: int = 32) -> Path:
-    """Synthetic-layout set: object square of class k, mask value k + 1."""
-    rng = np.random.default_rng(0)
-    (root / "dataset.json").parent.mkdir(parents=True, exist_ok=True)
-    (root / "dataset.json").write_text(json.dumps({"classes": list(classes)}))
-    for k, c in enumerate(classes):
-        for split in ("val", "val_masks"):
-            (root / split / c).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-            mask = np.zeros((size, size), np.uint8)
-            mask[8:24, 8:24] = k + 1
-            img[mask > 0] = 200
-            Image.fromarray(img).save(root / "val" / c / f"{i}.png")
-            Image.fromarray(mask).save(root / "val_masks" / c / f"{i}.png")
-    return root
-
-
 def test_analyze_run_writes_tokens_json(tmp_path: Path):
-    data = _masked_set(tmp_path / "synth")
+    data = make_masked_set(tmp_path / "synth")
     run = make_run(tmp_path / "run")
     res = analyze_run(run, data, num_examples=3)
     out = json.loads((run / "tokens.json").read_text())
@@ -117,7 +98,7 @@ def test_head_source_uses_class_head_per_token():
 
 
 def test_missing_masks_is_a_clear_error(tmp_path: Path):
-    data = _masked_set(tmp_path / "synth")
+    data = make_masked_set(tmp_path / "synth")
     shutil.rmtree(data / "val_masks")
     with pytest.raises(FileNotFoundError, match="token analysis needs object masks"):
         analyze_run(make_run(tmp_path / "run"), data)

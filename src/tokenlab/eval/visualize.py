@@ -34,6 +34,7 @@ __all__ = [
     "plot_token_labels",
     "plot_training_curves",
     "read_jsonl",
+    "save_token_pictures",
 ]
 
 _DPI = 110
@@ -314,3 +315,16 @@ def plot_training_curves(runs: Mapping[str, str | Path], path: str | Path, smoot
 
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def save_token_pictures(result: Any, out_dir: str | Path) -> list[Path]:
+    """Write ``token_labels.png`` and (for FAN) ``class_attention.png`` from a ``TokenResult``'s examples."""
+    ex = result.examples
+    if ex is None:
+        return []
+    out = [plot_token_labels(ex.images, ex.pred, ex.conf, ex.labels, result.classes, Path(out_dir) / "token_labels.png",
+                             masks=ex.masks, title=f"{result.name}: token labels ({result.source})")]  # fmt: skip
+    if ex.attention is not None:
+        out.append(plot_class_attention(ex.images, ex.attention, Path(out_dir) / "class_attention.png",
+                                        title=f"{result.name}: class attention"))  # fmt: skip
+    return out

@@ -1,0 +1,290 @@
+"""Side-by-side report of several runs: a Markdown file and the same content as one self-contained HTML page.
+
+Only formats: it reads what evaluation wrote in each run directory (``eval.json`` from ``tokenlab eval``,
+``tokens.json`` and the token/attention PNGs from ``tokenlab tokens``, ``metrics.jsonl`` from training) and draws
+the comparison plots with :mod:`tokenlab.eval.visualize`. Tables: clean accuracy (official rule and cls-only
+ablation), NLL, ECE, robust accuracy, mCE / relative mCE, retention, OOD accuracy, token-label quality.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import math
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from tokenlab.eval import visualize as vis
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RunData", "ReportFiles", "load_run", "write_report"]
+
+# pictures that `tokenlab tokens` leaves in a run directory, copied into the report when present
+RUN_PICTURES = {"token_labels.png": "token labels", "class_attention.png": "class attention"}
+
+
+@dataclass
+class RunData:
+    """What a run directory holds for the report."""
+
+    name: str
+    path: Path
+    eval: dict[str, Any] | None = None
+    tokens: dict[str, Any] | None = None
+    has_metrics: bool = False
+    pictures: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class ReportFiles:
+    """Paths written by :func:`write_report`."""
+
+    markdown: Path
+    html: Path
+    images: list[Path]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+
+
+def load_run(path: str | Path, name: str | None = None) -> RunData:
+    """Collect ``eval.json``, ``tokens.json``, ``metrics.jsonl`` and the token pictures of one run directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run directory not found: {path}")
+    run = RunData(name or path.name, path, _read_json(path / "eval.json"), _read_json(path / "tokens.json"),
+                  (path / "metrics.jsonl").is_file())  # fmt: skip
+    run.pictures = {f: path / f for f in RUN_PICTURES if (path / f).is_file()}
+    if run.eval is None and run.tokens is None and not run.has_metrics:
+        raise FileNotFoundError(
+            f"{path} has nothing to report: no eval.json (run `tokenlab eval`), tokens.json (`tokenlab tokens`) "
+            "or metrics.jsonl"
+        )
+    return run
+
+
+def _pct(v: Any, digits: int = 1) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{100 * v:.{digits}f}"
+
+
+def _num(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.{digits}f}"
+
+
+def _get(d: dict[str, Any] | None, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def _unique_names(runs: Sequence[str | Path], names: Sequence[str] | None) -> list[str]:
+    if names is not None:
+        if len(names) != len(runs):
+            raise ValueError(f"{len(names)} names for {len(runs)} runs")
+        return list(names)
+    out: list[str] = []
+    for r in runs:
+        base = Path(r).name or str(r)
+        n, i = base, 2
+        while n in out:
+            n, i = f"{base}-{i}", i + 1
+        out.append(n)
+    return out
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def write_report(
+    run_dirs: Sequence[str | Path], out_dir: str | Path, names: Sequence[str] | None = None, title: str | None = None
+) -> ReportFiles:
+    """Write ``out_dir/report.md`` (+ ``images/*.png``) and ``out_dir/report.html`` (images embedded as base64).
+
+    Args:
+        run_dirs: Run directories to compare, in column order.
+        out_dir: Output directory.
+        names: Display names (default: directory names, made unique).
+        title: Report title.
+    """
+    if not run_dirs:
+        raise ValueError("no run directory given")
+    runs = [load_run(p, n) for p, n in zip(run_dirs, _unique_names(run_dirs, names))]
+    out = Path(out_dir)
+    img_dir = out / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    md: list[str] = [f"# {title or 'tokenlab report: ' + ', '.join(r.name for r in runs)}", ""]
+    images: list[Path] = []
+
+    def figure(path: Path, caption: str) -> None:
+        images.append(path)
+        md.extend([f"![{caption}](images/{path.name})", "", f"*{caption}*", ""])
+
+    # ---- summary ------------------------------------------------------------------------------------------------
+    evald = [r for r in runs if r.eval]
+    md += ["## Summary", ""]
+    rows = []
+    for r in runs:
+        e = r.eval or {}
+        off = _get(e, "clean", "official")
+        cls = _get(e, "clean", "cls")
+        corr = _get(e, "corruptions", "official")
+        tok = r.tokens or {}
+        rows.append([
+            r.name, str(e.get("model", "–")), _pct(_get(off, "top1")), _pct(_get(cls, "top1")),
+            _pct(_get(off, "top5")), _num(_get(off, "nll")), _pct(_get(off, "ece")),
+            _pct(_get(corr, "robust_accuracy")), _pct(_get(corr, "mce")), _pct(_get(corr, "relative_mce")),
+            _pct(_get(corr, "retention")), _pct(tok.get("fg_accuracy")), _pct(tok.get("iou")),
+        ])  # fmt: skip
+    md += _table(["run", "model", "top-1", "top-1 (cls only)", "top-5", "NLL", "ECE", "robust acc.", "mCE",
+                  "rel. mCE", "retention", "token fg acc.", "token IoU"], rows)  # fmt: skip
+    md += ["", "Accuracies, ECE, mCE and retention in %. *top-1* uses the official rule (token models: "
+           "`cls + 0.5 · max tokens`); *cls only* is the ablation. mCE is against "
+           + ", ".join(sorted({str(_get(r.eval, 'corruptions', 'official', 'reference')) for r in evald
+                               if _get(r.eval, "corruptions", "official")}) or {"–"}) + ".", ""]  # fmt: skip
+    skipped = {r.name: _get(r.eval, "corruptions", "skipped") for r in evald if _get(r.eval, "corruptions", "skipped")}
+    skipped.update({r.name: {"clean": _get(r.eval, "clean", "official", "skipped")} for r in evald
+                    if _get(r.eval, "clean", "official", "skipped")})  # fmt: skip
+    if skipped:
+        md += [f"Unreadable images skipped: {json.dumps(skipped)}", ""]
+
+    # ---- corruptions --------------------------------------------------------------------------------------------
+    corr_runs = {r.name: _get(r.eval, "corruptions", "official") for r in evald if _get(r.eval, "corruptions", "official")}
+    if corr_runs:
+        md += ["## Corruptions", ""]
+        names_c = sorted({c for v in corr_runs.values() for c in v["per_corruption"]})
+        rows = [[c.replace("_", " ")] + [_pct(v["per_corruption"].get(c)) for v in corr_runs.values()]
+                + [_pct(v["ce"].get(c)) for v in corr_runs.values()] for c in names_c]  # fmt: skip
+        md += _table(["corruption"] + [f"acc. {n}" for n in corr_runs] + [f"CE {n}" for n in corr_runs], rows)
+        md.append("")
+        clean = {r.name: _get(r.eval, "clean", "official", "top1") for r in evald if r.name in corr_runs}
+        figure(vis.plot_corruption_bars({n: v["per_corruption"] for n, v in corr_runs.items()},
+                                        img_dir / "corruption_bars.png", clean), "accuracy per corruption")  # fmt: skip
+        figure(vis.plot_severity_curves({n: v["per_severity"] for n, v in corr_runs.items()},
+                                        img_dir / "severity_curves.png", clean), "accuracy against severity")  # fmt: skip
+
+    # ---- OOD ----------------------------------------------------------------------------------------------------
+    ood_names = sorted({o for r in evald for o in (r.eval.get("ood") or {})})
+    if ood_names:
+        md += ["## Distribution shift (OOD sets)", ""]
+        rows = []
+        for o in ood_names:
+            row = [o]
+            for r in evald:
+                d = _get(r.eval, "ood", o)
+                row.append(_pct(_get(d, "official", "top1")) + (f" / {_pct(_get(d, 'cls', 'top1'))}"
+                                                                if _get(d, "cls") else ""))  # fmt: skip
+            rows.append(row)
+        md += _table(["set"] + [r.name for r in evald], rows)
+        md += ["", "Top-1 in % with logits restricted to the classes the set covers (official / cls only).", ""]
+
+    # ---- calibration --------------------------------------------------------------------------------------------
+    rel = {r.name: _get(r.eval, "clean", "official", "reliability") for r in evald
+           if _get(r.eval, "clean", "official", "reliability")}  # fmt: skip
+    if rel:
+        md += ["## Calibration", ""]
+        figure(vis.plot_reliability(rel, img_dir / "reliability.png"), "reliability diagrams (clean set)")
+
+    # ---- token labels -------------------------------------------------------------------------------------------
+    tok_runs = [r for r in runs if r.tokens]
+    if tok_runs:
+        md += ["## Token labels", ""]
+        rows = [[r.name, str(r.tokens.get("source", "–")), _pct(r.tokens.get("fg_accuracy")),
+                 _pct(r.tokens.get("fg_confidence")), _pct(r.tokens.get("bg_agree_with_image_label")),
+                 _pct(r.tokens.get("bg_confidence")), _pct(r.tokens.get("iou")), _pct(r.tokens.get("stability"))]
+                for r in tok_runs]  # fmt: skip
+        md += _table(["run", "source", "fg acc.", "fg conf.", "bg = image label", "bg conf.", "IoU(agree, mask)",
+                      "view stability"], rows)  # fmt: skip
+        md += ["", "In %. *fg acc.*: object tokens labelled with the image class; *bg = image label*: background "
+               "tokens given the image class; *IoU*: tokens agreeing with the image label vs the object mask; "
+               "*view stability*: same token label in the teacher and the student view.", ""]
+        for r in tok_runs:
+            for f, cap in RUN_PICTURES.items():
+                if f in r.pictures:
+                    dst = img_dir / f"{_slug(r.name)}_{f}"
+                    shutil.copyfile(r.pictures[f], dst)
+                    figure(dst, f"{r.name}: {cap}")
+
+    # ---- training -----------------------------------------------------------------------------------------------
+    trained = {r.name: r.path for r in runs if r.has_metrics}
+    if trained:
+        md += ["## Training curves", ""]
+        figure(vis.plot_training_curves(trained, img_dir / "training_curves.png"), "training loss and validation")
+
+    md_path = out / "report.md"
+    md_path.write_text("\n".join(md) + "\n")
+    html_path = out / "report.html"
+    html_path.write_text(_to_html(md, img_dir))
+    logger.info("wrote %s and %s (%d images)", md_path, html_path, len(images))
+    return ReportFiles(md_path, html_path, images)
+
+
+_CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;"
+    "text-align:right}th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}"
+    "img{max-width:100%;border:1px solid #eee}code{background:#f4f4f4;padding:0 3px}em{color:#555}"
+)
+
+
+def _inline(text: str) -> str:
+    t = html.escape(text)
+    t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
+    return re.sub(r"\*([^*]+)\*", r"<em>\1</em>", t)
+
+
+def _to_html(md: list[str], img_dir: Path) -> str:
+    """Render the small Markdown subset this module writes (headings, tables, images, paragraphs)."""
+    body: list[str] = []
+    i = 0
+    while i < len(md):
+        line = md[i]
+        if line.startswith("# "):
+            body.append(f"<h1>{_inline(line[2:])}</h1>")
+        elif line.startswith("## "):
+            body.append(f"<h2>{_inline(line[3:])}</h2>")
+        elif line.startswith("!["):
+            m = re.match(r"!\[(.*)\]\(images/(.+)\)", line)
+            assert m is not None
+            data = base64.b64encode((img_dir / m.group(2)).read_bytes()).decode()
+            body.append(f'<p><img alt="{html.escape(m.group(1))}" src="data:image/png;base64,{data}"></p>')
+        elif line.startswith("| "):
+            rows = []
+            while i < len(md) and md[i].startswith("|"):
+                rows.append(md[i])
+                i += 1
+            cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows if not r.startswith("|---")]
+            head = "".join(f"<th>{_inline(c)}</th>" for c in cells[0])
+            rest = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in cells[1:])
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rest}</tbody></table>")
+            continue
+        elif line.strip():
+            body.append(f"<p>{_inline(line)}</p>")
+        i += 1
+    title = _inline(md[0][2:]) if md and md[0].startswith("# ") else "tokenlab report"
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{_CSS}</style></head>"
+            f"<body>{''.join(body)}</body></html>\n")  # fmt: skip
