@@ -43,6 +43,7 @@ __all__ = [
     "confusion_matrix",
     "corrupted_pairs",
     "evaluate_corruptions",
+    "evaluate_run",
     "evaluate_segmentation",
     "metrics_from_confusion",
     "overlay_examples",
@@ -441,3 +442,90 @@ def overlay_examples(
         masks.append(sample["mask"].numpy())
         preds.append(logits[0].argmax(dim=0).cpu().numpy())
     return save_overlays(images, masks, preds, path, dataset.num_classes, scale=scale)
+
+
+def evaluate_run(
+    run: str | Path,
+    data: str,
+    root: str | Path,
+    split: str = "val",
+    out_dir: str | Path | None = None,
+    corruptions: str | Sequence[str] | None = None,
+    severities: str | Sequence[int] | None = None,
+    cache_dir: str | Path | None = None,
+    mode: str = "whole",
+    crop_size: int = 512,
+    stride: int = 341,
+    device: str = "cpu",
+    batch_size: int = 16,
+    overlays: int = 8,
+    amp: str = "none",
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate an exported segmentation run (``RUN/model``): clean metrics, optional corruptions, overlays.
+
+    Writes ``out_dir/segmentation.json`` (and ``overlays.png``) when ``out_dir`` is given; returns the JSON dict.
+    ``corruptions`` None skips the corrupted evaluation. The corrupted images are generated from the split's
+    image tree (synthetic: ``root/<split>``; Cityscapes: ``root/leftImg8bit/<split>``; folder:
+    ``root/images[/<split>]``) into ``cache_dir`` (default ``root/../corruption-cache``).
+    """
+    import tokenlab.models.segmentation  # noqa: F401  (registers segformer_fan)
+    from tokenlab.data.segmentation import build_segmentation_dataset, build_segmentation_transforms
+    from tokenlab.models import load_exported
+
+    if amp not in ("none", "bf16"):
+        raise ValueError(f"unknown amp {amp!r}; valid: none, bf16")
+    model, meta = load_exported(run, device=device)
+    if meta.get("task") != "segmentation" and "ignore_index" not in meta:
+        logger.warning("%s was not trained by the segmentation method (meta task=%r)", run, meta.get("task"))
+    ignore = int(meta.get("ignore_index", 255))
+    mean, std = meta.get("mean", IMAGENET_MEAN), meta.get("std", IMAGENET_STD)
+    tf = build_segmentation_transforms(False, int(meta.get("img_size", crop_size)), ignore_index=ignore, mean=mean, std=std)
+    ds = build_segmentation_dataset(data, root, split, tf, ignore_index=ignore, num_classes=int(meta["num_classes"]))
+    predict_kw: dict[str, Any] = dict(mode=mode, crop_size=crop_size, stride=stride, device=device,
+                                      amp_dtype=torch.bfloat16 if amp == "bf16" else None)  # fmt: skip
+    result: dict[str, Any] = {"run": str(run), "data": data, "root": str(root), "split": split, "mode": mode,
+                              "images": len(ds)}  # fmt: skip
+    if corruptions is None:
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
+        result["clean"] = evaluate_segmentation(model, loader, ds.num_classes, ignore, class_names=ds.class_names,
+                                                **predict_kw).to_dict()  # fmt: skip
+    else:
+        source = _image_tree(data, Path(root), split)
+        cache = Path(cache_dir) if cache_dir is not None else Path(root).parent / "corruption-cache"
+        rob = evaluate_corruptions(model, ds, source, cache, corruptions, severities, batch_size=batch_size,
+                                   workers=workers, **predict_kw)  # fmt: skip
+        result.update(rob.to_dict())
+    if out_dir is not None:
+        import json
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if overlays > 0:
+            scale = max(1, 128 // max(1, min(ds.load(0)[1].shape)))
+            path = overlay_examples(model, ds, out / "overlays.png", overlays, device=device, scale=scale,
+                                    mode=mode, crop_size=crop_size, stride=stride)  # fmt: skip
+            result["overlays"] = str(path)
+        (out / "segmentation.json").write_text(json.dumps(result, indent=1, default=_json_float))
+    return result
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _json_float(value: Any) -> Any:
+    return float(value) if isinstance(value, (np.floating, torch.Tensor)) else str(value)
+
+
+def _image_tree(data: str, root: Path, split: str) -> Path:
+    """The ``<group>/<image>`` tree the corruption cache is generated from, per layout."""
+    if data == "synthetic":
+        return root / split
+    if data == "cityscapes":
+        return root / "leftImg8bit" / split
+    if data == "folder":
+        return root / "images" / split if (root / "images" / split).is_dir() else root / "images"
+    raise ValueError(f"unknown segmentation data kind {data!r}; valid: synthetic, cityscapes, folder")

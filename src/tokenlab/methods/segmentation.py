@@ -139,7 +139,7 @@ def build_segmentation_datasets(cfg: DictConfig) -> tuple[Any, Any, dict[str, An
     d = cfg.data
     if d.root is None:
         raise ValueError(f"data.root is not set: point it at the {d.name!r} segmentation data (for the synthetic set, "
-                         f"create one with `tokenlab data` or tokenlab.data.synthetic.generate)")  # fmt: skip
+                         f"create one with `tokenlab data synth --out DIR`)")  # fmt: skip
     extra = dict(OmegaConf.to_container(d.dataset))
     unknown = sorted(set(extra) - {"ignore_index", "num_classes"})
     if unknown:
