@@ -148,7 +148,7 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     )
     seg = p.add_subparsers(dest="segment_command", metavar="ACTION", required=True)
     t = seg.add_parser("train", help="fine-tune a segmentation model from a recipe")
-    t.add_argument("--config", default="seg_synthetic", help="recipe file or shipped name (seg_synthetic, seg_cityscapes)")
+    t.add_argument("--config", default="seg_synthetic", help="recipe file or shipped name, e.g. seg_cityscapes")
     t.add_argument("--run-dir", default=None, help="output directory (same as run_dir=...)")
     t.add_argument("--init-from", default=None, help="classification run whose backbone initialises the model")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -141,7 +141,8 @@ def test_folder_layout_and_bad_files(tmp_path) -> None:
 
 
 def test_cityscapes_label_ids_are_mapped_to_train_ids(tmp_path) -> None:
-    _write(tmp_path / "leftImg8bit" / "val" / "ulm" / "ulm_000000_000019_leftImg8bit.png", np.zeros((4, 4, 3), np.uint8))
+    image = tmp_path / "leftImg8bit" / "val" / "ulm" / "ulm_000000_000019_leftImg8bit.png"
+    _write(image, np.zeros((4, 4, 3), np.uint8))
     ids = np.array([[7, 8, 26, 0], [33, 1, 255, 24], [7, 7, 7, 7], [7, 7, 7, 7]], np.uint8)
     _write(tmp_path / "gtFine" / "val" / "ulm" / "ulm_000000_000019_gtFine_labelIds.png", ids)
     ps = cityscapes_pairs(tmp_path, "val")

@@ -271,7 +271,9 @@ def synthetic_pairs(root: str | Path, split: str) -> PairSet:
     root = Path(root)
     meta_file = root / "dataset.json"
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{root} is not a synthetic data set (no dataset.json); create one with `tokenlab data synth --out DIR`")
+        raise FileNotFoundError(
+            f"{root} is not a synthetic data set (no dataset.json); create one with `tokenlab data synth --out DIR`"
+        )
     meta = json.loads(meta_file.read_text())
     if split not in meta.get("splits", {}):
         raise KeyError(f"split {split!r} not in {root}; present: {', '.join(sorted(meta.get('splits', {})))}")

@@ -56,7 +56,9 @@ __all__ = [
 MODES = ("whole", "slide")
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+def confusion_matrix(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255
+) -> torch.Tensor:
     """``(K, K)`` int64 counts, rows = true class, columns = predicted class; ignored pixels are skipped.
 
     Args:
@@ -480,7 +482,8 @@ def evaluate_run(
         logger.warning("%s was not trained by the segmentation method (meta task=%r)", run, meta.get("task"))
     ignore = int(meta.get("ignore_index", 255))
     mean, std = meta.get("mean", IMAGENET_MEAN), meta.get("std", IMAGENET_STD)
-    tf = build_segmentation_transforms(False, int(meta.get("img_size", crop_size)), ignore_index=ignore, mean=mean, std=std)
+    size = int(meta.get("img_size", crop_size))
+    tf = build_segmentation_transforms(False, size, ignore_index=ignore, mean=mean, std=std)
     ds = build_segmentation_dataset(data, root, split, tf, ignore_index=ignore, num_classes=int(meta["num_classes"]))
     predict_kw: dict[str, Any] = dict(mode=mode, crop_size=crop_size, stride=stride, device=device,
                                       amp_dtype=torch.bfloat16 if amp == "bf16" else None)  # fmt: skip

@@ -97,7 +97,9 @@ class SegFormerHead(nn.Module):
         dropout: Dropout before the classifier.
     """
 
-    def __init__(self, in_channels: Sequence[int], num_classes: int, embed_dim: int = 256, dropout: float = 0.1) -> None:
+    def __init__(
+        self, in_channels: Sequence[int], num_classes: int, embed_dim: int = 256, dropout: float = 0.1
+    ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
