@@ -194,7 +194,7 @@ def validate_config(cfg: DictConfig) -> None:
         if expected is None:
             continue
         if value is None:
-            if default is None:
+            if default is None or key in _NULLABLE:
                 continue
             raise ValueError(f"config key {key!r} must not be null (default {default!r})")
         if expected is ListConfig:

@@ -39,7 +39,7 @@ from tokenlab.engine import checkpoint as ckpt
 from tokenlab.engine import distributed as D
 from tokenlab.engine.logging import MetricLogger
 from tokenlab.engine.schedules import cosine_schedule
-from tokenlab.methods import Method, StepContext, TrainPlan, build_method
+from tokenlab.methods import Method, StepContext, TrainPlan, build_method, get_method_class
 
 __all__ = ["ResumableSampler", "RunResult", "Trainer", "build_model", "resolve_device", "train"]
 
@@ -221,7 +221,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.train_set, self.val_set = train_set, val_set
-        self.data_meta = dict(data_meta or {})
+        self.data_meta = dict(data_meta) if data_meta is not None else _data_meta(train_set)
         self.device = resolve_device(cfg.train.device)
         self.distributed = D.init_distributed(self.device, cfg.train.dist_timeout_s)
         self.rank, self.world = D.rank(), D.world_size()
@@ -664,21 +664,24 @@ def build_datasets(cfg: DictConfig, method_view: str) -> tuple[Dataset, Dataset 
     if d.val_split is not None:
         val_tf = build_transforms("classification", train=False, img_size=d.img_size, **extra_t)
         val_set = build_dataset(d.name, root=d.root, split=d.val_split, transform=val_tf, **extra_d)
-    meta = {k: getattr(train_set, k) for k in ("classes", "mean", "std") if hasattr(train_set, k)}
+    return train_set, val_set, _data_meta(train_set)
+
+
+def _data_meta(dataset: Dataset) -> dict[str, Any]:
+    """``classes``, ``num_classes``, ``mean`` and ``std`` of a data set that has them (stored with the model)."""
+    meta = {k: getattr(dataset, k) for k in ("classes", "mean", "std") if hasattr(dataset, k)}
+    for k in ("mean", "std"):
+        if k in meta:
+            meta[k] = [float(v) for v in meta[k]]
     if "classes" in meta:
         meta["classes"] = list(meta["classes"])
         meta["num_classes"] = len(meta["classes"])
-    return train_set, val_set, meta
+    return meta
 
 
 def train(cfg: DictConfig) -> RunResult:
     """Build data, model and method from ``cfg`` and run the training (``tokenlab train``)."""
-    from tokenlab.methods import _REGISTRY, _load_builtins
-
-    _load_builtins()
-    if cfg.method.name not in _REGISTRY:
-        build_method(cfg.method.name, model=nn.Identity())  # raises the unknown-method error with the valid names
-    view = getattr(_REGISTRY[cfg.method.name], "data_view", "classification")
+    view = get_method_class(cfg.method.name).data_view  # an unknown method fails here, before any data is read
     train_set, val_set, meta = build_datasets(cfg, view)
     try:
         return Trainer(cfg, train_set, val_set, data_meta=meta).fit()

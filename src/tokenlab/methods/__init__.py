@@ -39,6 +39,7 @@ __all__ = [
     "StepContext",
     "TrainPlan",
     "build_method",
+    "get_method_class",
     "list_methods",
     "register_method",
 ]
@@ -185,14 +186,19 @@ def list_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_method(name: str, model: nn.Module, **kwargs: Any) -> Method:
-    """Build the method registered as ``name`` around ``model``; unknown names raise with the valid options."""
+def get_method_class(name: str) -> type[Method]:
+    """The class registered as ``name``; unknown names raise a ValueError with the valid options."""
     _load_builtins()
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
         hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
         raise ValueError(f"unknown method {name!r}{hint}; valid methods: {', '.join(sorted(_REGISTRY))}")
-    cls = _REGISTRY[name]
+    return _REGISTRY[name]
+
+
+def build_method(name: str, model: nn.Module, **kwargs: Any) -> Method:
+    """Build the method registered as ``name`` around ``model``; unknown names or options raise a ValueError."""
+    cls = get_method_class(name)
     params = inspect.signature(cls.__init__).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         valid = sorted(k for k in params if k not in ("self", "model"))

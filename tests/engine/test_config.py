@@ -1,0 +1,59 @@
+"""Config loading: defaults -> recipe -> dotlist, and one clear error per bad key."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from tokenlab.engine.config import list_recipes, load_config
+
+
+def test_defaults_load_and_overrides_apply():
+    cfg = load_config(None, ["optim.lr=5e-4", "method.kwargs.label_type=softmax", "model.kwargs.patch_size=4"])
+    assert cfg.optim.lr == 5e-4 and cfg.method.kwargs.label_type == "softmax" and cfg.model.kwargs.patch_size == 4
+    assert cfg.data.batch_size == 32
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("optim.lrr=5", "optim.lrr.*Did you mean: 'lr'"),
+        ("optim.lr=abc", "'optim.lr' must be float, got 'abc'"),
+        ("optim.lr=0", "'optim.lr' must be > 0"),
+        ("data.batch_size=2.5", "'data.batch_size' must be int"),
+        ("train.amp=fp8", "'train.amp' is 'fp8'; valid: none, bf16, fp16"),
+        ("train.deterministic=maybe", "'train.deterministic' must be bool"),
+        ("schedule.warmup_epochs=5", "'schedule.warmup_epochs'"),
+        ("optim.min_lr=1", "'optim.min_lr'"),
+        ("train.ema.decay=1.5", "'train.ema.decay'"),
+        ("optim.betas=[0.9]", "'optim.betas'"),
+        ("model.num_classes=ten", "'model.num_classes' must be int"),
+        ("optim", "key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, [override])
+
+
+def test_recipe_with_base_and_struct(tmp_path: Path):
+    (tmp_path / "base.yaml").write_text("optim:\n  lr: 0.01\nmethod:\n  name: stl_labeler\n")
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\nschedule:\n  epochs: 3\n")
+    cfg = load_config(tmp_path / "child.yaml", ["schedule.epochs=4"])
+    assert (cfg.optim.lr, cfg.method.name, cfg.schedule.epochs) == (0.01, "stl_labeler", 4)
+    (tmp_path / "typo.yaml").write_text("optimizer:\n  lr: 0.01\n")
+    with pytest.raises(ValueError, match="optimizer"):
+        load_config(tmp_path / "typo.yaml")
+
+
+def test_missing_recipe_and_resume_path(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="recipe not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(FileNotFoundError, match="checkpoint.resume"):
+        load_config(None, [f"checkpoint.resume={tmp_path / 'none'}"])
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_shipped_recipes_validate(name: str):
+    cfg = load_config(name)
+    assert OmegaConf.select(cfg, "method.name")

@@ -1,0 +1,48 @@
+"""Run a tiny training in its own process (used by the kill/resume and torchrun tests).
+
+Usage: python train_tiny.py RUN_DIR [--sleep SECONDS] [key=value ...]
+``--sleep`` makes each training step slower (same maths) so a test can kill the process mid-run.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from engine_helpers import TinySet, tiny_config  # noqa: E402
+
+from tokenlab.engine.trainer import Trainer  # noqa: E402
+from tokenlab.methods import StepContext, register_method  # noqa: E402
+from tokenlab.methods.stl import STLLabeler  # noqa: E402
+
+SLEEP = 0.0
+
+
+@register_method("slow_stl_labeler")
+class SlowLabeler(STLLabeler):
+    def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        time.sleep(SLEEP)
+        return super().training_step(batch, ctx)
+
+
+def main(argv: list[str]) -> None:
+    global SLEEP
+    torch.set_num_threads(1)
+    run_dir, rest = Path(argv[0]), argv[1:]
+    if rest[:1] == ["--sleep"]:
+        SLEEP, rest = float(rest[1]), rest[2:]
+    cfg = tiny_config(run_dir, *rest)
+    Trainer(cfg, TinySet(32), TinySet(8, seed=1)).fit()
+
+
+if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.INFO)
+    main(sys.argv[1:])
