@@ -213,12 +213,124 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="clean / corruption / OOD evaluation of a trained model, written to eval.json")
+    p.add_argument("--checkpoint", required=True, help="run directory or exported model (<stem>[.safetensors|.json])")
+    p.add_argument("--data", required=True, help="image tree DIR/<class>/<img>, or a data set DIR[:split] (default val)")
+    p.add_argument("--out", help="eval.json path (default: RUN/eval.json)")
+    p.add_argument("--rules", help="prediction rules: official,cls (default: both for token models)")
+    p.add_argument("--corruptions", help="generate + evaluate: all, common, extra, fast, noise, blur, ... or names")
+    p.add_argument("--severities", default=None, help="e.g. 1-5 (default) or 1,3,5")
+    p.add_argument("--corruption-tree", help="read an ImageNet-C style tree corruption/severity/class/img instead")
+    p.add_argument("--cache-dir", help="corruption cache (default $TOKENLAB_CACHE or ~/.cache/tokenlab)")
+    p.add_argument("--work-size", type=int, help="corrupt at this image size, then resize back (small images)")
+    p.add_argument("--reference", default="auto", help="mCE reference: auto, alexnet, none, or a run dir / eval.json")
+    p.add_argument("--ood", action="append", default=None,
+                   help="OOD set NAME=DIR[@MAPPING] (MAPPING: file, imagenet-a, imagenet-r); repeatable; "
+                        "'auto' (default) adds the synthetic rendition/shortcut splits; 'none' disables")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast dtype")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=None, help="data-loading (and corruption) processes")
+
+    def run(args: argparse.Namespace) -> int:
+        from tokenlab.eval.robustness import evaluate_run
+
+        ood = args.ood or ["auto"]
+        res = evaluate_run(
+            args.checkpoint, args.data, out=args.out, rules=args.rules.split(",") if args.rules else None,
+            corruptions=args.corruptions, severities=args.severities, corruption_tree=args.corruption_tree,
+            cache_dir=args.cache_dir, work_size=args.work_size, reference=args.reference,
+            ood=[] if ood == ["none"] else ood, device=args.device, amp=args.amp, batch_size=args.batch_size,
+            workers=args.workers,
+        )
+        print(f"{res.name}: {res.model} on {res.data}")
+        print(f"{'rule':<9} {'top-1':>6} {'top-5':>6} {'NLL':>6} {'ECE':>6} {'img/s':>8}")
+        for rule, c in res.clean.items():
+            print(f"{rule:<9} {100 * c.top1:6.2f} {100 * c.top5:6.2f} {c.nll:6.3f} {100 * c.ece:6.2f} "
+                  f"{c.images_per_s:8.1f}")
+        if res.corruptions:
+            for rule, s in res.corruptions.scores.items():
+                mce = f"{100 * s.mce:.2f}" if s.mce is not None else "- (no reference)"
+                print(f"corruptions [{rule}]: robust acc {100 * s.robust_accuracy:.2f}  retention "
+                      f"{100 * s.retention:.2f}  mCE {mce} vs {s.reference or '-'}")
+                for c, a in s.per_corruption.items():
+                    print(f"  {c:<18} {100 * a:6.2f}")
+            if res.corruptions.skipped:
+                print(f"unreadable images skipped: {res.corruptions.skipped}")
+        for name, d in res.ood.items():
+            print(f"OOD {name}: " + "  ".join(f"{r} {100 * d[r]['top1']:.2f}" for r in res.rules))
+        return 0
+
+    p.set_defaults(handler=run)
+
+
+def _add_tokens(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokens", help="token-label analysis of labelers/students on a data set with masks")
+    p.add_argument("checkpoints", nargs="+", help="run directories or exported models to compare")
+    p.add_argument("--data", required=True, help="data set with masks, DIR[:split] (e.g. the synthetic set)")
+    p.add_argument("--source", default="auto", choices=["auto", "aux", "head"],
+                   help="token logits: aux head, or the class head on every patch token (auto: aux when present)")
+    p.add_argument("--threshold", type=float, default=0.5, help="object fraction above which a token is object")
+    p.add_argument("--examples", type=int, default=6, help="images drawn in token_labels.png / class_attention.png")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
+
+    def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from tokenlab.eval.tokens import analyze_run
+        from tokenlab.eval.visualize import save_token_pictures
+
+        rows = []
+        for ckpt in args.checkpoints:
+            res = analyze_run(ckpt, args.data, source=args.source, threshold=args.threshold, device=args.device,
+                              amp=args.amp, batch_size=args.batch_size, workers=args.workers,
+                              num_examples=args.examples)  # fmt: skip
+            out = Path(ckpt) if Path(ckpt).is_dir() else Path(ckpt).parent
+            pics = save_token_pictures(res, out)
+            rows.append((res, pics))
+        print(f"{'run':<20} {'source':<6} {'fg acc':>7} {'bg=img':>7} {'bg conf':>7} {'IoU':>7} {'stable':>7}")
+        for res, _ in rows:
+            m = res.metrics
+            print(f"{res.name:<20} {res.source:<6} {100 * m['fg_accuracy']:7.2f} "
+                  f"{100 * m['bg_agree_with_image_label']:7.2f} {100 * m['bg_confidence']:7.2f} "
+                  f"{100 * m['iou']:7.2f} {100 * m['stability']:7.2f}")
+        for res, pics in rows:
+            print(f"{res.name}: tokens.json" + "".join(f", {p}" for p in pics))
+        return 0
+
+    p.set_defaults(handler=run)
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="Markdown + single-file HTML report comparing runs side by side")
+    p.add_argument("runs", nargs="+", help="run directories (with eval.json / tokens.json / metrics.jsonl)")
+    p.add_argument("--out", required=True, help="output directory (report.md, report.html, images/)")
+    p.add_argument("--names", help="comma-separated display names, one per run")
+    p.add_argument("--title", help="report title")
+
+    def run(args: argparse.Namespace) -> int:
+        from tokenlab.eval.report import write_report
+
+        files = write_report(args.runs, args.out, args.names.split(",") if args.names else None, args.title)
+        print(f"wrote {files.markdown} and {files.html} ({len(files.images)} images)")
+        return 0
+
+    p.set_defaults(handler=run)
+
+
 # Each entry adds one sub-command. Keep the list in the order `tokenlab --help` should show.
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_models,
     _add_train,
     _add_data,
     _add_segment,
+    _add_eval,
+    _add_tokens,
+    _add_report,
 ]
 
 

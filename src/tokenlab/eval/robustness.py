@@ -38,7 +38,12 @@ from tokenlab.eval.classify import (
     resolve_ood_classes,
     score_predictions,
 )
-from tokenlab.eval.corruptions import generate_corruptions, read_corruption_tree
+from tokenlab.eval.corruptions import (
+    generate_corruptions,
+    read_corruption_tree,
+    resolve_corruptions,
+    resolve_severities,
+)
 from tokenlab.eval.folders import ImageTreeDataset, eval_transform, list_class_dirs
 from tokenlab.eval.metrics import ALEXNET_CLEAN_ERROR, ALEXNET_ERRORS, CorruptionScores, corruption_scores
 
@@ -377,6 +382,10 @@ def evaluate_run(
     from tokenlab.models import load_exported
 
     t0 = time.perf_counter()
+    if corruptions is not None:  # fail on a typo before any inference
+        corruptions = resolve_corruptions(corruptions)
+    if severities is not None:
+        severities = resolve_severities(severities)
     ckpt = Path(checkpoint)
     model, meta = load_exported(ckpt, device=device)
     spec = data if isinstance(data, DataSpec) else resolve_data(data)
@@ -393,6 +402,10 @@ def evaluate_run(
     if bad:
         raise ValueError(f"unknown rule(s) {bad}; valid: {', '.join(RULES)}")
 
+    ood_sets = [(o, *resolve_ood_classes(o.root, classes, o.mapping)) for o in _ood_specs(spec, ood)]
+    ref = None
+    if corruptions is not None or corruption_tree is not None:
+        ref = load_reference(reference, len(classes))
     logger.info("clean evaluation of %s on %s", meta.get("model"), spec.root)
     loader = build_loader(spec.root, class_to_idx, meta, batch_size, workers)
     pred = predict(model, loader, device, amp, rules)
@@ -408,14 +421,12 @@ def evaluate_run(
             tree, corruptions, severities = cache.root, cache.corruptions, cache.severities
         else:
             tree = Path(corruption_tree)
-        ref = load_reference(reference, len(classes))
         result.corruptions = evaluate_corruptions(
             model, tree, class_to_idx, meta, {r: c.top1 for r, c in clean.items()}, corruptions, severities, ref,
             rules, device, amp, batch_size, workers,
         )  # fmt: skip
 
-    for o in _ood_specs(spec, ood):
-        c2i, subset = resolve_ood_classes(o.root, classes, o.mapping)
+    for o, c2i, subset in ood_sets:
         logger.info("OOD set %s: %s (%d of %d classes)", o.name, o.root, len(subset), len(classes))
         res = score_predictions(
             *_pred_tuple(predict(model, build_loader(o.root, c2i, meta, batch_size, workers), device, amp, rules)),
