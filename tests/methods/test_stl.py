@@ -79,14 +79,15 @@ def test_heterogeneous_labeler_grid_is_interpolated():
     assert torch.isfinite(out["loss"]) and out["token"].item() > 0
 
 
-def test_teacher_views():
+def test_teacher_view_comes_from_the_paired_transform():
     student, teacher = _token_model(), _token_model()
+    method = build_method("stl_student", model=student, labeler=teacher, teacher_aug="full")
     batch = _batch()
-    full = build_method("stl_student", model=student, labeler=teacher, teacher_aug="full", label_type="argmax")
-    assert full._teacher_input(batch) is batch["image"]
-    none = build_method("stl_student", model=student, labeler=teacher, teacher_aug="none")
-    with pytest.raises(KeyError, match="clean_image"):
-        none.training_step(batch, _ctx())
+    assert method._teacher_input(batch) is batch["teacher_image"]
+    assert type(method).transform_options({"teacher_aug": "none"}) == {"teacher": "none"}
+    del batch["teacher_image"]
+    with pytest.raises(KeyError, match="teacher_image"):
+        method.training_step(batch, _ctx())
 
 
 def test_labeler_loaded_from_run_dir(tmp_path):

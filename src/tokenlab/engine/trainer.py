@@ -69,11 +69,13 @@ class RunResult:
     exported: Path | None
 
 
-class ResumableSampler(Sampler[int]):
+class ResumableSampler(Sampler[tuple[int, int]]):
     """Distributed sampler with a per-epoch permutation (``seed + epoch``) that can start mid-epoch.
 
     The permutation is padded (wrap-around) to a multiple of the world size, and every rank takes ``indices[rank::
-    world]``; ``start`` skips the first samples of this rank's share (the batches done before a resume).
+    world]``; ``start`` skips the first samples of this rank's share (the batches done before a resume). It yields
+    ``(index, sample_seed(seed, epoch, index))`` for the data layer's ``SeededDataset``, so each sample's augmentation
+    depends only on (seed, epoch, index): the same with any number of workers and after a mid-epoch resume.
     """
 
     def __init__(self, length: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
@@ -87,7 +89,8 @@ class ResumableSampler(Sampler[int]):
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
-    def __iter__(self) -> Iterator[int]:
+    def indices(self) -> list[int]:
+        """This rank's sample indices for the current epoch, from ``start``."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.length, generator=g).tolist()
@@ -95,7 +98,12 @@ class ResumableSampler(Sampler[int]):
             order = list(range(self.length))
         total = self.per_rank * self.num_replicas
         order = (order * math.ceil(total / self.length))[:total]
-        return iter(order[self.rank :: self.num_replicas][self.start :])
+        return order[self.rank :: self.num_replicas][self.start :]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        from tokenlab.data.loader import sample_seed
+
+        return iter((i, sample_seed(self.seed, self.epoch, i)) for i in self.indices())
 
     def __len__(self) -> int:
         return self.per_rank - self.start
@@ -339,8 +347,11 @@ class Trainer:
         self.sampler.set_epoch(epoch, self.batches_done * self.cfg.data.batch_size)
         gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch * 1009 + self.rank)
         workers = self.cfg.data.num_workers
+        from tokenlab.data.loader import SeededDataset
+
         return DataLoader(
-            self.train_set, batch_size=self.cfg.data.batch_size, sampler=self.sampler, num_workers=workers,
+            SeededDataset(self.train_set), batch_size=self.cfg.data.batch_size, sampler=self.sampler,
+            num_workers=workers,
             collate_fn=default_collate, drop_last=True, generator=gen, pin_memory=self.device.type == "cuda",
             persistent_workers=False, prefetch_factor=2 if workers else None,
         )
@@ -647,24 +658,42 @@ class Trainer:
         return stem
 
 
-def build_datasets(cfg: DictConfig, method_view: str) -> tuple[Dataset, Dataset | None, dict[str, Any]]:
-    """Training and validation sets from ``cfg.data`` through the data layer (``tokenlab.data``)."""
-    from tokenlab import data as data_api
+_TRANSFORM_KINDS = {"classification": "train", "stl_paired": "stl_pair", "multicrop": "ibot"}
 
-    build_dataset = getattr(data_api, "build_dataset", None)
-    build_transforms = getattr(data_api, "build_transforms", None)
-    if build_dataset is None or build_transforms is None:
-        raise ValueError("tokenlab.data has no build_dataset/build_transforms yet; pass data sets to Trainer directly")
+
+def build_datasets(
+    cfg: DictConfig, data_view: str = "classification", transform_options: Mapping[str, Any] | None = None
+) -> tuple[Dataset, Dataset | None, dict[str, Any]]:
+    """Training and validation sets from ``cfg.data`` through the data layer (``tokenlab.data``).
+
+    Args:
+        cfg: The run config (``data.name`` is a data-set spec: a folder, a list file, a synthetic set or
+            ``cifar10``).
+        data_view: The method's sample layout (``Method.data_view``).
+        transform_options: The method's extra transform kwargs (``Method.transform_options``).
+    """
+    from tokenlab.data import build_dataset, build_transforms
+
+    if data_view not in _TRANSFORM_KINDS:
+        raise ValueError(f"unknown data_view {data_view!r}; valid: {', '.join(_TRANSFORM_KINDS)}")
     d = cfg.data
-    extra_t = OmegaConf.to_container(d.transform)
-    extra_d = OmegaConf.to_container(d.dataset)
-    train_tf = build_transforms(method_view, train=True, img_size=d.img_size, **extra_t)
-    train_set = build_dataset(d.name, root=d.root, split=d.train_split, transform=train_tf, **extra_d)
+    spec = d.root if d.root is not None else d.name
+    extra_t = dict(OmegaConf.to_container(d.transform))
+    train_tf = build_transforms(_TRANSFORM_KINDS[data_view], d.img_size, **dict(transform_options or {}), **extra_t)
+    dataset_kwargs = OmegaConf.to_container(d.dataset)
+    train_set = build_dataset(spec, split=d.train_split, transform=train_tf, **dataset_kwargs)
     val_set = None
+    norm = {k: extra_t[k] for k in ("mean", "std") if k in extra_t}
     if d.val_split is not None:
-        val_tf = build_transforms("classification", train=False, img_size=d.img_size, **extra_t)
-        val_set = build_dataset(d.name, root=d.root, split=d.val_split, transform=val_tf, **extra_d)
-    return train_set, val_set, _data_meta(train_set)
+        val_tf = build_transforms("eval", d.img_size, **norm)
+        val_set = build_dataset(spec, split=d.val_split, transform=val_tf, classes=list(train_set.classes),
+                                **dataset_kwargs)
+    meta = _data_meta(train_set)
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    meta.setdefault("mean", [float(v) for v in norm.get("mean", IMAGENET_DEFAULT_MEAN)])
+    meta.setdefault("std", [float(v) for v in norm.get("std", IMAGENET_DEFAULT_STD)])
+    return train_set, val_set, meta
 
 
 def _data_meta(dataset: Dataset) -> dict[str, Any]:
@@ -681,8 +710,9 @@ def _data_meta(dataset: Dataset) -> dict[str, Any]:
 
 def train(cfg: DictConfig) -> RunResult:
     """Build data, model and method from ``cfg`` and run the training (``tokenlab train``)."""
-    view = get_method_class(cfg.method.name).data_view  # an unknown method fails here, before any data is read
-    train_set, val_set, meta = build_datasets(cfg, view)
+    cls = get_method_class(cfg.method.name)  # an unknown method fails here, before any data is read
+    options = cls.transform_options(dict(OmegaConf.to_container(cfg.method.kwargs)))
+    train_set, val_set, meta = build_datasets(cfg, cls.data_view, options)
     try:
         return Trainer(cfg, train_set, val_set, data_meta=meta).fit()
     finally:

@@ -14,7 +14,7 @@ a frozen labeler, an EMA teacher). The engine only talks to this protocol (``doc
 - ``export_module()``: the module evaluated and exported as ``RUN/model`` (default ``self.model``); when the engine
   keeps a model EMA of ``self.model`` it exports that EMA instead.
 - ``data_view``: class attribute naming the sample layout it needs (``"classification"``, ``"stl_paired"``,
-  ``"multicrop"``); the engine asks the data layer for that transform.
+  ``"multicrop"``); the engine asks the data layer for that transform, with ``transform_options(kwargs)``.
 - ``validation_step(model, batch)``: per-batch validation statistics (default: top-1 and CE of ``model(image)``).
 - ``extra_state_dict()`` / ``load_extra_state_dict(state)``: tensors outside ``state_dict()`` that must survive a
   resume (default: nothing; buffers and parameters of the method are already in ``state_dict()``).
@@ -128,6 +128,11 @@ class Method(nn.Module):
 
     def after_step(self, ctx: StepContext) -> None:
         """Update state after the optimizer step (EMA teachers); the default does nothing."""
+
+    @classmethod
+    def transform_options(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Extra ``build_transforms`` kwargs implied by the method's config kwargs (e.g. the STL teacher view)."""
+        return {}
 
     def trainable_module(self) -> nn.Module:
         """The module whose trainable parameters the optimizer updates."""

@@ -102,10 +102,10 @@ class STLStudent(Method):
         tau: Gumbel / softmax temperature.
         hard: One-hot Gumbel labels.
         token_smoothing: Label smoothing of the token labels.
-        teacher_aug: What the labeler sees: ``"spatial"`` the paired ``teacher_image`` (same crop/flip/geometry,
-            no colour ops, no erasing, no mixing; the paper's choice), ``"full"`` the student image before
-            Mixup/CutMix, ``"none"`` the batch's un-augmented ``clean_image`` (the data layer's paired transform
-            provides it).
+        teacher_aug: The teacher view the data layer's paired transform makes (``batch["teacher_image"]``):
+            ``"spatial"`` same crop/flip/geometric ops as the student, no colour ops, erasing or mixing (the
+            paper's choice); ``"full"`` the student's augmentations too; ``"none"`` a centre crop of the clean image
+            (token grids then differ in content from the student's crop: the paper's ablation).
         teacher_dtype: Autocast dtype of the labeler: ``"auto"`` (the trainer's AMP dtype; bfloat16 on CUDA),
             ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         label_smoothing, mixup_alpha, cutmix_alpha, mix_prob, switch_prob: class targets, see ``ClassTargets``.
@@ -183,21 +183,18 @@ class STLStudent(Method):
         self._teacher[0]._apply(fn, *args, **kwargs)  # follow .to(device) / .float() of the method
         return self
 
+    @classmethod
+    def transform_options(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The paired STL transform, with the teacher view chosen by ``teacher_aug``."""
+        return {"teacher": kwargs.get("teacher_aug", "spatial")}
+
     def _teacher_input(self, batch: dict[str, Any]) -> torch.Tensor:
-        if self.teacher_aug == "spatial":
-            key = "teacher_image"
-        elif self.teacher_aug == "full":
-            key = "image"
-        elif self.teacher_aug == "none":
-            key = "clean_image"
-        else:
-            raise AssertionError(self.teacher_aug)
-        if key not in batch:
+        if "teacher_image" not in batch:
             raise KeyError(
-                f"teacher_aug={self.teacher_aug!r} needs batch[{key!r}]; the batch has {sorted(batch)} "
-                f"(use the data layer's STL paired transform)"
+                f"stl_student needs batch['teacher_image'] (the data layer's stl_pair transform); the batch has "
+                f"{sorted(batch)}"
             )
-        return batch[key]
+        return batch["teacher_image"]
 
     def teacher_logits(self, images: torch.Tensor, amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, tuple]:
         """Labeler token logits ``(B, M, K)`` (a normal tensor, safe to use in autograd) and its grid."""
