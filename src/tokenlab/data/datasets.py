@@ -404,6 +404,7 @@ def build_dataset(
     verify: str = "header",
     classes: list[str] | None = None,
     allow_missing_classes: bool = False,
+    load_masks: bool = True,
 ) -> ImageDataset:
     """Build the data set named by ``spec`` (see the module docstring) for ``split``.
 
@@ -415,6 +416,7 @@ def build_dataset(
         verify: ``"header"`` or ``"none"`` (see ``ImageDataset``).
         classes: fix the class list (and order); default: from the data set.
         allow_missing_classes: accept splits that lack some classes (e.g. subsets like ImageNet-R).
+        load_masks: read the synthetic set's masks (False saves one PNG decode per sample).
 
     Raises:
         FileNotFoundError: ``spec`` does not exist.
@@ -444,7 +446,7 @@ def build_dataset(
             raise ValueError(f"split {split!r} not in synthetic set {path}; available: {sorted(meta['splits'])}")
         folder = path / split
         samples, classes = scan_image_folder(folder, classes or meta["classes"], allow_missing_classes)
-        masks = [path / f"{split}_masks" / p.relative_to(folder) for p, _ in samples]
+        masks = [path / f"{split}_masks" / p.relative_to(folder) for p, _ in samples] if load_masks else None
         return ImageDataset(
             samples, classes, transform, mask_paths=masks, strict=strict, verify=verify, name=f"{path}/{split}"
         )

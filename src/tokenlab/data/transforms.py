@@ -63,6 +63,7 @@ COLOUR_OPS = (
 )
 RAND_AUGMENT_OPS = COLOUR_OPS[:3] + ("Rotate",) + COLOUR_OPS[3:] + GEOMETRIC_OPS[1:]
 _FILL = [124, 116, 104]  # ImageNet mean pixel, the usual RandAugment border fill
+_LEVEL_DENOM = 10.0
 
 
 def _rand(generator: torch.Generator | None) -> float:
@@ -126,7 +127,7 @@ class Op:
 
 def _op_level(name: str, magnitude: float, spec: RandAugmentSpec, size: tuple[int, int], gen: torch.Generator | None
               ) -> float:
-    frac = magnitude / spec.max_magnitude
+    frac = magnitude / _LEVEL_DENOM  # timm's convention: levels scale by 10; mmax only clips the magnitude
     if name == "Rotate":
         return _sign(gen) * 30.0 * frac
     if name in ("ShearX", "ShearY"):

@@ -1,0 +1,127 @@
+"""Data-layer throughput: synthetic generation, paired STL loader vs timm single-view loader, iBOT multi-crop.
+
+Every loader pipeline reads the same synthetic ``train`` split (images only, no masks, like timm's ImageFolder) with the same image size, batch size and workers;
+the pipelines are measured in alternating rounds within one run (shared machines are noisy) and the median round
+is reported. The headline number is the cost ratio ``paired STL / timm single view`` (target <= 1.3).
+
+    python benchmarks/data.py                       # CPU, writes benchmarks/results/data.json
+    python benchmarks/data.py --device cuda --workers 8 --batch-size 256 --images 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import timm
+import torch
+import torchvision
+from timm.data import create_transform
+from torch.utils.data import DataLoader
+
+from tokenlab.data import SynthConfig, build_dataset, build_loader, build_transforms, generate, set_epoch
+
+logger = logging.getLogger("benchmarks.data")
+
+
+def _move(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _move(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return [_move(v, device) for v in batch]
+    return batch
+
+
+def _rate(make_loader: Callable[[], DataLoader], batches: int, device: torch.device) -> float:
+    loader = make_loader()
+    iterator = iter(loader)
+    _move(next(iterator), device)  # worker start-up and first batch are not timed
+    count, start = 0, time.perf_counter()
+    for _ in range(batches):
+        batch = _move(next(iterator), device)
+        count += (batch["label"] if isinstance(batch, dict) else batch[1]).shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    del iterator
+    return count / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--img-size", type=int, default=64)
+    parser.add_argument("--images", type=int, default=3000, help="synthetic train images to generate and read")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=15, help="timed batches per round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    # mmax9: timm's PosterizeIncreasing reaches 0 bits at magnitude 10, which Pillow >= 12 rejects (ValueError)
+    parser.add_argument("--rand-augment", default="rand-m9-mstd0.5-inc1-mmax9", help="same string for all pipelines")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: batches are copied there (pinned memory)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "data.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = torch.device(args.device)
+    results: dict[str, Any] = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "torchvision": torchvision.__version__, "timm": timm.__version__, "device": str(device)},
+        "args": vars(args),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "synth"
+        gen_rates = []
+        for round_ in range(args.rounds):
+            start = time.perf_counter()
+            generate(root, SynthConfig(seed=round_, img_size=args.img_size, counts={"train": args.images}))
+            gen_rates.append(args.images / (time.perf_counter() - start))
+        results["synthetic_images_per_s"] = {"median": statistics.median(gen_rates), "rounds": gen_rates}
+
+        size, ra = args.img_size, args.rand_augment
+        paired = build_dataset(root, "train", build_transforms("stl_pair", size, re_prob=0.25, rand_augment=ra), verify="none", load_masks=False)
+        single = build_dataset(root, "train", build_transforms("train", size, re_prob=0.25, rand_augment=ra), verify="none", load_masks=False)
+        ibot = build_dataset(root, "train", build_transforms("ibot", size, patch_size=8, num_local=10), verify="none", load_masks=False)
+        timm_tf = create_transform(size, is_training=True, auto_augment=ra, re_prob=0.25)
+        timm_ds = torchvision.datasets.ImageFolder(str(root / "train"), transform=timm_tf)
+        pin = device.type == "cuda"
+        common = {"batch_size": args.batch_size, "num_workers": args.workers, "pin_memory": pin}
+        pipelines: dict[str, Callable[[], DataLoader]] = {
+            "timm_single_view": lambda: DataLoader(timm_ds, shuffle=True, drop_last=True, **common),
+            "tokenlab_single_view": lambda: build_loader(single, train=True, **common),
+            "stl_paired": lambda: build_loader(paired, train=True, **common),
+            "ibot_multicrop_2g10l": lambda: build_loader(ibot, train=True, **common),
+        }
+        rates: dict[str, list[float]] = {name: [] for name in pipelines}
+        for round_ in range(args.rounds):
+            order = list(pipelines) if round_ % 2 == 0 else list(reversed(pipelines))
+            for name in order:
+                rates[name].append(_rate(pipelines[name], args.batches, device))
+                logger.info("round %d %-22s %8.0f images/s", round_, name, rates[name][-1])
+        results["loader_images_per_s"] = {n: {"median": statistics.median(r), "rounds": r} for n, r in rates.items()}
+    med = {n: v["median"] for n, v in results["loader_images_per_s"].items()}
+    results["stl_paired_cost_vs_timm_single_view"] = med["timm_single_view"] / med["stl_paired"]
+    results["stl_paired_cost_vs_tokenlab_single_view"] = med["tokenlab_single_view"] / med["stl_paired"]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"\n{'pipeline':<26}{'images/s':>10}   ({args.img_size}px, batch {args.batch_size}, "
+          f"{args.workers} workers, {args.device})")
+    print(f"{'synthetic generation':<26}{results['synthetic_images_per_s']['median']:>10.0f}")
+    for name, value in med.items():
+        print(f"{name:<26}{value:>10.0f}")
+    print(f"paired STL cost / timm single view: {results['stl_paired_cost_vs_timm_single_view']:.2f}x "
+          f"(target <= 1.3); / tokenlab single view: {results['stl_paired_cost_vs_tokenlab_single_view']:.2f}x")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
