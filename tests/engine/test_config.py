@@ -57,3 +57,20 @@ def test_missing_recipe_and_resume_path(tmp_path: Path):
 def test_shipped_recipes_validate(name: str):
     cfg = load_config(name)
     assert OmegaConf.select(cfg, "method.name")
+
+
+@pytest.mark.parametrize("name", [r for r in list_recipes() if r.startswith(("in1k_", "cifar10_", "synthetic_"))])
+def test_stl_recipes_fit_their_method_and_transform(name: str):
+    import inspect
+
+    from tokenlab.data import build_transforms
+    from tokenlab.engine.trainer import _TRANSFORM_KINDS
+    from tokenlab.methods import get_method_class
+
+    cfg = load_config(name)
+    cls = get_method_class(cfg.method.name)
+    kwargs = OmegaConf.to_container(cfg.method.kwargs)
+    assert set(kwargs) <= set(inspect.signature(cls.__init__).parameters), kwargs
+    options = cls.transform_options(kwargs)
+    build_transforms(_TRANSFORM_KINDS[cls.data_view], cfg.data.img_size, **options,
+                     **OmegaConf.to_container(cfg.data.transform))
