@@ -68,7 +68,8 @@ Reference = Mapping[str, Mapping[int, float] | float]
 
 def _check_logits(logits: torch.Tensor, targets: torch.Tensor) -> None:
     if logits.ndim != 2 or targets.ndim != 1 or logits.shape[0] != targets.shape[0]:
-        raise ValueError(f"expected logits (n, K) and targets (n,), got {tuple(logits.shape)} and {tuple(targets.shape)}")
+        shapes = f"{tuple(logits.shape)} and {tuple(targets.shape)}"
+        raise ValueError(f"expected logits (n, K) and targets (n,), got {shapes}")
     if logits.shape[0] == 0:
         raise ValueError("no samples: metrics need at least one prediction")
 

@@ -173,7 +173,8 @@ def write_report(
         md += [f"Unreadable images skipped: {json.dumps(skipped)}", ""]
 
     # ---- corruptions --------------------------------------------------------------------------------------------
-    corr_runs = {r.name: _get(r.eval, "corruptions", "official") for r in evald if _get(r.eval, "corruptions", "official")}
+    corr_runs = {r.name: _get(r.eval, "corruptions", "official") for r in evald
+                 if _get(r.eval, "corruptions", "official")}  # fmt: skip
     if corr_runs:
         md += ["## Corruptions", ""]
         names_c = sorted({c for v in corr_runs.values() for c in v["per_corruption"]})
@@ -184,8 +185,8 @@ def write_report(
         clean = {r.name: _get(r.eval, "clean", "official", "top1") for r in evald if r.name in corr_runs}
         figure(vis.plot_corruption_bars({n: v["per_corruption"] for n, v in corr_runs.items()},
                                         img_dir / "corruption_bars.png", clean), "accuracy per corruption")  # fmt: skip
-        figure(vis.plot_severity_curves({n: v["per_severity"] for n, v in corr_runs.items()},
-                                        img_dir / "severity_curves.png", clean), "accuracy against severity")  # fmt: skip
+        per_sev = {n: v["per_severity"] for n, v in corr_runs.items()}
+        figure(vis.plot_severity_curves(per_sev, img_dir / "severity_curves.png", clean), "accuracy against severity")
 
     # ---- OOD ----------------------------------------------------------------------------------------------------
     ood_names = sorted({o for r in evald for o in (r.eval.get("ood") or {})})

@@ -333,7 +333,8 @@ def _ood_specs(data: DataSpec, ood: Sequence[str | OODSpec] | str | None) -> lis
             out.append(item)
         elif item == "auto":
             if data.dataset_dir is not None:
-                out += [OODSpec(s, data.dataset_dir / s) for s in SYNTHETIC_OOD_SPLITS if (data.dataset_dir / s).is_dir()]
+                found = [s for s in SYNTHETIC_OOD_SPLITS if (data.dataset_dir / s).is_dir()]
+                out += [OODSpec(s, data.dataset_dir / s) for s in found]
         else:
             name, _, rest = item.partition("=") if "=" in item else (Path(item).name, "", item)
             root, _, mapping = rest.partition("@")
