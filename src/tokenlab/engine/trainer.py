@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 
 from tokenlab.engine import checkpoint as ckpt
 from tokenlab.engine import distributed as D
@@ -689,11 +689,22 @@ def build_datasets(
         val_set = build_dataset(spec, split=d.val_split, transform=val_tf, classes=list(train_set.classes),
                                 **dataset_kwargs)
     meta = _data_meta(train_set)
+    train_set = _subset(train_set, d.train_subset, cfg.seed)
+    if val_set is not None:
+        val_set = _subset(val_set, d.val_subset, cfg.seed + 1)
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     meta.setdefault("mean", [float(v) for v in norm.get("mean", IMAGENET_DEFAULT_MEAN)])
     meta.setdefault("std", [float(v) for v in norm.get("std", IMAGENET_DEFAULT_STD)])
     return train_set, val_set, meta
+
+
+def _subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
+    """A fixed random subset of ``size`` samples (the whole set when ``size`` is None or not smaller)."""
+    if size is None or size >= len(dataset):
+        return dataset
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size].sort().values
+    return Subset(dataset, keep.tolist())
 
 
 def _data_meta(dataset: Dataset) -> dict[str, Any]:
