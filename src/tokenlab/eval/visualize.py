@@ -70,7 +70,8 @@ def plot_token_labels(
     title: str | None = None,
 ) -> Path:
     """Per image: the image (with the object contour), the token-label map (colour = class, opacity = confidence),
-    and the agreement map (green: token label = image label, red: other class).
+    and the agreement map (green: token label = image label, red: other class). Opacity of the label map
+    grows from 0.3 at chance confidence (1/K) to 0.9 at confidence 1.
 
     Args:
         images: (n, 3, S, S) in [0, 1].
@@ -95,10 +96,12 @@ def plot_token_labels(
         if masks is not None:
             ax.contour(masks[i].numpy() > 0, levels=[0.5], colors="yellow", linewidths=1)
         ax.set_title(f"label: {classes[lab]}", fontsize=9)
-        overlay = np.concatenate([colors[p], c[..., None]], axis=-1)
+        k = len(classes)  # opacity 0.3 at chance confidence (1/K) up to 0.9 at confidence 1
+        alpha = 0.3 + 0.6 * np.clip((c - 1 / k) / (1 - 1 / k), 0, 1)
+        overlay = np.concatenate([colors[p], alpha[..., None]], axis=-1)
         axes[i, 1].imshow(img.mean(-1), cmap="gray", vmin=0, vmax=1)
         axes[i, 1].imshow(overlay)
-        axes[i, 1].set_title("token labels (alpha = conf.)", fontsize=9)
+        axes[i, 1].set_title("token labels (opacity = conf.)", fontsize=9)
         agree = (p == lab).astype(float)
         axes[i, 2].imshow(img)
         axes[i, 2].imshow(agree, cmap=ListedColormap(["#d62728", "#2ca02c"]), alpha=0.55, vmin=0, vmax=1)
