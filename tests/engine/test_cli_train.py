@@ -9,7 +9,8 @@ from tokenlab.models import load_exported
 
 TINY = ["data.img_size=32", "data.batch_size=8", "model.name=fan_nano_6_p16_224_token", "model.kwargs.patch_size=8",
         "model.kwargs.depth=1", "model.kwargs.embed_dim=32", "model.kwargs.num_heads=2", "schedule.max_steps=2",
-        "log.progress=false", "log.tensorboard=false", "train.min_free_disk_mb=0"]
+        "log.progress=false", "log.tensorboard=false", "train.min_free_disk_mb=0",
+        "data.train_subset=24", "data.val_subset=8"]
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from tokenlab.engine import checkpoint as ckpt
 from tokenlab.engine import distributed as D
@@ -704,7 +704,21 @@ def _subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
     if size is None or size >= len(dataset):
         return dataset
     keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size].sort().values
-    return Subset(dataset, keep.tolist())
+    return _Subset(dataset, keep.tolist())
+
+
+class _Subset(Dataset):
+    """Samples ``indices`` of ``dataset``. Unlike ``torch.utils.data.Subset`` it has no batched ``__getitems__``,
+    which would bypass the per-sample seeding of ``SeededDataset`` (it forwards unknown attributes)."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[self.indices[i]]
 
 
 def _data_meta(dataset: Dataset) -> dict[str, Any]:
