@@ -1,0 +1,456 @@
+"""iBOT: masked image modelling with an online tokenizer (self-distillation on [CLS] and masked patch tokens).
+
+- [0]: iBOT: Image BERT Pre-Training with Online Tokenizer, Zhou et al., ICLR 2022, https://arxiv.org/abs/2111.07832
+- [1]: DINO: Emerging Properties in Self-Supervised Vision Transformers, 2021, https://arxiv.org/abs/2104.14294
+
+A student backbone ``f_s`` (``self.model``, any tokenlab backbone with a mask token: the iBOT ViT or a FAN with
+``use_mask_token=True``) and a projection head ``h_s`` (``IBOTHead``) learn from an EMA teacher ``(f_t, h_t)`` that
+starts as a copy of the student, is never trained by gradients (``requires_grad_(False)``, eval mode) and moves
+only by
+
+    theta_t <- m(s) theta_t + (1 - m(s)) theta_s,      m(s): cosine 0.996 -> 1 over the run.
+
+Per step, with global crops u_1, u_2 (their masks M_1, M_2 from the data layer's block-mask generator) and local
+crops u_3 .. u_V:
+
+    [CLS] term  L_cls = mean_{q in {1,2}, v != q} CE(P_t(h_t(f_t(u_q))_cls), h_s(f_s(u_v, M_v))_cls)
+    patch term  L_mim = mean_{q} (1/B) sum_b (1/|M_qb|) sum_{i in M_qb} CE(P_t(h_t(f_t(u_q))_i), h_s(f_s(u_q, M_q))_i)
+    loss        L = lambda_1 L_cls + lambda_2 L_mim
+
+where ``P_t(t) = softmax((t - c) / tau_t(s))`` with a separate center ``c`` for [CLS] and patches (momentum 0.9)
+and ``CE(p, s) = -sum_k p_k log softmax(s / tau_s)_k``; the losses are ``tokenlab.losses.dino_cls`` and
+``tokenlab.losses.ibot_patch``. Local crops are never masked. Per-step values come from schedules built up front
+from the engine's step plan: the teacher temperature warms linearly 0.04 -> 0.07 (30 epochs in the paper), the
+teacher momentum follows the cosine above. The learning rate (5e-4 x batch / 256, warm-up, cosine) and the weight
+decay (cosine 0.04 -> 0.4) are the engine's ``optim`` schedules; set them in the recipe.
+
+Safeguards done here through the method hooks: per-parameter gradient clipping (each parameter's gradient norm
+capped at 3.0, as in iBOT; the engine's ``optim.clip_grad`` is a global norm), the prototype layer frozen during
+the first epoch (its gradients are dropped, so the optimizer skips it), and a collapse detector logged every step:
+``teacher_entropy`` (mean entropy of the teacher's [CLS] distribution), ``teacher_marginal_entropy`` (entropy of
+its batch mean; collapse to one prototype sends both to 0, collapse to uniform sends the first to log K) and
+``teacher_feature_std`` (per-dimension std over the batch of the L2-normalised teacher [CLS] features, averaged
+over dimensions: about 1/sqrt(C) when healthy, 0 when every image maps to one point). Non-finite losses are caught
+by the engine (``train.max_nonfinite: 1`` stops at the first one, like iBOT).
+
+Small batches: DINO/iBOT advise a higher starting teacher momentum for small batches (e.g. 0.9995 at batch 256
+instead of 0.996 at 1024); set ``teacher_momentum`` in the recipe. Short CPU runs with a few hundred steps need the
+opposite (e.g. 0.99), or the teacher barely moves.
+
+Export: the backbone's classifier is removed (``reset_classifier(0)``), so ``RUN/model`` written by the engine is
+the backbone alone (the teacher by default, ``export="student"`` for the student). ``timm.create_model(name,
+pretrained=True, pretrained_cfg_overlay=dict(file="RUN/model.safetensors"), num_classes=K)`` loads it for
+fine-tuning, with the position embedding resampled when ``img_size`` differs. ``import_ibot_checkpoint`` loads
+official iBOT checkpoints (``student``: ``module.backbone.*``; ``teacher``: ``backbone.*``) into our ViT and
+reports every skipped key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenlab.engine.schedules import cosine_schedule, linear_warmup_then_constant
+from tokenlab.losses.dino_cls import DINOClsLoss
+from tokenlab.losses.ibot_patch import IBOTPatchLoss
+from tokenlab.methods import Method, StepContext, TrainPlan, register_method
+from tokenlab.models.heads import IBOTHead
+
+__all__ = ["IBOT", "EXPORT_CHOICES", "ImportReport", "collapse_metrics", "import_ibot_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+EXPORT_CHOICES = ("teacher", "student")
+
+
+@torch.no_grad()
+def collapse_metrics(teacher_probs: torch.Tensor, teacher_features: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Collapse detector on the teacher's [CLS] outputs.
+
+    Args:
+        teacher_probs: (R, K) teacher distributions (rows sum to 1).
+        teacher_features: (R, C) teacher backbone [CLS] features.
+
+    Returns:
+        ``teacher_entropy`` = mean_r H(p_r), ``teacher_marginal_entropy`` = H(mean_r p_r) and
+        ``teacher_feature_std`` = mean_c std_r(f_rc / ||f_r||), all scalars (nats for the entropies).
+    """
+    p = teacher_probs.float()
+    entropy = -(p * p.clamp(min=1e-12).log()).sum(dim=-1).mean()
+    marginal = p.mean(dim=0)
+    marginal_entropy = -(marginal * marginal.clamp(min=1e-12).log()).sum()
+    feats = F.normalize(teacher_features.float(), dim=-1)
+    std = feats.std(dim=0).mean() if feats.shape[0] > 1 else feats.new_zeros(())
+    return {"teacher_entropy": entropy, "teacher_marginal_entropy": marginal_entropy, "teacher_feature_std": std}
+
+
+@register_method("ibot")
+class IBOT(Method):
+    """iBOT self-distillation (see the module docstring for the losses and schedules).
+
+    Args:
+        model: Student backbone with a mask token (``forward_features(x, mask) -> (cls, patches)``); its
+            classifier is removed.
+        out_dim: K prototypes of the [CLS] head (iBOT: 8192).
+        patch_out_dim: K of the patch head (defaults to ``out_dim``; must equal it with a shared head).
+        shared_head: One head for [CLS] and patches (iBOT) or separate heads.
+        hidden_dim: Hidden size of the head MLP (2048).
+        bottleneck_dim: L2-normalised bottleneck size (256).
+        head_layers: Linear layers in the head MLP (3).
+        use_bn: BatchNorm in the head MLP (off for ViTs).
+        norm_last_layer: Fix the prototype layer's weight-norm gains to 1.
+        student_temp: tau_s (0.1).
+        teacher_temp: Final tau_t (0.07).
+        warmup_teacher_temp: First tau_t (0.04).
+        warmup_teacher_temp_epochs: Epochs of the linear tau_t warm-up (30).
+        teacher_momentum: First EMA momentum m (0.996; 0.9995 advised at batch 256; lower for short runs).
+        teacher_momentum_end: Last EMA momentum (1.0).
+        center_momentum: Momentum of both centers (0.9).
+        cls_weight: lambda_1.
+        patch_weight: lambda_2.
+        freeze_last_layer_epochs: Epochs during which the prototype layer is not updated (1).
+        clip_grad_per_param: Cap on each parameter's gradient norm (3.0); None turns it off.
+        export: Which backbone the engine evaluates and exports: ``"teacher"`` or ``"student"``.
+
+    Raises:
+        ValueError: a backbone without mask token or the contract's ``forward_features``, an unknown ``export``,
+            or out-of-range temperatures / momenta / weights.
+    """
+
+    data_view = "ibot"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        out_dim: int = 8192,
+        patch_out_dim: int | None = None,
+        shared_head: bool = True,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        head_layers: int = 3,
+        use_bn: bool = False,
+        norm_last_layer: bool = True,
+        student_temp: float = 0.1,
+        teacher_temp: float = 0.07,
+        warmup_teacher_temp: float = 0.04,
+        warmup_teacher_temp_epochs: float = 30,
+        teacher_momentum: float = 0.996,
+        teacher_momentum_end: float = 1.0,
+        center_momentum: float = 0.9,
+        cls_weight: float = 1.0,
+        patch_weight: float = 1.0,
+        freeze_last_layer_epochs: float = 1,
+        clip_grad_per_param: float | None = 3.0,
+        export: str = "teacher",
+    ) -> None:
+        super().__init__(model)
+        if getattr(model, "mask_token", None) is None or not hasattr(model, "forward_features"):
+            raise ValueError(
+                f"iBOT needs a backbone with a learned mask token; {type(model).__name__} has none (create it with "
+                f"model.kwargs.use_mask_token=true, e.g. ibot_vit_tiny_patch4_32 or a FAN)"
+            )
+        if export not in EXPORT_CHOICES:
+            raise ValueError(f"unknown export {export!r}; valid: {', '.join(EXPORT_CHOICES)}")
+        if min(teacher_temp, warmup_teacher_temp) <= 0:
+            raise ValueError(f"teacher temperatures must be > 0, got {warmup_teacher_temp} -> {teacher_temp}")
+        if not 0.0 <= teacher_momentum <= teacher_momentum_end <= 1.0:
+            raise ValueError(
+                f"teacher momentum must satisfy 0 <= start <= end <= 1, got {teacher_momentum} -> "
+                f"{teacher_momentum_end}"
+            )
+        if cls_weight < 0 or patch_weight < 0 or cls_weight + patch_weight == 0:
+            raise ValueError(f"loss weights must be >= 0 and not both 0, got {cls_weight}, {patch_weight}")
+        if clip_grad_per_param is not None and clip_grad_per_param <= 0:
+            raise ValueError(f"clip_grad_per_param must be > 0 or None, got {clip_grad_per_param}")
+        if warmup_teacher_temp_epochs < 0 or freeze_last_layer_epochs < 0:
+            raise ValueError("warmup_teacher_temp_epochs and freeze_last_layer_epochs must be >= 0")
+        if getattr(model, "num_classes", 0):
+            logger.info("iBOT: removing the %d-class classifier of %s", model.num_classes, type(model).__name__)
+            model.reset_classifier(0)
+        self.head = IBOTHead(
+            model.num_features, out_dim, patch_out_dim, shared_head, hidden_dim=hidden_dim,
+            bottleneck_dim=bottleneck_dim, num_layers=head_layers, use_bn=use_bn, norm_last_layer=norm_last_layer,
+        )
+        self.teacher = nn.ModuleDict({"backbone": copy.deepcopy(model), "head": copy.deepcopy(self.head)})
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        self.cls_loss = DINOClsLoss(out_dim, student_temp, center_momentum)
+        self.patch_loss = IBOTPatchLoss(self.head.patch_out_dim, student_temp, center_momentum)
+        self.teacher_temp, self.warmup_teacher_temp = teacher_temp, warmup_teacher_temp
+        self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
+        self.teacher_momentum, self.teacher_momentum_end = teacher_momentum, teacher_momentum_end
+        self.cls_weight, self.patch_weight = cls_weight, patch_weight
+        self.freeze_last_layer_epochs = freeze_last_layer_epochs
+        self.clip_grad_per_param = clip_grad_per_param
+        self.export = export
+        self._plan: TrainPlan | None = None
+        self.teacher_temp_schedule = np.zeros(0)
+        self.momentum_schedule = np.zeros(0)
+
+    # ---- the engine's hooks -------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "IBOT":
+        """Put the student in ``mode``; the teacher always stays in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def trainable_module(self) -> nn.Module:
+        """Student backbone and head (the teacher and the centers are not optimised)."""
+        return nn.ModuleDict({"backbone": self.model, "head": self.head})
+
+    def export_module(self) -> nn.Module:
+        return self.teacher["backbone"] if self.export == "teacher" else self.model
+
+    def on_train_start(self, plan: TrainPlan) -> None:
+        """Per-iteration teacher temperature (linear warm-up, then constant) and teacher momentum (cosine)."""
+        warm = int(round(self.warmup_teacher_temp_epochs * plan.steps_per_epoch))
+        self.teacher_temp_schedule = linear_warmup_then_constant(
+            self.teacher_temp, plan.total_steps, warm, self.warmup_teacher_temp
+        )
+        self.momentum_schedule = cosine_schedule(self.teacher_momentum, self.teacher_momentum_end, plan.total_steps)
+        self._plan = plan
+        if plan.global_batch_size < 256 and self.teacher_momentum <= 0.996 and plan.total_steps > 10_000:
+            logger.warning(
+                "iBOT: global batch %d with teacher_momentum %.4f; DINO/iBOT advise a higher start (e.g. 0.9995) "
+                "for small batches", plan.global_batch_size, self.teacher_momentum,
+            )
+
+    def _ensure_schedules(self, ctx: StepContext) -> None:
+        if self._plan != ctx.plan:
+            self.on_train_start(ctx.plan)
+
+    def current_teacher_temp(self, step: int) -> float:
+        return float(self.teacher_temp_schedule[min(step, len(self.teacher_temp_schedule) - 1)])
+
+    def current_momentum(self, step: int) -> float:
+        return float(self.momentum_schedule[min(step, len(self.momentum_schedule) - 1)])
+
+    def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        self._ensure_schedules(ctx)
+        crops: list[torch.Tensor] = list(batch["crops"])
+        n_global = _count_global(crops, batch.get("masks"))
+        b = crops[0].shape[0]
+        globals_ = torch.cat(crops[:n_global])  # G x (B, 3, H, W) -> (G B, 3, H, W)
+        mask = _global_mask(batch.get("masks"), self.model, globals_, n_global)  # (G B, N) bool
+        temp = self.current_teacher_temp(ctx.step)
+
+        with torch.no_grad():
+            t_feat, t_patch_feat = self.teacher["backbone"].forward_features(globals_)
+            t_cls, t_patch = self.teacher["head"](t_feat, t_patch_feat)
+
+        s_feat, s_patch_feat = self.model.forward_features(globals_, mask)
+        s_cls, s_patch = self.head(s_feat, s_patch_feat)
+        student_cls = [s_cls]
+        if len(crops) > n_global:
+            local_feat, _ = self.model.forward_features(torch.cat(crops[n_global:]))
+            student_cls.append(self.head(local_feat)[0])
+        student_cls_views = torch.cat(student_cls).reshape(len(crops), b, -1)  # (V B, K) -> (V, B, K)
+        teacher_cls_views = t_cls.reshape(n_global, b, -1)
+
+        with torch.no_grad():
+            probs = self.cls_loss.teacher_probs(teacher_cls_views, temp).reshape(n_global * b, -1)
+            metrics = collapse_metrics(probs, t_feat)
+        loss_cls = self.cls_loss(student_cls_views, teacher_cls_views, temp)
+        loss_patch = self.patch_loss(s_patch, t_patch, mask, temp)
+        loss = self.cls_weight * loss_cls + self.patch_weight * loss_patch
+        out = {
+            "loss": loss,
+            "loss_cls": loss_cls.detach(),
+            "loss_patch": loss_patch.detach(),
+            "teacher_temp": torch.tensor(temp),
+            "teacher_momentum": torch.tensor(self.current_momentum(ctx.step)),
+            "mask_ratio": mask.float().mean().detach(),
+        }
+        return out | metrics
+
+    def before_optimizer_step(self, ctx: StepContext) -> None:
+        """Per-parameter gradient clipping, then drop the prototype layer's gradients during the first epoch."""
+        if self.clip_grad_per_param is not None:
+            if ctx.amp_dtype == torch.float16:
+                raise ValueError(
+                    "method.kwargs.clip_grad_per_param runs before the fp16 grad scaler unscales the gradients; use "
+                    "train.amp=bf16, or set clip_grad_per_param=null and optim.clip_grad"
+                )
+            self.clip_gradients(self.clip_grad_per_param)
+        if ctx.step < self.freeze_last_layer_epochs * ctx.plan.steps_per_epoch:
+            for p in self.head.last_layer_parameters():
+                p.grad = None
+
+    @torch.no_grad()
+    def clip_gradients(self, max_norm: float) -> None:
+        """Scale each student parameter's gradient so its L2 norm is at most ``max_norm``."""
+        grads = [p.grad for p in self.trainable_module().parameters() if p.grad is not None]
+        if not grads:
+            return
+        norms = torch._foreach_norm(grads)
+        for g, n in zip(grads, norms):
+            g.mul_((max_norm / (n + 1e-6)).clamp(max=1.0))
+
+    @torch.no_grad()
+    def after_step(self, ctx: StepContext) -> None:
+        """EMA of the teacher toward the student with this step's momentum (buffers are copied)."""
+        self._ensure_schedules(ctx)
+        self.update_teacher(self.current_momentum(ctx.step))
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """``theta_t <- m theta_t + (1 - m) theta_s`` for backbone and head."""
+        student = nn.ModuleDict({"backbone": self.model, "head": self.head})
+        t_params = [p for p in self.teacher.parameters()]
+        s_params = [p for p in student.parameters()]
+        torch._foreach_mul_(t_params, momentum)
+        torch._foreach_add_(t_params, [p.detach() for p in s_params], alpha=1.0 - momentum)
+        for t_buf, s_buf in zip(self.teacher.buffers(), student.buffers()):
+            t_buf.copy_(s_buf)
+
+    @torch.no_grad()
+    def validation_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """No classifier exists during pre-training: evaluate with ``tokenlab eval-ssl`` (k-NN, linear probe)."""
+        return {}
+
+    # ---- export ---------------------------------------------------------------------------------------------------
+    def export_backbone(
+        self,
+        path: str | Path,
+        which: str | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Write the teacher (or student) backbone as ``<path>.safetensors`` + ``.json`` (``save_exported``).
+
+        Args:
+            path: Output stem.
+            which: ``"teacher"`` or ``"student"`` (default: the ``export`` option).
+            model_kwargs: Constructor kwargs of the backbone (``img_size``, ``patch_size``, ...) so that
+                ``load_exported`` can rebuild it; ``num_classes`` is always 0.
+            meta: Extra entries for the JSON file.
+        """
+        from tokenlab.models import save_exported
+
+        which = which or self.export
+        if which not in EXPORT_CHOICES:
+            raise ValueError(f"unknown backbone {which!r}; valid: {', '.join(EXPORT_CHOICES)}")
+        backbone = self.teacher["backbone"] if which == "teacher" else self.model
+        name = getattr(backbone, "pretrained_cfg", {}).get("architecture")
+        kwargs = dict(model_kwargs or {}) | {"num_classes": 0}
+        info = {"model": name, "model_kwargs": kwargs, "num_classes": 0, "method": "ibot", "backbone": which}
+        return save_exported(backbone, path, info | dict(meta or {}))
+
+
+def _count_global(crops: list[torch.Tensor], masks: Any) -> int:
+    """Global crops are the leading crops of the first crop's size (and there is one mask per global crop)."""
+    if len(crops) < 2:
+        raise ValueError(f"iBOT needs at least 2 crops per image (2 global + locals), got {len(crops)}")
+    n_global = 1
+    while n_global < len(crops) and crops[n_global].shape == crops[0].shape:
+        n_global += 1
+    if masks is not None and len(masks) != n_global:
+        raise ValueError(f"got {len(masks)} masks for {n_global} global crops (crops of {tuple(crops[0].shape[-2:])})")
+    return n_global
+
+
+def _global_mask(masks: Any, model: nn.Module, globals_: torch.Tensor, n_global: int) -> torch.Tensor:
+    b = globals_.shape[0] // n_global
+    grid = model.grid_size(tuple(globals_.shape[-2:])) if hasattr(model, "grid_size") else None
+    if masks is None:
+        n = math.prod(grid) if grid is not None else model.forward_features(globals_[:1])[1].shape[1]
+        return torch.zeros(globals_.shape[0], n, dtype=torch.bool, device=globals_.device)
+    mask = torch.cat([torch.as_tensor(m) for m in masks]).to(globals_.device)  # G x (B, H, W) -> (G B, H, W)
+    if grid is not None and tuple(mask.shape[1:]) != tuple(grid):
+        raise ValueError(f"masks are {tuple(mask.shape[1:])} but the model's token grid is {tuple(grid)}")
+    if mask.shape[0] != b * n_global:
+        raise ValueError(f"masks hold {mask.shape[0]} images, crops {b * n_global}")
+    return mask.flatten(1).bool()  # (G B, H, W) -> (G B, N)
+
+
+# ---- official checkpoints -----------------------------------------------------------------------------------------
+@dataclass
+class ImportReport:
+    """What ``import_ibot_checkpoint`` did.
+
+    Attributes:
+        loaded: Model keys filled from the checkpoint.
+        skipped: Checkpoint keys the model has no place for (projection head, optimizer leftovers, ...).
+        missing: Model keys the checkpoint lacked, left at their initial values (only the classifier and the mask
+            token may be missing).
+        resized: Keys resampled to the model's shape (``pos_embed`` at another resolution).
+    """
+
+    loaded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
+
+
+_IBOT_ENTRIES = ("teacher", "student")
+
+
+def import_ibot_checkpoint(model: nn.Module, path: str | Path, which: str = "teacher") -> ImportReport:
+    """Load an official iBOT checkpoint's ``teacher`` or ``student`` backbone into ``model`` (our ``MaskedViT``).
+
+    Handles the ``module.backbone.`` (student) and ``backbone.`` (teacher) prefixes, renames iBOT's
+    ``masked_embed`` (C,) to ``mask_token`` (1, 1, C), drops the projection head, resamples ``pos_embed`` to the
+    model's grid and reports every key it skipped. The file is read with ``weights_only=True`` (the pickled
+    ``args`` namespace is the only extra type allowed).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: an unknown ``which``, no such entry in the file, or backbone keys missing from the checkpoint.
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    path = Path(path)
+    if which not in _IBOT_ENTRIES:
+        raise ValueError(f"unknown entry {which!r}; valid: {', '.join(_IBOT_ENTRIES)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"iBOT checkpoint not found: {path}")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    if which in obj and isinstance(obj[which], Mapping):
+        state = obj[which]
+    elif all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state = obj
+    else:
+        raise ValueError(f"{path} has no {which!r} entry (top-level keys: {sorted(obj)[:10]})")
+    own = model.state_dict()
+    report = ImportReport()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        name = key
+        for prefix in ("module.", "backbone."):
+            name = name[len(prefix):] if name.startswith(prefix) else name
+        if name == "masked_embed":
+            name, value = "mask_token", value.reshape(1, 1, -1)
+        if name not in own:
+            report.skipped.append(key)
+            continue
+        if value.shape != own[name].shape:
+            if name != "pos_embed":
+                raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, model {tuple(own[name].shape)}")
+            grid = model.patch_embed.grid_size
+            value = resample_abs_pos_embed(value, new_size=grid, num_prefix_tokens=model.num_prefix_tokens)
+            report.resized.append(name)
+        out[name] = value
+        report.loaded.append(name)
+    report.missing = sorted(set(own) - set(out))
+    allowed = {k for k in report.missing if k.startswith("head.") or k == "mask_token"}
+    bad = sorted(set(report.missing) - allowed)
+    if bad:
+        raise ValueError(f"{path} ({which}) lacks backbone keys of {type(model).__name__}: {bad[:20]}")
+    model.load_state_dict(out, strict=False)
+    logger.info(
+        "imported iBOT %s from %s: %d keys loaded, %d skipped (%s%s), resized %s, left at init %s",
+        which, path, len(report.loaded), len(report.skipped), ", ".join(report.skipped[:8]),
+        ", ..." if len(report.skipped) > 8 else "", report.resized or "none", report.missing or "none",
+    )
+    return report
