@@ -53,8 +53,9 @@ def test_missing_recipe_and_resume_path(tmp_path: Path):
         load_config(None, [f"checkpoint.resume={tmp_path / 'none'}"])
 
 
-@pytest.mark.parametrize("name", list_recipes())
+@pytest.mark.parametrize("name", [r for r in list_recipes() if not r.endswith("_base")])
 def test_shipped_recipes_validate(name: str):
+    # `*_base` recipes are partial: they are only used through `_base_:` by complete recipes
     cfg = load_config(name)
     assert OmegaConf.select(cfg, "method.name")
 

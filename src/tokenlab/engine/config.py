@@ -1,7 +1,8 @@
 """Training configuration: ``configs/default.yaml`` -> recipe -> command-line dotlist, validated up front.
 
 ``default.yaml`` holds every key (struct mode, so a typo such as ``optim.lrr=5`` is rejected with a did-you-mean).
-A recipe holds only what differs and may start from another recipe with ``_base_: other.yaml``. The free-form
+A recipe holds only what differs and may start from another recipe with ``_base_: other.yaml`` (shipped ``*_base``
+recipes are partial building blocks of that kind). The free-form
 dicts ``model.kwargs``, ``method.kwargs``, ``data.dataset`` and ``data.transform`` accept any key; their consumers
 (timm, ``build_method``, the data layer) validate them. Every other leaf must keep the type of its default (an int
 is accepted where a float is expected) and a sensible value. Every failure is one ``ValueError`` naming the key.
