@@ -90,6 +90,9 @@ def features_of(model: nn.Module, images: torch.Tensor, kind: str = "cls") -> to
                 f"feature kind 'last4_cls' needs a ViT whose blocks carry the class token; {type(model).__name__} "
                 f"has none (use 'cls' or 'cls_avgpool')"
             )
+        depth = len(getattr(model, "blocks", ()))
+        if depth < 4:
+            raise ValueError(f"feature kind 'last4_cls' needs at least 4 blocks; {type(model).__name__} has {depth}")
         inter = model.forward_intermediates(
             images, indices=4, return_prefix_tokens=True, norm=True, output_fmt="NLC", intermediates_only=True
         )

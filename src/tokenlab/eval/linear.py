@@ -9,22 +9,37 @@ softmax cross-entropy, SGD (momentum 0.9) and a cosine learning-rate schedule:
 
 The learning rate is picked from a small grid on a held-out part of the training features (never on the test
 split), then the probe is retrained on every training feature with that rate and evaluated once on the test split.
+
+``evaluate_ssl_run`` is what ``tokenlab eval-ssl`` runs: the exported backbone of a run (``RUN/model``), optionally
+next to the same architecture randomly initialised, through k-NN and the linear probe on cached features.
+``finetune_run`` fine-tunes the backbone through the engine with layer-wise lr decay (a recipe such as
+``ibot_cifar10_finetune``; timm ``create_optimizer_v2(layer_decay=...)``), loading the exported weights with
+``timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=RUN/model.safetensors))``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenlab.eval.knn import FeatureSet
+from tokenlab.eval.knn import FeatureSet, KNNResult, extract_features, knn_classify
 
-__all__ = ["LinearResult", "linear_probe", "train_linear"]
+__all__ = [
+    "FrozenEvalResult",
+    "LinearResult",
+    "evaluate_frozen",
+    "evaluate_ssl_run",
+    "finetune_run",
+    "linear_probe",
+    "train_linear",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -167,3 +182,178 @@ def linear_probe(
     probe = train_linear(x, y, classes, best, epochs, batch_size, weight_decay, seed)
     top1, top5 = _evaluate(probe, test)
     return LinearResult(top1, top5, best, val_top1, epochs)
+
+
+@dataclass
+class FrozenEvalResult:
+    """k-NN and linear-probe results of one frozen backbone.
+
+    Attributes:
+        kind: Feature kind evaluated.
+        feature_dim: Size of the features.
+        knn: k-NN result (None when skipped).
+        linear: Linear-probe result (None when skipped).
+    """
+
+    kind: str
+    feature_dim: int
+    knn: KNNResult | None = None
+    linear: LinearResult | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate_frozen(
+    model: nn.Module,
+    train_loader: Iterable[Any],
+    test_loader: Iterable[Any],
+    kind: str = "cls",
+    knn: bool = True,
+    k: int = 20,
+    temperature: float = 0.07,
+    linear: bool = True,
+    linear_kwargs: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    cache_dir: str | Path | None = None,
+) -> FrozenEvalResult:
+    """Extract (or read cached) features of both splits once, then run the k-NN and/or the linear probe.
+
+    Args:
+        model: Frozen backbone.
+        train_loader: Batches of the split searched by the k-NN / fitted by the probe.
+        test_loader: Batches of the split reported.
+        kind: Feature kind (``tokenlab.eval.knn.FEATURE_KINDS``).
+        knn: Run the weighted k-NN (``k``, ``temperature``).
+        linear: Run the linear probe (``linear_kwargs`` go to ``linear_probe``).
+        device: Where the backbone runs.
+        amp_dtype: Autocast dtype for feature extraction.
+        cache_dir: Folder of ``train_<kind>.safetensors`` / ``test_<kind>.safetensors`` caches.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else None
+    train = extract_features(model, train_loader, kind, device, amp_dtype,
+                             cache / f"train_{kind}.safetensors" if cache else None)
+    test = extract_features(model, test_loader, kind, device, amp_dtype,
+                            cache / f"test_{kind}.safetensors" if cache else None)
+    result = FrozenEvalResult(kind, int(train.features.shape[1]))
+    if knn:
+        result.knn = knn_classify(train, test, k=min(k, len(train)), temperature=temperature)
+        logger.info("k-NN (k=%d, T=%g, %s): top-1 %.4f", result.knn.k, temperature, kind, result.knn.top1)
+    if linear:
+        result.linear = linear_probe(train, test, **dict(linear_kwargs or {}))
+        logger.info("linear probe (%s, lr %g): top-1 %.4f", kind, result.linear.lr, result.linear.top1)
+    return result
+
+
+def _subset_indices(n: int, size: int | None, seed: int) -> list[int] | None:
+    if size is None or size >= n:
+        return None
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].tolist())
+
+
+def evaluate_ssl_run(
+    run: str | Path,
+    data: str = "cifar10",
+    train_split: str = "train",
+    test_split: str = "test",
+    kinds: Sequence[str] = ("cls",),
+    knn: bool = True,
+    linear: bool = True,
+    k: int = 20,
+    temperature: float = 0.07,
+    linear_kwargs: dict[str, Any] | None = None,
+    batch_size: int = 256,
+    workers: int = 0,
+    device: str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+    out: str | Path | None = None,
+) -> dict[str, Any]:
+    """k-NN / linear probe of ``RUN/model`` (and of a random initialisation of it); writes ``RUN/eval_ssl.json``.
+
+    Args:
+        run: Run directory or exported model stem.
+        data: Data-set spec for ``tokenlab.data.build_dataset`` (``cifar10``, a folder, a synthetic set, ...).
+        train_split, test_split: Splits for the feature bank / probe fit and for the report.
+        kinds: Feature kinds to evaluate.
+        train_subset, test_subset: Fixed random subsets (seeded) to bound the cost on a CPU.
+        random_init: Also evaluate the same architecture with random weights (``torch.manual_seed(seed)``).
+        out: JSON path (default ``RUN/eval_ssl.json``; the run's folder when ``run`` is a model stem).
+        Other args: see ``evaluate_frozen``.
+
+    Returns:
+        ``{"run", "data", "model", "num_train", "num_test", "results": {"pretrained": {kind: ...}, "random": ...}}``.
+    """
+    import json
+
+    import timm
+    from torch.utils.data import DataLoader, Subset
+
+    from tokenlab.data import build_dataset, build_transforms
+    from tokenlab.models import load_exported
+
+    run = Path(run)
+    model, meta = load_exported(run)
+    run_dir = run if run.is_dir() else run.parent
+    img_size = int(meta.get("img_size") or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    norm = {key: meta[key] for key in ("mean", "std") if key in meta}
+    transform = build_transforms("eval", img_size, **norm)
+    splits = {}
+    for name, split, size, offset in (("train", train_split, train_subset, 0), ("test", test_split, test_subset, 1)):
+        dataset = build_dataset(data, split=split, transform=transform)
+        idx = _subset_indices(len(dataset), size, seed + offset)
+        splits[name] = dataset if idx is None else Subset(dataset, idx)
+    loaders = {
+        name: DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers) for name, ds in splits.items()
+    }
+    tag = f"{data.replace('/', '_')}_{len(splits['train'])}_{len(splits['test'])}_s{seed}"
+    models = {"pretrained": model}
+    if random_init:
+        torch.manual_seed(seed)
+        models["random"] = timm.create_model(meta["model"], **meta.get("model_kwargs", {}))
+    results: dict[str, Any] = {}
+    for label, backbone in models.items():
+        results[label] = {}
+        for kind in kinds:
+            res = evaluate_frozen(
+                backbone, loaders["train"], loaders["test"], kind, knn, k, temperature, linear, linear_kwargs,
+                device, amp_dtype, run_dir / "ssl_features" / f"{label}_{tag}",
+            )
+            results[label][kind] = res.to_dict()
+    report = {
+        "run": str(run), "data": data, "model": meta["model"], "train_split": train_split, "test_split": test_split,
+        "num_train": len(splits["train"]), "num_test": len(splits["test"]), "results": results,
+    }
+    out = Path(out) if out is not None else run_dir / "eval_ssl.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    logger.info("wrote %s", out)
+    return report
+
+
+def finetune_run(run: str | Path, recipe: str | Path, overrides: Sequence[str] = ()) -> Any:
+    """Fine-tune the exported backbone of ``run`` through the engine (recipe + dotlist overrides).
+
+    The model name and architecture kwargs come from the run's export; the weights are loaded by timm from
+    ``RUN/model.safetensors`` (position embeddings resampled when ``img_size`` changes). Returns the engine's
+    ``RunResult`` (``val`` holds the fine-tuned accuracy).
+    """
+    from tokenlab.engine.config import load_config
+    from tokenlab.engine.trainer import train
+    from tokenlab.models import load_exported
+
+    run = Path(run)
+    _, meta = load_exported(run)
+    stem = (run / "model") if run.is_dir() else run.with_suffix("")
+    arch = [f"model.name={meta['model']}"] + [
+        f"model.kwargs.{key}={value}" for key, value in meta.get("model_kwargs", {}).items()
+        if key not in ("num_classes", "pretrained", "pretrained_cfg_overlay")
+    ]
+    weights = ["model.kwargs.pretrained=true", f"model.kwargs.pretrained_cfg_overlay.file={stem}.safetensors"]
+    run_dir = [f"run_dir={(run if run.is_dir() else run.parent) / 'finetune'}"]
+    cfg = load_config(recipe, arch + weights + run_dir + list(overrides))
+    return train(cfg)

@@ -127,7 +127,7 @@ class IBOT(Method):
             or out-of-range temperatures / momenta / weights.
     """
 
-    data_view = "ibot"
+    data_view = "multicrop"
 
     def __init__(
         self,
