@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 import tokenlab.models  # noqa: F401  (registers the models)
 from tokenlab.data.masking import BlockMaskGenerator
-from tokenlab.engine.config import load_config
+from tokenlab.engine.config import list_recipes, load_config
 from tokenlab.engine.trainer import Trainer
 from tokenlab.methods import StepContext, TrainPlan, build_method
 from tokenlab.methods.ibot import IBOT, collapse_metrics, import_ibot_checkpoint
@@ -375,3 +375,27 @@ def test_two_process_gloo_run(tmp_path: Path) -> None:
     assert torch.allclose(r0["probe_center"], torch.tensor([0.25, 0.25]))
     assert all(torch.equal(r0[k], r1[k]) for k in r0), "teachers or centers differ across ranks"
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", [r for r in list_recipes() if r.startswith("ibot_") and not r.endswith("_base")])
+def test_ibot_recipes_fit_their_method_and_transform(name: str) -> None:
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from tokenlab.data import build_transforms
+    from tokenlab.engine.trainer import _TRANSFORM_KINDS
+    from tokenlab.methods import get_method_class
+
+    cfg = load_config(name)
+    cls = get_method_class(cfg.method.name)
+    kwargs = OmegaConf.to_container(cfg.method.kwargs)
+    assert set(kwargs) <= set(inspect.signature(cls.__init__).parameters), kwargs
+    tf = build_transforms(_TRANSFORM_KINDS[cls.data_view], cfg.data.img_size, **cls.transform_options(kwargs),
+                          **OmegaConf.to_container(cfg.data.transform))
+    if cls is IBOT:
+        assert cfg.data.val_split is None and cfg.train.max_nonfinite == 1
+        assert cfg.optim.weight_decay == 0.04 and cfg.optim.weight_decay_end == 0.4
+        sample = tf({"image": torch.randint(0, 255, (3, 40, 40), dtype=torch.uint8), "label": 0})
+        grid = cfg.data.img_size // cfg.data.transform.patch_size
+        assert len(sample["crops"]) == 2 + cfg.data.transform.num_local and sample["masks"][0].shape == (grid, grid)
