@@ -267,8 +267,8 @@ class IBOT(Method):
             "loss": loss,
             "loss_cls": loss_cls.detach(),
             "loss_patch": loss_patch.detach(),
-            "teacher_temp": torch.tensor(temp),
-            "teacher_momentum": torch.tensor(self.current_momentum(ctx.step)),
+            "teacher_temp": loss.new_tensor(temp),
+            "teacher_momentum": loss.new_tensor(self.current_momentum(ctx.step)),
             "mask_ratio": mask.float().mean().detach(),
         }
         return out | metrics
