@@ -97,11 +97,17 @@ def resolve_data(spec: str | Path, split: str | None = None) -> DataSpec:
 
     A directory with ``dataset.json`` (the synthetic set, or any set written by ``tokenlab data``) is a set of splits
     ``DIR/<split>/<class>/<image>``; the split defaults to ``val`` (then ``test``). Any other directory is the tree
-    itself.
+    itself. The literal ``cifar10`` is the built-in CIFAR-10 archive (extracted once; default split ``test``).
     """
     text = str(spec)
     if split is None and ":" in text and not Path(text).exists():
         text, split = text.rsplit(":", 1)
+    if text == "cifar10" and not Path(text).exists():
+        from tokenlab.data.datasets import ensure_cifar10
+
+        # the built-in archive: CIFAR's `test` split is the evaluation split (`val` is an alias, as in build_dataset)
+        split = "test" if split in (None, "val") else split
+        return DataSpec(ensure_cifar10() / split, None, split)
     path = Path(text)
     if not path.exists():
         raise FileNotFoundError(f"data directory not found: {path}")
