@@ -383,8 +383,51 @@ def _add_eval_ssl(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the whole system end to end on the built-in synthetic set (about 6 minutes on 2 CPU cores)",
+        description="Generate the synthetic set, train the STL labeler, a supervised baseline FAN and the STL "
+        "student with the same budget, evaluate them (clean, corruptions, rendition, shortcut, token labels) and "
+        "write a report. Interrupt with Ctrl-C at any time; the same command resumes where it stopped.",
+    )
+    p.add_argument("--out", default="tokenlab-demo", help="output directory (default: ./tokenlab-demo)")
+    p.add_argument("--minutes", type=float, default=6.0, help="time budget; training epochs scale with it")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same numbers")
+    p.add_argument("--ibot", action="store_true", help="also run a short iBOT pre-training scored by k-NN")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    p.add_argument("--preset", default="default", choices=["default", "tiny"], help=argparse.SUPPRESS)
+
+    def run(args: argparse.Namespace) -> int:
+        import time
+
+        from tokenlab.demo import Demo, DemoConfig, format_table
+
+        make = DemoConfig.tiny if args.preset == "tiny" else DemoConfig
+        cfg = make(seed=args.seed, minutes=args.minutes, ibot=args.ibot, device=args.device)
+        cfg.train_epochs()  # validates --minutes
+        started = time.perf_counter()
+
+        def on_stage(name: str, i: int, n: int, elapsed: float) -> None:
+            eta = f", about {max(0.0, args.minutes * 60 - elapsed) / 60:.0f} min left" if i > 1 else ""
+            print(f"[{i}/{n}] {name}  ({elapsed / 60:.1f} min elapsed{eta})", flush=True)
+
+        demo = Demo(args.out, cfg, progress=not args.no_progress, on_stage=on_stage)
+        summary = demo.run()
+        print()
+        print(format_table(summary["metrics"]))
+        print()
+        print(summary["verdict"])
+        print(f"\nreport: {demo.report_dir / 'report.md'} and report.html ({(time.perf_counter() - started) / 60:.1f} min)")
+        return 0
+
+    p.set_defaults(handler=run)
+
+
 # Each entry adds one sub-command. Keep the list in the order `tokenlab --help` should show.
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_demo,
     _add_models,
     _add_train,
     _add_data,

@@ -46,7 +46,7 @@ __all__ = [
 
 # Modules that register built-in methods when imported; loaded lazily so importing the registry stays cheap and
 # free of import cycles. A module that is not there yet (another engineer's work in progress) is skipped.
-_BUILTIN_MODULES = ("tokenlab.methods.supervised", "tokenlab.methods.stl", "tokenlab.methods.ibot", "tokenlab.methods.seg")
+_BUILTIN_MODULES = ("tokenlab.methods.supervised", "tokenlab.methods.stl", "tokenlab.methods.ibot", "tokenlab.methods.segmentation")
 
 _REGISTRY: dict[str, type["Method"]] = {}
 M = TypeVar("M", bound=type["Method"])

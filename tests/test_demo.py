@@ -1,0 +1,76 @@
+"""`tokenlab demo` at a tiny budget: the same code path as the real demo, in seconds."""
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from tokenlab.cli import main
+from tokenlab.demo import Demo, DemoConfig
+
+MODELS = ("labeler", "baseline", "student")
+
+
+def _check_report(out: Path) -> None:
+    md = (out / "report" / "report.md").read_text()
+    for name in MODELS:
+        assert name in md
+    images = re.findall(r"\]\(([^)]+\.png)\)", md)
+    assert images, "the report shows no pictures"
+    for rel in images:
+        assert (out / "report" / rel).is_file(), rel
+    assert "## Verdict" in md and "STL student" in md
+    html = (out / "report" / "report.html").read_text()
+    assert "data:image/png;base64," in html and "Verdict" in html
+
+
+def test_demo_cli_tiny_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--preset", "tiny", "--no-progress", "--ibot"]) == 0
+    printed = capsys.readouterr().out
+    assert "[1/8] data" in printed and "[5/8] ibot" in printed and "report:" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["metrics"]) == set(MODELS)
+    for name, row in summary["metrics"].items():
+        for key in ("clean_top1", "corrupted_top1", "retention", "rendition_top1", "shortcut_top1", "token_iou"):
+            assert row[key] is not None and math.isfinite(row[key]), (name, key)
+    assert summary["metrics"]["student"]["mce_vs_baseline"] is not None
+    assert set(summary["ibot_knn"]) == {"pretrained", "random"}
+    _check_report(out)
+
+
+def test_interrupt_then_resume_and_same_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = DemoConfig.tiny(seed=3)
+    calls = {"n": 0}
+    original = Demo.evaluate
+
+    def interrupted(self: Demo) -> bool:
+        calls["n"] += 1
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Demo, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Demo(tmp_path / "a", cfg, progress=False).run()
+    assert calls["n"] == 1
+    assert (tmp_path / "a" / "runs" / "student" / "model.json").is_file()
+    assert not (tmp_path / "a" / "report").exists()
+
+    monkeypatch.setattr(Demo, "evaluate", original)
+    resumed = Demo(tmp_path / "a", cfg, progress=False)
+    summary = resumed.run()
+    skipped = {r.name for r in resumed.reports if r.skipped}
+    assert {"data", *MODELS} <= skipped  # finished stages are not redone
+    _check_report(tmp_path / "a")
+
+    fresh = Demo(tmp_path / "b", cfg, progress=False).run()
+    assert fresh["metrics"] == summary["metrics"]  # same seed, same numbers, interrupted or not
+
+
+def test_other_settings_in_same_dir_refused(tmp_path: Path) -> None:
+    Demo(tmp_path, DemoConfig.tiny(), progress=False)._check_settings()
+    with pytest.raises(ValueError, match="other settings \\(seed\\)"):
+        Demo(tmp_path, DemoConfig.tiny(seed=9), progress=False)._check_settings()
+    with pytest.raises(ValueError, match="--minutes must be positive"):
+        DemoConfig(minutes=0).train_epochs()
