@@ -19,13 +19,13 @@ from functools import partial
 from typing import Any, Callable, Sequence
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.xcit import ClassAttentionBlock, PositionalEncodingFourier
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from tokenlab.models._registry import base_cfg
 from tokenlab.models.layers import ConvPatchEmbed, FANBlock, HybridPatchEmbed
 
 __all__ = ["FAN", "TokenOutput"]
@@ -307,21 +307,12 @@ def _create_fan(variant: str, pretrained: bool = False, **kwargs: Any) -> FAN:
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
+    defaults = {
         "crop_pct": 0.95,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.proj.0.0",
-        "classifier": "head",
         "license": "see the FAN/STL release for the published weights' licence",
-        **kwargs,
     }
+    return base_cfg(**{**defaults, **kwargs})
 
 
 _HYBRID_CFG = {"first_conv": "patch_embed.backbone.stem.0"}

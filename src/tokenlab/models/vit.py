@@ -14,13 +14,13 @@ import logging
 from typing import Any, Sequence
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from tokenlab.models._loading import unwrap_state_dict
+from tokenlab.models._registry import base_cfg
 from tokenlab.models.fan import TokenOutput
 
 __all__ = ["MaskedViT", "checkpoint_filter_fn"]
@@ -131,20 +131,10 @@ def _create_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> Masked
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
+    defaults = {
         "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        **kwargs,
     }
+    return base_cfg(**{**defaults, **kwargs})
 
 
 default_cfgs = generate_default_cfgs(
