@@ -60,10 +60,10 @@ class DemoConfig:
     counts: dict[str, int] = field(
         default_factory=lambda: {"train": 2560, "val": 500, "rendition": 500, "shortcut": 500}
     )
-    epochs: int = 4
+    epochs: int = 3
     batch_size: int = 64
-    corruptions: str = "gaussian_noise,impulse_noise,defocus_blur,fog,contrast,pixelate,jpeg_compression"
-    severities: str = "2,4"
+    corruptions: str = "gaussian_noise,defocus_blur,fog,contrast,jpeg_compression"
+    severities: str = "3"
     max_steps: int | None = None
     ibot: bool = False
     ibot_epochs: int = 2
@@ -262,6 +262,7 @@ class Demo:
 
     def tokens(self) -> bool:
         from tokenlab.eval.tokens import analyze_run
+        from tokenlab.eval.visualize import save_token_pictures
 
         did = False
         for name in self._eval_names():
@@ -269,7 +270,9 @@ class Demo:
             if (run_dir / "tokens.json").is_file():
                 continue
             # the baseline has no aux head: its class head read on every patch token stands in for token labels
-            analyze_run(run_dir, str(self.data_dir), source="auto", device=self.cfg.device, seed=self.cfg.seed)
+            res = analyze_run(run_dir, str(self.data_dir), source="auto", device=self.cfg.device, seed=self.cfg.seed,
+                              num_examples=6)
+            save_token_pictures(res, run_dir)
             did = True
         return did
 
