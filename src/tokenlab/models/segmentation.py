@@ -231,7 +231,9 @@ def load_backbone_weights(model: FANSegFormer, path: str | Path) -> dict[str, An
     exported meta when there is one, so callers can check the architecture.
     """
     state, meta = _classification_state_dict(path)
-    if meta is not None and meta.get("model") not in (None, model.backbone_name):
+    # a token model (``*_token``) differs from its plain FAN only by ``aux_head``, which is dropped anyway
+    same = str(meta.get("model")).removesuffix("_token") == model.backbone_name.removesuffix("_token") if meta else True
+    if meta is not None and meta.get("model") is not None and not same:
         raise ValueError(
             f"{path} holds a {meta['model']!r} but the segmentation backbone is {model.backbone_name!r}; "
             f"set backbone={meta['model']!r} (and backbone_kwargs={meta.get('model_kwargs', {})})"
