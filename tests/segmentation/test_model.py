@@ -61,9 +61,12 @@ def test_backbone_initialised_from_exported_classifier(tmp_path) -> None:
     wrong_patch = FANSegFormer("fan_nano_6_p16_224_token", num_classes=4, backbone_kwargs={"patch_size": 8})
     with pytest.raises(ValueError, match="shape mismatches"):
         load_backbone_weights(wrong_patch, tmp_path / "run")
-    other = FANSegFormer(num_classes=4, **TINY)
+    other = FANSegFormer(num_classes=4, **TINY)  # the plain FAN of the same size: only aux_head differs, dropped
+    load_backbone_weights(other, tmp_path / "run" / "model")
+    torch.testing.assert_close(other.backbone.blocks[2].attn.q.weight, cls.blocks[2].attn.q.weight)
+    hybrid = FANSegFormer("fan_tiny_8_p4_hybrid", num_classes=4, decoder_dim=16)
     with pytest.raises(ValueError, match="set backbone='fan_nano_6_p16_224_token'"):
-        load_backbone_weights(other, tmp_path / "run" / "model")
+        load_backbone_weights(hybrid, tmp_path / "run" / "model")
     with pytest.raises(FileNotFoundError, match="no classification model"):
         load_backbone_weights(other, tmp_path / "missing")
     assert json.loads((tmp_path / "run" / "model.json").read_text())["model"] == "fan_nano_6_p16_224_token"
