@@ -736,6 +736,9 @@ def _data_meta(dataset: Dataset) -> dict[str, Any]:
 def train(cfg: DictConfig) -> RunResult:
     """Build data, model and method from ``cfg`` and run the training (``tokenlab train``)."""
     cls = get_method_class(cfg.method.name)  # an unknown method fails here, before any data is read
+    custom = getattr(cls, "train_entry", None)
+    if custom is not None:  # a method with its own data sets / schedule (e.g. segmentation) builds its Trainer itself
+        return custom(cfg)
     options = cls.transform_options(dict(OmegaConf.to_container(cfg.method.kwargs)))
     train_set, val_set, meta = build_datasets(cfg, cls.data_view, options)
     try:

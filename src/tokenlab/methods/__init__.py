@@ -109,6 +109,9 @@ class Method(nn.Module):
     name: str = "method"
     #: The sample layout the method needs from the data layer: "classification", "stl_paired" or "multicrop".
     data_view: str = "classification"
+    # optional ``callable(cfg) -> RunResult`` replacing the generic data/Trainer set-up of ``engine.train`` (a method
+    # with its own data sets or schedule, e.g. segmentation); None for the usual path
+    train_entry: Any = None
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
