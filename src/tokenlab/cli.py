@@ -57,25 +57,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. optim.lr=1e-3")
 
     def run(args: argparse.Namespace) -> int:
-        from omegaconf import OmegaConf
-
-        from tokenlab.engine import load_config, train
-
-        overrides = list(args.overrides)
-        if args.run_dir is not None:
-            overrides.append(f"run_dir={args.run_dir}")
-        if args.resume is not None:
-            overrides.append(f"checkpoint.resume={args.resume}")
-        cfg = load_config(args.config, overrides)
-        if args.print_config:
-            print(OmegaConf.to_yaml(cfg), end="")
-            return 0
-        result = train(cfg)
-        val = ", ".join(f"{k} {v:.4f}" for k, v in result.val.items())
-        print(f"trained {result.step} steps into {result.run_dir}" + (f"; validation: {val}" if val else ""))
-        if result.nonfinite_steps:
-            print(f"skipped {result.nonfinite_steps} steps with a non-finite loss")
-        return 0
+        extra = [f"checkpoint.resume={args.resume}"] if args.resume is not None else []
+        return _run_training(args, extra)
 
     p.set_defaults(handler=run)
 
@@ -174,24 +157,8 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
         from pathlib import Path
 
         if args.segment_command == "train":
-            from omegaconf import OmegaConf
-
-            from tokenlab.engine import load_config
-            from tokenlab.methods.segmentation import train_segmentation
-
-            overrides = list(args.overrides)
-            if args.run_dir is not None:
-                overrides.append(f"run_dir={args.run_dir}")
-            if args.init_from is not None:
-                overrides.append(f"method.kwargs.init_from={args.init_from}")
-            cfg = load_config(args.config, overrides)
-            if args.print_config:
-                print(OmegaConf.to_yaml(cfg), end="")
-                return 0
-            result = train_segmentation(cfg)
-            val = ", ".join(f"{k} {v:.4f}" for k, v in result.val.items())
-            print(f"trained {result.step} steps into {result.run_dir}" + (f"; validation: {val}" if val else ""))
-            return 0
+            extra = [f"method.kwargs.init_from={args.init_from}"] if args.init_from is not None else []
+            return _run_training(args, extra)  # the segmentation method's train_entry runs behind engine.train
         from tokenlab.eval.segmentation import evaluate_run
 
         out = Path(args.out) if args.out else Path(args.run) / "segmentation"
@@ -381,6 +348,25 @@ def _add_eval_ssl(sub: argparse._SubParsersAction) -> None:
         return 0
 
     p.set_defaults(handler=run)
+
+
+def _run_training(args: argparse.Namespace, extra_overrides: list[str]) -> int:
+    """Shared by ``train`` and ``segment train``: recipe + overrides -> engine.train, then a one-line summary."""
+    from omegaconf import OmegaConf
+
+    from tokenlab.engine import load_config, train
+
+    overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir is not None else [])
+    cfg = load_config(args.config, overrides + extra_overrides)
+    if args.print_config:
+        print(OmegaConf.to_yaml(cfg), end="")
+        return 0
+    result = train(cfg)
+    val = ", ".join(f"{k} {v:.4f}" for k, v in result.val.items())
+    print(f"trained {result.step} steps into {result.run_dir}" + (f"; validation: {val}" if val else ""))
+    if result.nonfinite_steps:
+        print(f"skipped {result.nonfinite_steps} steps with a non-finite loss")
+    return 0
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
