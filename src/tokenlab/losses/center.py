@@ -20,11 +20,12 @@ Reductions over processes go through ``tokenlab.engine.distributed`` and are no-
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tokenlab.engine.distributed import all_reduce_sum
 
-__all__ = ["Center"]
+__all__ = ["Center", "CenteredTeacherLoss"]
 
 
 class Center(nn.Module):
@@ -82,3 +83,30 @@ class Center(nn.Module):
     def _check(self, teacher_out: torch.Tensor) -> None:
         if teacher_out.shape[-1] != self.dim:
             raise ValueError(f"teacher output has {teacher_out.shape[-1]} dims on its last axis; center has {self.dim}")
+
+
+class CenteredTeacherLoss(nn.Module):
+    """Base of the DINO-[CLS] and iBOT-patch losses: a student temperature and a centered, sharpened teacher.
+
+    Args:
+        out_dim: K, the number of prototypes of the projection head.
+        student_temp: tau_s (iBOT: 0.1).
+        center_momentum: Momentum of this loss's own center (iBOT: 0.9).
+
+    Raises:
+        ValueError: a non-positive temperature (here or in ``teacher_probs``).
+    """
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+        super().__init__()
+        if student_temp <= 0:
+            raise ValueError(f"student_temp must be > 0, got {student_temp}")
+        self.student_temp = student_temp
+        self.center = Center(out_dim, center_momentum)
+
+    @torch.no_grad()
+    def teacher_probs(self, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """``softmax((t - c) / tau_t)`` over the last axis, float32."""
+        if teacher_temp <= 0:
+            raise ValueError(f"teacher_temp must be > 0, got {teacher_temp}")
+        return F.softmax(self.center(teacher_out) / teacher_temp, dim=-1)

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from tokenlab.losses.center import Center
+from tokenlab.losses.center import CenteredTeacherLoss
 
 __all__ = ["IBOTPatchLoss"]
 
 
-class IBOTPatchLoss(nn.Module):
+class IBOTPatchLoss(CenteredTeacherLoss):
     """Masked-token distillation from the teacher's patch outputs to the student's.
 
     Args:
@@ -42,20 +41,6 @@ class IBOTPatchLoss(nn.Module):
         >>> mask = torch.tensor([[True, False, False, True], [False, False, False, False]])
         >>> loss = loss_fn(s, t, mask, teacher_temp=0.04)
     """
-
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__()
-        if student_temp <= 0:
-            raise ValueError(f"student_temp must be > 0, got {student_temp}")
-        self.student_temp = student_temp
-        self.center = Center(out_dim, center_momentum)
-
-    @torch.no_grad()
-    def teacher_probs(self, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """``softmax((t - c) / tau_t)`` over the last axis, float32."""
-        if teacher_temp <= 0:
-            raise ValueError(f"teacher_temp must be > 0, got {teacher_temp}")
-        return F.softmax(self.center(teacher_out) / teacher_temp, dim=-1)
 
     def forward(
         self,
