@@ -22,3 +22,16 @@ def test_models_lists_counts(capsys: pytest.CaptureFixture[str]) -> None:
 def test_unknown_filter_is_a_clean_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models", "--filter", "nothing_like_this*"]) == 2
     assert capsys.readouterr().err.startswith("error: no model matches")
+
+
+def test_an_aborted_training_is_a_message_not_a_traceback(monkeypatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from tokenlab import cli
+    from tokenlab.engine.trainer import NonFiniteLossError, PeerFailureError
+
+    for err in (NonFiniteLossError("3 non-finite losses in a row"), PeerFailureError("another rank stopped answering")):
+        def boom(cfg, _err=err):
+            raise _err
+
+        monkeypatch.setattr("tokenlab.engine.train", boom)
+        assert cli.main(["train", "--config", "cifar10_fan_baseline", "train.device=cpu"]) == 1
+        assert capsys.readouterr().err.strip().endswith(f"error: {err}")

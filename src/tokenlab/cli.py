@@ -12,6 +12,8 @@ import logging
 import sys
 from typing import Callable, Sequence
 
+from tokenlab.errors import TrainingAborted
+
 Handler = Callable[[argparse.Namespace], int | None]
 
 
@@ -461,6 +463,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except TrainingAborted as err:  # non-finite losses, a dead peer rank: the message says what to do next
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return int(rc or 0)
 
 

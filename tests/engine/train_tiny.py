@@ -2,10 +2,12 @@
 
 Usage: python train_tiny.py RUN_DIR [--sleep SECONDS] [key=value ...]
 ``--sleep`` makes each training step slower (same maths) so a test can kill the process mid-run.
+``TINY_FAIL=RANK:STEP:exit|hang`` makes that rank exit (code 3) or hang at that step (the dying-rank tests).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +30,13 @@ SLEEP = 0.0
 class SlowLabeler(STLLabeler):
     def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         time.sleep(SLEEP)
+        fail = os.environ.get("TINY_FAIL")
+        if fail:
+            rank, step, how = fail.split(":")
+            if int(os.environ.get("RANK", 0)) == int(rank) and ctx.step == int(step):
+                if how == "exit":
+                    os._exit(3)
+                time.sleep(3600)
         return super().training_step(batch, ctx)
 
 

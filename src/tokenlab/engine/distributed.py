@@ -21,11 +21,13 @@ __all__ = [
     "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
+    "broadcast_module",
     "broadcast_object",
     "cleanup_distributed",
     "init_distributed",
     "is_distributed",
     "is_main_process",
+    "is_peer_failure",
     "local_rank",
     "rank",
     "world_size",
@@ -75,6 +77,16 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> bool:
     return True
 
 
+def is_peer_failure(err: BaseException) -> bool:
+    """True for a collective that failed because another rank stopped answering (timed out or closed its socket)."""
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer")
+    )
+
+
 def cleanup_distributed() -> None:
     if is_distributed():
         dist.destroy_process_group()
@@ -117,3 +129,17 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+@torch.no_grad()
+def broadcast_module(module: torch.nn.Module, src: int = 0, parameters: bool = True) -> None:
+    """Copy rank ``src``'s parameters (unless ``parameters=False``) and buffers into ``module`` on every rank.
+
+    Ranks seed differently (for their augmentations), so their freshly built models differ; DDP broadcasts at wrap
+    time, FSDP does not, so sharding a model needs this first. Buffers alone (BatchNorm running statistics, which
+    every rank updates from its own batches) make every rank validate the model that rank 0 exports.
+    """
+    if not is_distributed():
+        return
+    for t in [*(module.parameters() if parameters else ()), *module.buffers()]:
+        dist.broadcast(t.data, src=src)

@@ -39,6 +39,7 @@ from tokenlab.engine import checkpoint as ckpt
 from tokenlab.engine import distributed as D
 from tokenlab.engine.logging import MetricLogger
 from tokenlab.engine.schedules import cosine_schedule
+from tokenlab.errors import TrainingAborted
 from tokenlab.methods import Method, StepContext, TrainPlan, build_method, get_method_class
 
 __all__ = ["ResumableSampler", "RunResult", "Trainer", "build_model", "resolve_device", "train"]
@@ -46,8 +47,12 @@ __all__ = ["ResumableSampler", "RunResult", "Trainer", "build_model", "resolve_d
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingAborted):
     """Too many non-finite losses in a row."""
+
+
+class PeerFailureError(TrainingAborted):
+    """Another rank died or hangs: a collective got no answer within ``train.dist_timeout_s``."""
 
 
 @dataclass
@@ -107,6 +112,11 @@ class ResumableSampler(Sampler[tuple[int, int]]):
 
     def __len__(self) -> int:
         return self.per_rank - self.start
+
+
+def _optimizer_layout(fsdp: bool) -> str:
+    """How a checkpoint's optimizer state is keyed: FSDP2 saves it by parameter name, DDP / one process by index."""
+    return "fsdp (keyed by parameter name)" if fsdp else "ddp or single-process (keyed by parameter index)"
 
 
 class _ShardSampler(Sampler[int]):
@@ -292,6 +302,10 @@ class Trainer:
         wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
         self.wd_schedule = cosine_schedule(o.weight_decay, wd_end, cosine_steps, 0, 0.0, cooldown)
 
+        # FSDP2 replaces the parameters by sharded DTensors, so it must run before the optimizer collects them.
+        self.fsdp = cfg.train.distributed == "fsdp" and self.distributed
+        if self.fsdp:
+            self._shard()
         from timm.optim import create_optimizer_v2
 
         groups = _param_groups(method.trainable_module(), o.weight_decay, o.layer_decay)
@@ -305,8 +319,11 @@ class Trainer:
             self.ema = ModelEmaV3(self.model, decay=cfg.train.ema.decay, use_warmup=cfg.train.ema.warmup)
 
         self.runner: nn.Module = self.method
-        if self.distributed:
-            self.runner = self._wrap_distributed(self.method)
+        if self.distributed and not self.fsdp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.runner = DDP(self.method, device_ids=ids, find_unused_parameters=cfg.train.find_unused_parameters)
         if cfg.train.compile:
             self.runner.compile()
         self.method.on_train_start(self.plan)
@@ -325,18 +342,32 @@ class Trainer:
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
 
-    def _wrap_distributed(self, method: Method) -> nn.Module:
-        if self.cfg.train.distributed == "fsdp":
-            from torch.distributed.fsdp import fully_shard
+    def _shard(self) -> None:
+        """FSDP2: shard every transformer block, then the method as the root (all remaining parameters).
 
-            for block in getattr(self.model, "blocks", []):
-                fully_shard(block)
-            fully_shard(method)
-            return method
-        from torch.nn.parallel import DistributedDataParallel as DDP
+        The method's ``forward`` (the training step) runs through the root's hooks; validation and export go through
+        :meth:`_unsharded_root`, which gathers the root-level parameters (the blocks gather their own in their hooks).
+        """
+        from torch.distributed.fsdp import fully_shard
 
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DDP(method, device_ids=ids, find_unused_parameters=self.cfg.train.find_unused_parameters)
+        if self.cfg.train.ema.enabled:
+            raise ValueError("train.ema.enabled is not supported with train.distributed=fsdp (use ddp)")
+        D.broadcast_module(self.method)  # one initialisation: each rank keeps its shard of rank 0's weights
+        for block in getattr(self.model, "blocks", []):
+            fully_shard(block)
+        fully_shard(self.method)
+
+    @contextlib.contextmanager
+    def _unsharded_root(self) -> Iterator[None]:
+        """With FSDP2, gather the root's parameters so that a submodule can run outside the method's ``forward``."""
+        if not self.fsdp:
+            yield
+            return
+        self.method.unshard()
+        try:
+            yield
+        finally:
+            self.method.reshard()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -358,14 +389,14 @@ class Trainer:
 
     # ---- state --------------------------------------------------------------------------------------------------
     def _method_state(self) -> dict[str, torch.Tensor]:
-        if self.cfg.train.distributed == "fsdp" and self.distributed:
+        if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             return get_model_state_dict(self.method, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return self.method.state_dict()
 
     def _optimizer_state(self) -> dict[str, Any]:
-        if self.cfg.train.distributed == "fsdp" and self.distributed:
+        if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -386,6 +417,7 @@ class Trainer:
                 "epoch": self.epoch,
                 "batches_done": self.batches_done,
                 "world_size": self.world,
+                "optimizer_layout": _optimizer_layout(self.fsdp),
                 "optimizer": optim_state,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
                 "nonfinite_total": self.nonfinite_total,
@@ -403,11 +435,18 @@ class Trainer:
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore every piece of training state from a checkpoint directory."""
         weights, state = ckpt.load_checkpoint_dir(path)
+        layout = state.get("optimizer_layout", _optimizer_layout(False))
+        if layout != _optimizer_layout(self.fsdp):
+            raise ValueError(
+                f"checkpoint {path} holds the optimizer state of a {layout} run, this run is "
+                f"{_optimizer_layout(self.fsdp)}: resume it with train.distributed="
+                f"{'fsdp' if layout == _optimizer_layout(True) else 'ddp'} (under torchrun)"
+            )
         old = OmegaConf.create(state.get("config", "{}"))
         for key in ("method", "model", "optim", "schedule.epochs", "data.batch_size"):
             if OmegaConf.select(old, key) != OmegaConf.select(self.cfg, key):
                 logger.warning("config key %r differs from the checkpoint's; the resumed run is not the same run", key)
-        if self.cfg.train.distributed == "fsdp" and self.distributed:
+        if self.fsdp:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
                 set_model_state_dict,
@@ -536,6 +575,16 @@ class Trainer:
             log.log("event", self.step, self.epoch, {"event": "resume" if resume else "start", "plan": vars(self.plan)})
         try:
             self._loop(log)
+        except RuntimeError as err:
+            if self.distributed and not isinstance(err, TrainingAborted) and D.is_peer_failure(err):
+                last = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
+                raise PeerFailureError(
+                    f"rank {self.rank}: another rank stopped answering (it died or hangs; no reply within "
+                    f"train.dist_timeout_s={self.cfg.train.dist_timeout_s} s) at step {self.step}. Stopping this rank. "
+                    f"Last complete checkpoint: {last or 'none'}; run the same command with --resume auto to continue. "
+                    f"({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+                ) from err
+            raise
         finally:
             log.close()
         exported = self.export() if cfg.checkpoint.export else None
@@ -602,11 +651,27 @@ class Trainer:
         """The module validated and exported: the model EMA when enabled, else the method's export module."""
         return self.ema.module if self.ema is not None else self.method.export_module()
 
+    def _gathered_eval_module(self) -> nn.Module:
+        """FSDP2: an unsharded CPU copy of the export module (rank 0; ``None`` elsewhere); every rank must call it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.method, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.is_main:
+            return None
+        target = self.eval_module()
+        prefix = next(name for name, m in self.method.named_modules() if m is target)
+        prefix = f"{prefix}." if prefix else ""
+        num_classes = int(getattr(target, "num_classes", self.cfg.model.num_classes or 0))
+        model = build_model(self.cfg.model.name, num_classes, OmegaConf.to_container(self.cfg.model.kwargs))
+        model.load_state_dict({k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}, strict=True)
+        return model
+
     @torch.no_grad()
     def validate(self, log: MetricLogger | None = None) -> dict[str, float]:
         """Top-1 accuracy and mean CE (as defined by the method's ``validation_step``) over the validation set."""
         assert self.val_set is not None
         model = self.eval_module()
+        D.broadcast_module(model, parameters=False)  # rank 0's BatchNorm statistics: validate what rank 0 exports
         was_training = model.training
         model.eval()
         loader = DataLoader(
@@ -615,12 +680,19 @@ class Trainer:
             collate_fn=default_collate,
         )
         sums: dict[str, torch.Tensor] = {}
-        for batch in loader:
-            batch = _to_device(batch, self.device, self.cfg.train.channels_last)
-            with self._autocast():
-                out = self.method.validation_step(model, batch)
-            for k, v in out.items():
-                sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=self.device)) + v.double()
+        with self._unsharded_root():
+            for batch in loader:
+                batch = _to_device(batch, self.device, self.cfg.train.channels_last)
+                with self._autocast():
+                    out = self.method.validation_step(model, batch)
+                for k, v in out.items():
+                    sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=self.device)) + v.double()
+            if self.fsdp:  # sharded blocks gather in every forward: every rank must run as many as rank 0 (the most)
+                most = -(-len(range(0, len(self.val_set), self.world)) // loader.batch_size)
+                pad = _to_device(default_collate([self.val_set[0]]), self.device, self.cfg.train.channels_last)
+                for _ in range(most - len(loader)):
+                    with self._autocast():
+                        self.method.validation_step(model, pad)  # result discarded
         names = sorted(sums)
         total = D.all_reduce_sum(torch.stack([sums[k] for k in names])) if names else torch.zeros(0)
         stats = dict(zip(names, total.tolist()))
@@ -635,11 +707,11 @@ class Trainer:
 
     def export(self) -> Path | None:
         """Write ``RUN/model.safetensors`` + ``.json`` (rank 0) through ``tokenlab.models.save_exported``."""
+        model = self._gathered_eval_module() if self.fsdp else self.eval_module()  # collective under FSDP
         if not self.is_main:
             return None
         from tokenlab.models import save_exported
 
-        model = self.eval_module()
         model_kwargs = dict(OmegaConf.to_container(self.cfg.model.kwargs))
         model_kwargs["num_classes"] = int(getattr(model, "num_classes", self.cfg.model.num_classes or 0))
         name = getattr(model, "pretrained_cfg", {}).get("architecture") or self.cfg.model.name
