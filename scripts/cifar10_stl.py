@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,23 @@ def _overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
     return o + list(args.override)
 
 
+def _balanced_subset(root: Path, n: int) -> Path:
+    """Hard-link the first ``n / 10`` test images of every class (sorted by name) into ``root``: a fixed subset."""
+    from tokenlab.eval.robustness import resolve_data
+
+    src = resolve_data("cifar10").root
+    classes = sorted(d.name for d in src.iterdir() if d.is_dir())
+    per_class = n // len(classes)
+    if per_class < 1:
+        raise SystemExit(f"--corruption-images {n}: need at least one image per class ({len(classes)})")
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for f in sorted((src / c).iterdir())[:per_class]:
+            if not (root / c / f.name).exists():
+                os.link(f, root / c / f.name)
+    return root
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/cifar10_study", help="study directory (one run directory per stage)")
@@ -61,15 +79,24 @@ def main() -> None:
     p.add_argument("--val-subset", type=int, default=None, help="validate on a fixed random subset of this size")
     p.add_argument("--corruptions", default=None, help="corruption names or 'all' (default: clean accuracy only)")
     p.add_argument("--severities", default="1-5")
+    p.add_argument("--corruption-images", type=int, default=None,
+                   help="corrupt a class-balanced subset of this many test images (default: all 10k)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep finished stages (OUT/results.json) and continue an interrupted stage from its checkpoint")
     p.add_argument("--override", nargs="*", default=[], help="extra key=value overrides for every stage")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"settings": vars(args), "runs": {}}
+    if args.resume and (out / "results.json").is_file():
+        results["runs"] = json.loads((out / "results.json").read_text()).get("runs", {})
     for name, recipe in STAGES:
         run_dir = out / name
-        overrides = _overrides(args, run_dir)
+        if args.resume and name in results["runs"] and (run_dir / "model.safetensors").is_file():
+            logger.info("%s: finished earlier, kept (%s)", name, results["runs"][name]["final_val"])
+            continue
+        overrides = _overrides(args, run_dir) + (["checkpoint.resume=auto"] if args.resume else [])
         if name == "student":
             overrides.append(f"method.kwargs.labeler={out / 'labeler'}")
         cfg = load_config(recipe, overrides)
@@ -90,8 +117,9 @@ def main() -> None:
     if args.corruptions:
         from tokenlab.eval.robustness import evaluate_run
 
+        data = _balanced_subset(out / "corruption_test", args.corruption_images) if args.corruption_images else "cifar10"
         for name in ("baseline", "student"):
-            ev = evaluate_run(out / name, "cifar10", corruptions=args.corruptions, severities=args.severities,
+            ev = evaluate_run(out / name, data, corruptions=args.corruptions, severities=args.severities,
                               device=args.device, progress=False, reference=str(out / "baseline") if name == "student"
                               else "none")
             results["runs"][name]["eval"] = ev.to_dict()
