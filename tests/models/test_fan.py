@@ -59,20 +59,21 @@ def test_golden_vit_stem_matches_published_implementation() -> None:
 
 
 @needs_shared
-def test_golden_hybrid_token_model_close_to_published_implementation() -> None:
-    # Known gap: the hybrid stem matches to ~1e-3 absolute (logits of magnitude ~1.5), not the 1e-4 the ViT stem
-    # reaches; the gap is uniform over tokens. This test pins the current agreement so it cannot get worse.
+def test_golden_hybrid_token_model_matches_published_implementation() -> None:
+    # Needs the unbiased-variance LayerNorm2d in the ConvNeXt stages; the usual biased one is off by ~1e-3.
     out, ref = _golden_run("fan_tiny_8_p4_hybrid_token")
     tok = torch.tensor(ref["token_logits"]).reshape(ref["token_logits_shape"])
-    assert torch.allclose(out.cls_logits, torch.tensor(ref["cls_logits"]), atol=2e-3, rtol=0)
-    assert torch.allclose(out.token_logits, tok, atol=5e-3, rtol=0)
-
-
-@needs_shared
-@pytest.mark.xfail(reason="hybrid stem differs from the published outputs by ~1e-3; cause not found yet", strict=True)
-def test_golden_hybrid_token_model_to_1e4() -> None:
-    out, ref = _golden_run("fan_tiny_8_p4_hybrid_token")
     assert torch.allclose(out.cls_logits, torch.tensor(ref["cls_logits"]), atol=1e-4, rtol=0)
+    assert torch.allclose(out.token_logits, tok, atol=1e-4, rtol=0)
+
+
+def test_unbiased_layer_norm_2d() -> None:
+    from tokenlab.models.layers import UnbiasedLayerNorm2d
+
+    norm = UnbiasedLayerNorm2d(5)
+    x = torch.randn(2, 5, 3, 4)
+    expect = (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, unbiased=True, keepdim=True) + norm.eps)
+    assert torch.allclose(norm(x), expect, atol=1e-6)
 
 
 def test_token_output_and_official_rule() -> None:

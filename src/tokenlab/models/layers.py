@@ -221,6 +221,20 @@ class ConvPatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2), (H, W)  # (B, C, H, W) -> (B, N, C)
 
 
+class UnbiasedLayerNorm2d(LayerNorm2d):
+    """LayerNorm over channels of a (B, C, H, W) map that divides by the *unbiased* variance (C - 1).
+
+    The published hybrid FAN normalises this way inside its ConvNeXt stages (block and downsample norms; the stem
+    norm is the usual biased one): with it, tokenlab reproduces the published outputs to 1e-6 instead of 1e-3
+    (``../shared/golden``). timm's ``LayerNorm2d`` has no unbiased option, hence this subclass.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var, mean = torch.var_mean(x, dim=1, unbiased=True, keepdim=True)
+        x = (x - mean) * torch.rsqrt(var + self.eps)
+        return x * self.weight[:, None, None] + self.bias[:, None, None]
+
+
 class _ConvNeXtTrunk(nn.Module):
     """The first two ConvNeXt stages (stride 8, 256 channels) used as the hybrid stem's backbone."""
 
@@ -238,7 +252,7 @@ class _ConvNeXtTrunk(nn.Module):
                     depth=depth,
                     conv_mlp=True,
                     ls_init_value=1.0,
-                    norm_layer=LayerNorm2d,
+                    norm_layer=UnbiasedLayerNorm2d,
                 )
             )
             prev = dim
