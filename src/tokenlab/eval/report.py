@@ -95,6 +95,14 @@ def _get(d: dict[str, Any] | None, *keys: str) -> Any:
     return d
 
 
+def _reference_note(runs: list) -> str:
+    """Which reference each run's mCE is measured against (runs without one have no mCE)."""
+    refs = {r.name: _get(r.eval, "corruptions", "official", "reference") for r in runs
+            if _get(r.eval, "corruptions", "official")}  # fmt: skip
+    with_ref = [f"{name} against {ref}" for name, ref in refs.items() if ref]
+    return f"mCE: {'; '.join(with_ref)}." if with_ref else "No mCE reference was given."
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -163,9 +171,7 @@ def write_report(
     md += _table(["run", "model", "top-1", "top-1 (cls only)", "top-5", "NLL", "ECE", "robust acc.", "mCE",
                   "rel. mCE", "retention", "token fg acc.", "token IoU"], rows)  # fmt: skip
     md += ["", "Accuracies, ECE, mCE and retention in %. *top-1* uses the official rule (token models: "
-           "`cls + 0.5 · max tokens`); *cls only* is the ablation. mCE is against "
-           + ", ".join(sorted({str(_get(r.eval, 'corruptions', 'official', 'reference')) for r in evald
-                               if _get(r.eval, "corruptions", "official")}) or {"–"}) + ".", ""]  # fmt: skip
+           "`cls + 0.5 · max tokens`); *cls only* is the ablation. " + _reference_note(evald), ""]  # fmt: skip
     skipped = {r.name: _get(r.eval, "corruptions", "skipped") for r in evald if _get(r.eval, "corruptions", "skipped")}
     skipped.update({r.name: {"clean": _get(r.eval, "clean", "official", "skipped")} for r in evald
                     if _get(r.eval, "clean", "official", "skipped")})  # fmt: skip
