@@ -57,6 +57,46 @@ def _rate(make_loader: Callable[[], DataLoader], batches: int, device: torch.dev
     return count / elapsed
 
 
+def _synthetic_breakdown(img_size: int, chunks: int = 20) -> dict[str, float]:
+    """Images/s of one thread for each part of generation: rendering, PNG encoding in memory, writing the files.
+
+    ``generate`` writes two small PNGs per image (image + mask); on a slow file system the writes, not the
+    rendering, can set the pace, and this says which.
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from tokenlab.data.synthetic import CHUNK, _generator, render_chunk
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        labels, textures = torch.arange(CHUNK) % 10, torch.arange(CHUNK) % 4
+        render_chunk(labels, textures, _generator(0, "warm-up", 0), img_size)
+        start = time.perf_counter()
+        rendered = [render_chunk(labels, textures, _generator(0, "bench", c), img_size)[:2] for c in range(chunks)]
+        render = chunks * CHUNK / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    pairs = [(imgs[i], masks[i]) for imgs, masks in rendered for i in range(len(imgs))]
+    blobs = []
+    start = time.perf_counter()
+    for img, mask in pairs:
+        for array in (img, mask):
+            buf = io.BytesIO()
+            Image.fromarray(np.asarray(array)).save(buf, format="PNG", compress_level=1)
+            blobs.append(buf.getvalue())
+    encode = len(pairs) / (time.perf_counter() - start)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        for i, blob in enumerate(blobs):
+            (Path(tmp) / f"{i}.png").write_bytes(blob)
+        write = len(pairs) / (time.perf_counter() - start)
+    return {"render": render, "png_encode_in_memory": encode, "write_two_files": write}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--img-size", type=int, default=64)
@@ -85,6 +125,7 @@ def main() -> None:
             generate(root, SynthConfig(seed=round_, img_size=args.img_size, counts={"train": args.images}))
             gen_rates.append(args.images / (time.perf_counter() - start))
         results["synthetic_images_per_s"] = {"median": statistics.median(gen_rates), "rounds": gen_rates}
+        results["synthetic_breakdown_one_thread"] = _synthetic_breakdown(args.img_size)
 
         size, ra = args.img_size, args.rand_augment
         paired = build_dataset(root, "train", build_transforms("stl_pair", size, re_prob=0.25, rand_augment=ra), verify="none", load_masks=False)
@@ -116,6 +157,8 @@ def main() -> None:
     print(f"\n{'pipeline':<26}{'images/s':>10}   ({args.img_size}px, batch {args.batch_size}, "
           f"{args.workers} workers, {args.device})")
     print(f"{'synthetic generation':<26}{results['synthetic_images_per_s']['median']:>10.0f}")
+    for part, value in results["synthetic_breakdown_one_thread"].items():
+        print(f"{'  one thread: ' + part:<40}{value:>8.0f}")
     for name, value in med.items():
         print(f"{name:<26}{value:>10.0f}")
     print(f"paired STL cost / timm single view: {results['stl_paired_cost_vs_timm_single_view']:.2f}x "
