@@ -381,7 +381,10 @@ def analyze_run(
     mean, std = meta.get("mean", (0.485, 0.456, 0.406)), meta.get("std", (0.229, 0.224, 0.225))
     ds = MaskedTreeDataset(spec.root, spec.masks, {c: i for i, c in enumerate(classes)}, int(meta.get("img_size", 224)),
                            mean, std)  # fmt: skip
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
+    # a fixed shuffled order: the metrics do not depend on it, but the example pictures then show several classes
+    # instead of the first class folder's first images
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist()
+    loader = DataLoader(ds, batch_size=batch_size, sampler=order, num_workers=workers)
     name = ckpt.name if ckpt.is_dir() else ckpt.parent.name
     res = analyze_tokens(model, loader, classes, mean, std, source, threshold, device, amp, num_examples, seed, name)
     target = Path(out) if out else (ckpt / "tokens.json" if ckpt.is_dir() else ckpt.parent / "tokens.json")
