@@ -22,10 +22,11 @@ COMMON = ["method.name=slow_stl_labeler", "schedule.epochs=2", "checkpoint.every
           "train.dist_timeout_s=120", "train.device=cpu", "optim.clip_grad=1.0"]
 
 
-def _torchrun(run_dir: Path, *overrides: str, fail: str | None = None, timeout: int = 200) -> subprocess.CompletedProcess:
+def _torchrun(run_dir: Path, *overrides: str, fail: str | None = None, val: int = 8,
+             timeout: int = 200) -> subprocess.CompletedProcess:
     torchrun = shutil.which("torchrun")
     cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    cmd += ["--standalone", "--nproc_per_node=2", str(SCRIPT), str(run_dir), *COMMON, *overrides]
+    cmd += ["--standalone", "--nproc_per_node=2", str(SCRIPT), str(run_dir), "--val", str(val), *COMMON, *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TINY_FAIL", None)
     if fail:
@@ -77,12 +78,14 @@ def test_fsdp2_matches_ddp_resumes_and_refuses_a_ddp_checkpoint(ddp_run: Path, t
     _, state = ckpt.load_checkpoint_dir(fsdp / "checkpoints" / "step_000000008")
     assert state["optimizer_layout"].startswith("fsdp") and state["optimizer"]["state"]  # full, name-keyed state
 
-    # resume an FSDP2 checkpoint under FSDP2: exactly the uninterrupted run's weights
+    # resume an FSDP2 checkpoint under FSDP2: exactly the uninterrupted run's weights. Its final validation has 9
+    # samples in batches of 2: rank 0 runs 3 batches, rank 1 runs 2 and one discarded padding batch (else it hangs)
     resumed = tmp_path / "resumed"
     shutil.copytree(fsdp / "checkpoints" / "step_000000006", resumed / "checkpoints" / "step_000000006")
-    proc = _torchrun(resumed, "train.distributed=fsdp", "checkpoint.resume=auto")
+    proc = _torchrun(resumed, "train.distributed=fsdp", "checkpoint.resume=auto", "data.val_batch_size=2", val=9)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from" in proc.stderr
+    assert read_metrics(resumed, "val")[-1]["step"] == 8
     c = _weights(resumed)
     assert all(torch.equal(b[k], c[k]) for k in b)
 

@@ -1,7 +1,8 @@
 """Run a tiny training in its own process (used by the kill/resume and torchrun tests).
 
-Usage: python train_tiny.py RUN_DIR [--sleep SECONDS] [key=value ...]
-``--sleep`` makes each training step slower (same maths) so a test can kill the process mid-run.
+Usage: python train_tiny.py RUN_DIR [--sleep SECONDS] [--val N] [key=value ...]
+``--sleep`` makes each training step slower (same maths) so a test can kill the process mid-run; ``--val`` sets the
+number of validation samples (default 8).
 ``TINY_FAIL=RANK:STEP:exit|hang`` makes that rank exit (code 3) or hang at that step (the dying-rank tests).
 """
 
@@ -44,10 +45,15 @@ def main(argv: list[str]) -> None:
     global SLEEP
     torch.set_num_threads(1)
     run_dir, rest = Path(argv[0]), argv[1:]
-    if rest[:1] == ["--sleep"]:
-        SLEEP, rest = float(rest[1]), rest[2:]
+    val = 8
+    while rest[:1] in (["--sleep"], ["--val"]):
+        if rest[0] == "--sleep":
+            SLEEP = float(rest[1])
+        else:
+            val = int(rest[1])
+        rest = rest[2:]
     cfg = tiny_config(run_dir, *rest)
-    Trainer(cfg, TinySet(32), TinySet(8, seed=1)).fit()
+    Trainer(cfg, TinySet(32), TinySet(val, seed=1)).fit()
 
 
 if __name__ == "__main__":

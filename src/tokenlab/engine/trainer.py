@@ -651,7 +651,7 @@ class Trainer:
         """The module validated and exported: the model EMA when enabled, else the method's export module."""
         return self.ema.module if self.ema is not None else self.method.export_module()
 
-    def _gathered_eval_module(self) -> nn.Module:
+    def _gathered_eval_module(self) -> nn.Module | None:
         """FSDP2: an unsharded CPU copy of the export module (rank 0; ``None`` elsewhere); every rank must call it."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
