@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -364,6 +365,8 @@ def _run_training(args: argparse.Namespace, extra_overrides: list[str]) -> int:
         print(OmegaConf.to_yaml(cfg), end="")
         return 0
     result = train(cfg)
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun only rank 0 reports
+        return 0
     val = ", ".join(f"{k} {v:.4f}" for k, v in result.val.items())
     print(f"trained {result.step} steps into {result.run_dir}" + (f"; validation: {val}" if val else ""))
     if result.nonfinite_steps:
