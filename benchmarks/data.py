@@ -66,9 +66,8 @@ def _synthetic_breakdown(img_size: int, chunks: int = 20) -> dict[str, float]:
     import io
 
     import numpy as np
-    from PIL import Image
 
-    from tokenlab.data.synthetic import CHUNK, _generator, render_chunk
+    from tokenlab.data.synthetic import CHUNK, _encode_png, _generator, render_chunk
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -86,7 +85,7 @@ def _synthetic_breakdown(img_size: int, chunks: int = 20) -> dict[str, float]:
     for img, mask in pairs:
         for array in (img, mask):
             buf = io.BytesIO()
-            Image.fromarray(np.asarray(array)).save(buf, format="PNG", compress_level=1)
+            _encode_png(buf, np.asarray(array))
             blobs.append(buf.getvalue())
     encode = len(pairs) / (time.perf_counter() - start)
     with tempfile.TemporaryDirectory() as tmp:

@@ -39,7 +39,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -388,8 +388,9 @@ def assign_split(config: SynthConfig, split: str) -> tuple[torch.Tensor, torch.T
     return labels, textures
 
 
-def _encode_png(path: Path, array: np.ndarray) -> None:
-    Image.fromarray(array).save(path, format="PNG", compress_level=1)
+def _encode_png(target: Path | BinaryIO, array: np.ndarray) -> None:
+    """The one PNG encoding of the set (a file path, or a buffer for benchmarks/data.py)."""
+    Image.fromarray(array).save(target, format="PNG", compress_level=1)
 
 
 def image_name(index: int) -> str:
