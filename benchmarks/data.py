@@ -109,6 +109,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda: batches are copied there (pinned memory)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "data.json"))
     args = parser.parse_args()
+    if args.images // args.batch_size < args.batches + 1:  # one untimed batch, then the timed ones
+        parser.error(f"--images {args.images} gives fewer than --batches {args.batches} + 1 batches of "
+                     f"{args.batch_size}; raise --images or lower --batches")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device)
     results: dict[str, Any] = {
