@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from engine_helpers import TinySet, tiny_config  # noqa: E402
 
+from tokenlab.engine import distributed as D  # noqa: E402
 from tokenlab.engine.trainer import Trainer  # noqa: E402
 from tokenlab.methods import StepContext, register_method  # noqa: E402
 from tokenlab.methods.stl import STLLabeler  # noqa: E402
@@ -53,7 +54,10 @@ def main(argv: list[str]) -> None:
             val = int(rest[1])
         rest = rest[2:]
     cfg = tiny_config(run_dir, *rest)
-    Trainer(cfg, TinySet(32), TinySet(val, seed=1)).fit()
+    try:
+        Trainer(cfg, TinySet(32), TinySet(val, seed=1)).fit()
+    finally:  # as engine.train does: a process group left open can abort at exit ("terminate called ...")
+        D.cleanup_distributed()
 
 
 if __name__ == "__main__":
