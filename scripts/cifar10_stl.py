@@ -27,7 +27,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from tokenlab.engine import load_config, train
-from tokenlab.engine.logging import read_metrics
+from tokenlab.utils.metrics_log import read_metrics
 
 logger = logging.getLogger("cifar10_stl")
 

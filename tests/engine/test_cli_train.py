@@ -4,7 +4,7 @@ import pytest
 
 from tokenlab.cli import main
 from tokenlab.data import SynthConfig, generate
-from tokenlab.engine.logging import read_metrics
+from tokenlab.utils.metrics_log import read_metrics
 from tokenlab.models import load_exported
 
 TINY = ["data.img_size=32", "data.batch_size=8", "model.name=fan_nano_6_p16_224_token", "model.kwargs.patch_size=8",

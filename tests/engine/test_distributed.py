@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from tokenlab.engine import checkpoint as ckpt
-from tokenlab.engine import distributed as D
-from tokenlab.engine.logging import read_metrics
+from tokenlab.utils import distributed as D
+from tokenlab.utils.metrics_log import read_metrics
 
 SCRIPT = Path(__file__).with_name("train_tiny.py")
 # 32 samples / 2 ranks / batch 4 = 4 steps per epoch

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tokenlab.engine.logging import read_metrics
+from tokenlab.utils.metrics_log import read_metrics
 
 SCRIPT = Path(__file__).with_name("train_tiny.py")
 # drop path (torch RNG), Mixup/CutMix (numpy RNG), EMA, mid-epoch checkpoints and a mid-epoch kill

@@ -12,8 +12,8 @@ from engine_helpers import TinySet, tiny_config
 
 import tokenlab
 from tokenlab.engine import checkpoint as ckpt
-from tokenlab.engine.logging import read_metrics
-from tokenlab.engine.schedules import cosine_schedule
+from tokenlab.utils.metrics_log import read_metrics
+from tokenlab.utils.schedules import cosine_schedule
 from tokenlab.engine.trainer import NonFiniteLossError, ResumableSampler, Trainer
 from tokenlab.methods import StepContext, register_method
 from tokenlab.methods.supervised import Supervised

@@ -344,7 +344,7 @@ _DIST_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {here!r})
 from test_ibot import TinyCrops, _cfg
-from tokenlab.engine import distributed as D
+from tokenlab.utils import distributed as D
 from tokenlab.engine.trainer import Trainer
 from tokenlab.losses.center import Center
 from safetensors.torch import save_file

@@ -12,6 +12,7 @@ from tokenlab.data.synthetic import SHAPES, TEXTURES, SynthConfig, generate
 from tokenlab.data.transforms import (
     TEACHER_MODES,
     EvalTransform,
+    eval_transform_from_meta,
     MultiCropTransform,
     ViewTransform,
     build_mixup,
@@ -27,6 +28,7 @@ __all__ = [
     "BlockMaskGenerator",
     "EpochSampler",
     "EvalTransform",
+    "eval_transform_from_meta",
     "ImageDataset",
     "MultiCropTransform",
     "SeededDataset",

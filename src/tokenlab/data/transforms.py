@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from timm.data import Mixup
@@ -280,8 +280,18 @@ def _image_size(image: torch.Tensor) -> tuple[int, int]:
     return int(height), int(width)
 
 
+INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC,
+                  "nearest": v2.InterpolationMode.NEAREST}
+#: Evaluation preprocessing keys stored in every exported ``model.json`` (``eval_transform_from_meta`` reads them).
+EVAL_META_KEYS = ("img_size", "mean", "std", "crop_pct", "interpolation")
+
+
 class EvalTransform(v2.Transform):
-    """Resize the short side to ``img_size / crop_pct``, centre-crop ``img_size``, scale to [0, 1], normalise."""
+    """Resize the short side to ``floor(img_size / crop_pct)``, centre-crop ``img_size``, scale to [0, 1], normalise.
+
+    The one evaluation preprocessing of tokenlab: training validation, ``eval``, ``tokens``, ``eval-ssl`` and
+    segmentation all build it, from the exported model's metadata through ``eval_transform_from_meta``.
+    """
 
     def __init__(
         self,
@@ -289,22 +299,50 @@ class EvalTransform(v2.Transform):
         crop_pct: float = 1.0,
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        interpolation: str = "bilinear",
     ) -> None:
         super().__init__()
         if not 0 < crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-        self.img_size = img_size
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation {interpolation!r}; valid: {', '.join(INTERPOLATIONS)}")
+        self.img_size, self.crop_pct, self.interpolation = img_size, crop_pct, interpolation
+        self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
         self.pipeline = v2.Compose(
             [
-                v2.Resize(math.floor(img_size / crop_pct), antialias=True),
+                v2.Resize(math.floor(img_size / crop_pct), interpolation=INTERPOLATIONS[interpolation], antialias=True),
                 v2.CenterCrop(img_size),
                 v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(list(mean), list(std)),
+                v2.Normalize(self.mean, self.std),
             ]
         )
 
     def forward(self, inpt: Any) -> dict[str, Any]:
         return self.pipeline(_as_sample(inpt))
+
+    def meta(self) -> dict[str, Any]:
+        """The ``EVAL_META_KEYS`` that rebuild this transform (written into an exported ``model.json``)."""
+        return {"img_size": self.img_size, "mean": self.mean, "std": self.std, "crop_pct": self.crop_pct,
+                "interpolation": self.interpolation}
+
+
+def eval_transform_from_meta(meta: Mapping[str, Any], img_size: int | None = None) -> EvalTransform:
+    """The evaluation transform an exported model was trained for (``EVAL_META_KEYS`` of its ``model.json``).
+
+    Missing keys fall back to the defaults of ``EvalTransform`` (older exports stored only size, mean and std).
+
+    Args:
+        meta: An exported model's metadata.
+        img_size: Override of the stored input size (e.g. to evaluate at another resolution).
+
+    Raises:
+        ValueError: no input size in ``meta`` and none given.
+    """
+    size = img_size if img_size is not None else meta.get("img_size")
+    if size is None:
+        raise ValueError("the exported model's metadata has no img_size; pass one")
+    kwargs = {k: meta[k] for k in ("mean", "std", "crop_pct", "interpolation") if meta.get(k) is not None}
+    return EvalTransform(int(size), **kwargs)
 
 
 class ViewTransform(v2.Transform):

@@ -3,7 +3,7 @@
 The trainer knows only the method protocol (``tokenlab.methods.Method``): it never imports a concrete method.
 Per optimizer step ``s`` (``accum_steps`` micro-batches):
 
-    lr_g(s) = lr(s) * lr_scale_g,   lr(s) = warm-up + cosine (``engine.schedules``), weight decay likewise
+    lr_g(s) = lr(s) * lr_scale_g,   lr(s) = warm-up + cosine (``utils.schedules``), weight decay likewise
     loss    = method.training_step(batch, ctx)["loss"] / accum_steps  -> backward (AMP: bf16 autocast; fp16 + scaler)
     if any rank saw a non-finite loss: zero grads, count, skip (``train.max_nonfinite`` in a row stop the run)
     else: method.before_optimizer_step -> clip -> optimizer.step -> model EMA (timm ModelEmaV3) -> method.after_step
@@ -36,9 +36,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from tokenlab.engine import checkpoint as ckpt
-from tokenlab.engine import distributed as D
-from tokenlab.engine.logging import MetricLogger
-from tokenlab.engine.schedules import cosine_schedule
+from tokenlab.utils import distributed as D
+from tokenlab.utils.metrics_log import MetricLogger
+from tokenlab.utils.schedules import cosine_schedule
 from tokenlab.errors import TrainingAborted
 from tokenlab.methods import Method, StepContext, TrainPlan, build_method, get_method_class
 

@@ -11,7 +11,7 @@ where ``t_r`` are all teacher output rows of the step (every view, image and, fo
 process, and ``m`` is the center momentum (iBOT: 0.9). iBOT keeps separate centers for [CLS] and patch outputs;
 each loss owns one ``Center``.
 
-Reductions over processes go through ``tokenlab.engine.distributed`` and are no-ops in one process.
+Reductions over processes go through ``tokenlab.utils.distributed`` and are no-ops in one process.
 
 - [0]: DINO: Emerging Properties in Self-Supervised Vision Transformers, 2021, https://arxiv.org/abs/2104.14294
 - [1]: iBOT: Image BERT Pre-Training with Online Tokenizer, 2021, https://arxiv.org/abs/2111.07832
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenlab.engine.distributed import all_reduce_sum
+from tokenlab.utils.distributed import all_reduce_sum
 
 __all__ = ["Center", "CenteredTeacherLoss"]
 

@@ -6,7 +6,7 @@ a frozen labeler, an EMA teacher). The engine only talks to this protocol (``doc
 - ``training_step(batch, ctx) -> dict[str, Tensor]``: named loss terms plus the total ``"loss"`` that is
   back-propagated. ``forward`` calls it, so the engine can wrap the whole method in DDP/FSDP.
 - ``on_train_start(plan)``: called once with the step plan (total steps, steps per epoch) so a method can build
-  its per-step schedules up front (e.g. iBOT's teacher temperature and momentum, see ``tokenlab.engine.schedules``).
+  its per-step schedules up front (e.g. iBOT's teacher temperature and momentum, see ``tokenlab.utils.schedules``).
 - ``before_optimizer_step(ctx)``: after backward, before clipping and the optimizer step (e.g. freeze a last layer
   by zeroing its gradients during the first epoch).
 - ``after_step(ctx)``: after the optimizer step (e.g. EMA teacher update).

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenlab.engine.schedules import cosine_schedule, linear_warmup_then_constant
+from tokenlab.utils.schedules import cosine_schedule, linear_warmup_then_constant
 from tokenlab.losses.dino_cls import DINOClsLoss
 from tokenlab.losses.ibot_patch import IBOTPatchLoss
 from tokenlab.methods import Method, StepContext, TrainPlan, register_method

@@ -170,7 +170,7 @@ def train_segmentation(cfg: DictConfig) -> Any:
     """
     import tokenlab.models.segmentation  # noqa: F401  (registers segformer_fan with timm)
     from tokenlab.engine import Trainer, build_model
-    from tokenlab.engine import distributed as D
+    from tokenlab.utils import distributed as D
     from tokenlab.methods import build_method
 
     if cfg.method.name != "segmentation":
