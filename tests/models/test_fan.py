@@ -10,14 +10,12 @@ import torch
 import tokenlab  # noqa: F401
 from tokenlab.models import TokenOutput, create_model
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
-KEYS_FILE = SHARED / "fan_state_dict_keys.json"
-GOLDEN_FILE = SHARED / "golden" / "fan_golden.json"
-needs_shared = pytest.mark.skipif(not KEYS_FILE.is_file(), reason="../shared is not beside the checkout")
+REFERENCE = Path(__file__).resolve().parent / "reference"  # vendored copies, see reference/README.md
+KEYS_FILE = REFERENCE / "fan_state_dict_keys.json"
+GOLDEN_FILE = REFERENCE / "fan_golden.json"
 
 
-@needs_shared
-@pytest.mark.parametrize("name", sorted(json.loads(KEYS_FILE.read_text())) if KEYS_FILE.is_file() else [])
+@pytest.mark.parametrize("name", sorted(json.loads(KEYS_FILE.read_text())))
 def test_published_key_layout_and_parameter_count(name: str) -> None:
     ref = json.loads(KEYS_FILE.read_text())[name]
     with torch.device("meta"):
@@ -30,7 +28,7 @@ def test_published_key_layout_and_parameter_count(name: str) -> None:
 
 
 def _golden_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The deterministic weights described in ../shared/golden/README.md."""
+    """The deterministic weights described in reference/README.md."""
     g = torch.Generator().manual_seed(0)
     out = {}
     for key, t in sorted(model.state_dict().items()):
@@ -52,13 +50,11 @@ def _golden_run(name: str) -> tuple[TokenOutput, dict]:
         return model.forward_tokens(x), ref
 
 
-@needs_shared
 def test_golden_vit_stem_matches_published_implementation() -> None:
     out, ref = _golden_run("fan_tiny_12_p16_224")
     assert torch.allclose(out.cls_logits, torch.tensor(ref["cls_logits"]), atol=1e-4, rtol=0)
 
 
-@needs_shared
 def test_golden_hybrid_token_model_matches_published_implementation() -> None:
     # Needs the unbiased-variance LayerNorm2d in the ConvNeXt stages; the usual biased one is off by ~1e-3.
     out, ref = _golden_run("fan_tiny_8_p4_hybrid_token")
