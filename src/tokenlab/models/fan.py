@@ -5,7 +5,7 @@ Papers:
 - [1] Zhao et al., "Fully Attentional Networks with Self-emerging Token Labeling", ICCV 2023.
   https://arxiv.org/abs/2401.03844
 
-Written from the papers' descriptions (see ``../shared/REFERENCE.md`` §1); state-dict names follow the published
+Written from the papers' descriptions; state-dict names follow the published
 checkpoints so they load with ``strict=True``. Structure: stem (ViT conv stem or truncated ConvNeXt) -> Fourier
 positional encoding -> ``depth`` FAN blocks -> class token + 2 class-attention blocks (XCiT style,
 ``tokens_norm=True``) -> final LayerNorm -> ``head`` on the class token, and for ``_token`` models an ``aux_head``

@@ -226,7 +226,7 @@ class UnbiasedLayerNorm2d(LayerNorm2d):
 
     The published hybrid FAN normalises this way inside its ConvNeXt stages (block and downsample norms; the stem
     norm is the usual biased one): with it, tokenlab reproduces the published outputs to 1e-6 instead of 1e-3
-    (``../shared/golden``). timm's ``LayerNorm2d`` has no unbiased option, hence this subclass.
+    (``tests/models/reference/fan_golden.json``). timm's ``LayerNorm2d`` has no unbiased option, hence this subclass.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
