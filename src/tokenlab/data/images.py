@@ -90,7 +90,7 @@ def load_rgb(path: str | Path) -> Image.Image:
 
 def load_rgb_array(path: str | Path) -> np.ndarray:
     """``load_rgb`` as an ``(H, W, 3)`` uint8 array."""
-    return np.asarray(load_rgb(path))
+    return np.array(load_rgb(path))
 
 
 def check_image(path: str | Path) -> str | None:

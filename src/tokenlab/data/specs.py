@@ -33,6 +33,7 @@ __all__ = [
     "CIFAR10_CLASSES",
     "LIST_SUFFIXES",
     "SPEC_KINDS",
+    "EVAL_SPLITS",
     "DataSpec",
     "cache_dir",
     "cifar10_archive",
