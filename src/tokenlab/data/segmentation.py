@@ -53,6 +53,7 @@ __all__ = [
     "build_segmentation_transforms",
     "cityscapes_pairs",
     "folder_pairs",
+    "pair_set",
     "synthetic_pairs",
 ]
 
@@ -74,12 +75,14 @@ class PairSet:
         class_names: The K class names.
         label_map: Optional 256-entry lookup applied to raw mask values (e.g. Cityscapes label id -> train id).
         skipped: Unreadable images left out (``tokenlab.data.images``' policy: skipped, logged, counted).
+        image_root: The tree the images live in (what the corruption cache is generated from).
     """
 
     pairs: list[tuple[Path, Path]]
     class_names: list[str]
     label_map: np.ndarray | None = None
     skipped: list[Path] = field(default_factory=list)
+    image_root: Path | None = None
 
 
 class SegmentationTransform:
@@ -269,14 +272,14 @@ def _read_image(path: Path, mode: str | None) -> np.ndarray:
         raise ValueError(f"cannot read image {path}: {err}") from None
 
 
-def _readable(pairs: list[tuple[Path, Path]], class_names: list[str], where: str,
+def _readable(pairs: list[tuple[Path, Path]], class_names: list[str], image_root: Path,
               label_map: np.ndarray | None = None) -> PairSet:  # fmt: skip
     """The pairs whose image is readable; the others are skipped, logged and counted (``PairSet.skipped``)."""
-    unreadable = UnreadableImages(where)
+    unreadable = UnreadableImages(str(image_root))
     keep = unreadable.filter([img for img, _ in pairs])
     if not keep:
-        raise ValueError(f"no readable image in {where} ({len(pairs)} unreadable)")
-    return PairSet([pairs[i] for i in keep], class_names, label_map, unreadable.paths)
+        raise ValueError(f"no readable image in {image_root} ({len(pairs)} unreadable)")
+    return PairSet([pairs[i] for i in keep], class_names, label_map, unreadable.paths, image_root)
 
 
 def synthetic_pairs(root: str | Path, split: str) -> PairSet:
@@ -296,7 +299,7 @@ def synthetic_pairs(root: str | Path, split: str) -> PairSet:
     for index, label in enumerate(labels):
         name = f"{classes[label]}/{index:06d}.png"
         pairs.append((root / split / name, root / f"{split}_masks" / name))
-    return _readable(pairs, ["background", *classes], f"{root}/{split}")
+    return _readable(pairs, ["background", *classes], root / split)
 
 
 def cityscapes_pairs(root: str | Path, split: str) -> PairSet:
@@ -321,7 +324,7 @@ def cityscapes_pairs(root: str | Path, split: str) -> PairSet:
     if not train_ids:
         label_map = np.full(256, 255, dtype=np.int64)
         label_map[list(_CITYSCAPES_IDS)] = np.arange(len(_CITYSCAPES_IDS))
-    return _readable(pairs, list(CITYSCAPES_CLASSES), str(img_root), label_map)
+    return _readable(pairs, list(CITYSCAPES_CLASSES), img_root, label_map)
 
 
 def folder_pairs(
@@ -361,7 +364,26 @@ def folder_pairs(
         names = [str(i) for i in range(num_classes)]
     else:
         raise ValueError(f"{root} has no classes.txt; pass num_classes")
-    return _readable(pairs, names, str(img_root))
+    return _readable(pairs, names, img_root)
+
+
+def pair_set(kind: str, root: str | Path, split: str, num_classes: int | None = None) -> PairSet:
+    """The (image, mask) pairs of one of ``KINDS`` (see the module docstring).
+
+    Raises:
+        ValueError: an unknown kind, or ``num_classes`` that differs from the layout's classes.
+    """
+    if kind == "synthetic":
+        ps = synthetic_pairs(root, split)
+    elif kind == "cityscapes":
+        ps = cityscapes_pairs(root, split)
+    elif kind == "folder":
+        ps = folder_pairs(root, split, num_classes)
+    else:
+        raise ValueError(f"unknown segmentation data kind {kind!r}; valid: {', '.join(KINDS)}")
+    if num_classes is not None and num_classes != len(ps.class_names):
+        raise ValueError(f"num_classes={num_classes} but {root} ({kind}) has {len(ps.class_names)} classes")
+    return ps
 
 
 def build_segmentation_dataset(
@@ -374,16 +396,7 @@ def build_segmentation_dataset(
     seed: int = 0,
 ) -> SegmentationDataset:
     """A ``SegmentationDataset`` for one of ``KINDS`` (see the module docstring)."""
-    if kind == "synthetic":
-        ps = synthetic_pairs(root, split)
-    elif kind == "cityscapes":
-        ps = cityscapes_pairs(root, split)
-    elif kind == "folder":
-        ps = folder_pairs(root, split, num_classes)
-    else:
-        raise ValueError(f"unknown segmentation data kind {kind!r}; valid: {', '.join(KINDS)}")
-    if num_classes is not None and num_classes != len(ps.class_names):
-        raise ValueError(f"num_classes={num_classes} but {root} ({kind}) has {len(ps.class_names)} classes")
+    ps = pair_set(kind, root, split, num_classes)
     return SegmentationDataset(ps.pairs, ps.class_names, transform, ignore_index, ps.label_map, seed)
 
 
