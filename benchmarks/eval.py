@@ -30,9 +30,10 @@ from PIL import Image
 
 import tokenlab  # noqa: F401  (registers the models)
 from tokenlab.data import SynthConfig, generate
-from tokenlab.eval.classify import build_loader, predict
+from tokenlab.data.images import list_class_dirs
+from tokenlab.eval.classify import predict
 from tokenlab.eval.corruptions import ALL_CORRUPTIONS, corrupt_image, generate_corruptions
-from tokenlab.eval.folders import list_class_dirs
+from tokenlab.eval.folders import eval_loader
 
 logger = logging.getLogger("benchmarks.eval")
 
@@ -109,7 +110,7 @@ def main() -> None:
         model = timm.create_model(args.model, num_classes=len(classes), img_size=args.img_size,
                                   patch_size=args.patch_size).eval()  # fmt: skip
         meta = {"img_size": args.img_size, "mean": [0.5] * 3, "std": [0.5] * 3}
-        loader = build_loader(root, {c: i for i, c in enumerate(classes)}, meta, args.batch_size, args.workers)
+        loader = eval_loader(root, {c: i for i, c in enumerate(classes)}, meta, args.batch_size, args.workers)
         variants = {"official": ("official",), "official+cls": ("official", "cls")}
         predict(model, loader, args.device, args.amp, ("official",))  # warm-up
         rates: dict[str, list[float]] = {k: [] for k in variants}

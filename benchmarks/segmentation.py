@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import tokenlab.models.segmentation  # noqa: F401  (registers segformer_fan)
 from tokenlab.models import create_model
+from tokenlab.utils.amp import autocast
 
 BACKBONES = ["fan_tiny_12_p16_224", "fan_tiny_8_p4_hybrid", "fan_small_12_p16_224"]
 
@@ -34,7 +35,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _measure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, train: bool,
-             steps: int, amp: torch.dtype | None) -> float:  # fmt: skip
+             steps: int, amp: str) -> float:  # fmt: skip
     """Images per second over ``steps`` timed iterations (after one warm-up iteration)."""
     device = x.device
     model.train(train)
@@ -42,7 +43,7 @@ def _measure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torc
         if i == 1:
             _sync(device)
             t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        with autocast(device, amp):
             if train:
                 loss = F.cross_entropy(model(x).float(), y, ignore_index=255)
                 opt.zero_grad(set_to_none=True)
@@ -58,7 +59,7 @@ def _measure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torc
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--amp", default="none", choices=["none", "bf16"])
+    p.add_argument("--amp", default="none", choices=["none", "bf16"])  # fp16 training would need a grad scaler
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=2, help="timed iterations per model and round")
@@ -68,7 +69,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = torch.device(args.device)
-    amp = torch.bfloat16 if args.amp == "bf16" else None
+    amp = args.amp
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device)
     y = torch.randint(0, args.classes, (args.batch, args.size, args.size), generator=g).to(device)

@@ -152,7 +152,7 @@ def main() -> None:
     if missing:
         raise ValueError(f"no classification run for {missing}: pass --supervised-run/--stl-run or --train-classifiers")
 
-    from tokenlab.eval.segmentation import evaluate_run
+    from tokenlab.eval.segmentation import evaluate_segmentation_run
 
     rows: dict[str, dict[str, Any]] = {}
     for arm in arms:
@@ -161,8 +161,9 @@ def main() -> None:
         t0 = time.perf_counter()
         seg_run = _finetune(out / f"seg_{arm}", data, args, backbone, init)
         train_s = time.perf_counter() - t0
-        res = evaluate_run(seg_run, "synthetic", data, "val", seg_run / "segmentation", args.corruptions,
-                           args.severities, out / "corruption-cache", device=args.device, amp=args.amp)  # fmt: skip
+        res = evaluate_segmentation_run(seg_run, "synthetic", data, "val", seg_run / "segmentation", args.corruptions,
+                                        args.severities, out / "corruption-cache", device=args.device,
+                                        amp=args.amp).to_dict()  # fmt: skip
         res["init_from"] = str(init) if init else None
         res["finetune_seconds"] = round(train_s, 1)
         rows[arm] = res

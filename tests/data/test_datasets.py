@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tokenlab.data.datasets import build_dataset, load_rgb
+from tokenlab.data.datasets import build_dataset
+from tokenlab.data.images import load_rgb
 from tokenlab.data.transforms import build_transforms
 
 

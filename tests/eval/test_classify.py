@@ -8,14 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from tokenlab.eval.classify import (
-    build_loader,
-    evaluate_classifier,
-    imagenet_subset,
-    load_class_mapping,
-    resolve_ood_classes,
-    restrict_logits,
-)
+from tokenlab.eval.class_maps import imagenet_subset, load_class_mapping, resolve_ood_classes
+from tokenlab.eval.classify import evaluate_classifier, restrict_logits
+from tokenlab.eval.folders import eval_loader
 from tokenlab.models import TokenOutput
 
 
@@ -94,7 +89,7 @@ def test_invalid_rows_are_skipped_and_counted():
 def test_loader_counts_unreadable_images(image_tree: Path):
     (image_tree / "dog" / "broken.png").write_bytes(b"garbage")
     meta = {"img_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3}
-    loader = build_loader(image_tree, {"cat": 0, "dog": 1}, meta, batch_size=4, workers=0)
+    loader = eval_loader(image_tree, {"cat": 0, "dog": 1}, meta, batch_size=4, workers=0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 2))
     res = evaluate_classifier(model, loader)["official"]
     assert res.n == 6 and res.skipped == 1
@@ -103,12 +98,12 @@ def test_loader_counts_unreadable_images(image_tree: Path):
 def test_bad_data_dirs(tmp_path: Path, image_tree: Path):
     meta = {"img_size": 16}
     with pytest.raises(FileNotFoundError, match="data directory not found"):
-        build_loader(tmp_path / "missing", {"cat": 0}, meta)
+        eval_loader(tmp_path / "missing", {"cat": 0}, meta)
     (tmp_path / "empty" / "cat").mkdir(parents=True)
     with pytest.raises(ValueError, match="holds no images"):
-        build_loader(tmp_path / "empty", {"cat": 0}, meta)
+        eval_loader(tmp_path / "empty", {"cat": 0}, meta)
     with pytest.raises(KeyError, match=r"class folders \['dog'\].*not classes of the model"):
-        build_loader(image_tree, {"cat": 0, "bird": 1}, meta)
+        eval_loader(image_tree, {"cat": 0, "bird": 1}, meta)
 
 
 def test_ood_mapping(tmp_path: Path, image_tree: Path):
@@ -136,7 +131,7 @@ def test_imagenet_subsets_from_timm(tmp_path: Path):
     root = tmp_path / "inr"
     for s in synsets[:2]:
         (root / s).mkdir(parents=True)
-    from tokenlab.eval.classify import imagenet_synsets
+    from tokenlab.eval.class_maps import imagenet_synsets
 
     c2i, subset = resolve_ood_classes(root, [f"class{i}" for i in range(1000)], "imagenet-r")
     assert subset == idx[:2] and c2i[synsets[0]] == imagenet_synsets().index(synsets[0])

@@ -10,7 +10,7 @@ import pytest
 from evalhelpers import make_masked_set, make_run, make_tree
 
 from tokenlab.eval.report import write_report
-from tokenlab.eval.robustness import evaluate_run
+from tokenlab.eval.robustness import evaluate_classifier_run
 from tokenlab.eval.tokens import analyze_run
 from tokenlab.eval.visualize import save_token_pictures
 
@@ -19,9 +19,9 @@ def test_report_on_two_tiny_runs(tmp_path: Path):
     data = make_masked_set(tmp_path / "synth")
     make_tree(data / "rendition", classes=("dog",), per_class=2)
     runs = [make_run(tmp_path / "baseline", token=False), make_run(tmp_path / "stl", seed=1)]
-    evaluate_run(runs[0], data, corruptions="contrast,fog", severities="1,2", cache_dir=tmp_path / "c", workers=0,
+    evaluate_classifier_run(runs[0], data, corruptions="contrast,fog", severities="1,2", cache_dir=tmp_path / "c", workers=0,
                  progress=False)  # fmt: skip
-    evaluate_run(runs[1], data, corruptions="contrast,fog", severities="1,2", cache_dir=tmp_path / "c", workers=0,
+    evaluate_classifier_run(runs[1], data, corruptions="contrast,fog", severities="1,2", cache_dir=tmp_path / "c", workers=0,
                  reference=runs[0], progress=False)  # fmt: skip
     for r in runs:
         save_token_pictures(analyze_run(r, data, num_examples=2), r)

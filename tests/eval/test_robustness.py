@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 from evalhelpers import make_run, make_tree
-from tokenlab.eval.robustness import evaluate_run, load_reference, resolve_data
+from tokenlab.data.specs import EVAL_SPLITS, parse_data_spec
+from tokenlab.eval.classify_corruptions import load_reference
+from tokenlab.eval.robustness import evaluate_classifier_run
 
 
 @pytest.fixture
@@ -24,7 +26,7 @@ def synth(tmp_path: Path) -> Path:
 
 def test_evaluate_run_writes_eval_json(tmp_path: Path, synth: Path):
     run = make_run(tmp_path / "run")
-    res = evaluate_run(run, synth, corruptions="gaussian_noise,contrast", severities="1,2",
+    res = evaluate_classifier_run(run, synth, corruptions="gaussian_noise,contrast", severities="1,2",
                        cache_dir=tmp_path / "cache", workers=0, progress=False)  # fmt: skip
     data = json.loads((run / "eval.json").read_text())
     assert data["rules"] == ["official", "cls"] and set(data["clean"]) == {"official", "cls"}
@@ -40,7 +42,7 @@ def test_evaluate_run_writes_eval_json(tmp_path: Path, synth: Path):
 
     # a second run uses the first as mCE reference; the corruption cache is reused
     run2 = make_run(tmp_path / "run2", seed=1)
-    res2 = evaluate_run(run2, synth, corruptions="gaussian_noise,contrast", severities="1,2", reference=run,
+    res2 = evaluate_classifier_run(run2, synth, corruptions="gaussian_noise,contrast", severities="1,2", reference=run,
                         cache_dir=tmp_path / "cache", workers=0, ood=None, progress=False)  # fmt: skip
     s = res2.corruptions.scores["official"]
     ref = load_reference(run, 2)
@@ -56,7 +58,7 @@ def test_reads_existing_imagenet_c_tree(tmp_path: Path, synth: Path):
     make_tree(tree / "fog" / "3", per_class=2)
     (tree / "fog" / "3" / "cat" / "bad.jpg").write_bytes(b"\x00\x01")
     run = make_run(tmp_path / "run", token=False)
-    res = evaluate_run(run, synth, corruption_tree=tree, workers=0, ood=None, out=tmp_path / "e.json")
+    res = evaluate_classifier_run(run, synth, corruption_tree=tree, workers=0, ood=None, out=tmp_path / "e.json")
     assert res.rules == ["official"]
     assert res.corruptions is not None and res.corruptions.skipped == {"fog/3": 1}
     assert res.corruptions.num_images == 4
@@ -66,21 +68,21 @@ def test_reads_existing_imagenet_c_tree(tmp_path: Path, synth: Path):
 def test_bad_input(tmp_path: Path, synth: Path):
     run = make_run(tmp_path / "run", classes=("cat", "dog", "bird"))
     with pytest.raises(ValueError, match=r"checkpoint classes do not match data set .*only in checkpoint: \['bird'\]"):
-        evaluate_run(run, synth, workers=0)
+        evaluate_classifier_run(run, synth, workers=0)
     with pytest.raises(FileNotFoundError, match="data directory not found"):
-        evaluate_run(run, tmp_path / "nope", workers=0)
+        evaluate_classifier_run(run, tmp_path / "nope", workers=0)
     with pytest.raises(ValueError, match=r"split 'test' not in .*valid: rendition, shortcut, val"):
-        resolve_data(f"{synth}:test")
+        parse_data_spec(f"{synth}:test").resolve(EVAL_SPLITS)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no class sub-directories"):
-        evaluate_run(run, tmp_path / "empty", workers=0)
+        evaluate_classifier_run(run, tmp_path / "empty", workers=0)
     with pytest.raises(FileNotFoundError, match="no exported model"):
-        evaluate_run(tmp_path / "norun", synth, workers=0)
+        evaluate_classifier_run(tmp_path / "norun", synth, workers=0)
     run2 = make_run(tmp_path / "run2")
     with pytest.raises(KeyError, match=r"mapping names unknown classes \['wolf'\]"):
-        evaluate_run(run2, synth, ood=[f"x={synth / 'val'}@{_mapping(tmp_path)}"], workers=0)
+        evaluate_classifier_run(run2, synth, ood=[f"x={synth / 'val'}@{_mapping(tmp_path)}"], workers=0)
     with pytest.raises(FileNotFoundError, match="reference 'nowhere'"):
-        evaluate_run(run2, synth, corruption_tree=tmp_path, reference="nowhere", workers=0, ood=None)
+        evaluate_classifier_run(run2, synth, corruption_tree=tmp_path, reference="nowhere", workers=0, ood=None)
 
 
 def _mapping(tmp_path: Path) -> Path:

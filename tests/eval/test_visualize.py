@@ -10,6 +10,7 @@ from evalhelpers import make_run
 from PIL import Image
 
 from tokenlab.eval.metrics import expected_calibration_error
+from tokenlab.utils.metrics_log import read_metrics
 from tokenlab.eval.visualize import (
     plot_class_attention,
     plot_corruption_bars,
@@ -17,7 +18,6 @@ from tokenlab.eval.visualize import (
     plot_severity_curves,
     plot_token_labels,
     plot_training_curves,
-    read_jsonl,
 )
 
 
@@ -56,6 +56,6 @@ def test_training_curves(tmp_path: Path):
     with (b / "metrics.jsonl").open("a") as f:
         f.write('{"kind": "step", "st')  # a run still writing: truncated last line is ignored
     _png(plot_training_curves({"a": a, "b": b}, tmp_path / "curves.png"))
-    assert len(read_jsonl(b / "metrics.jsonl")) == 6
+    assert len(read_metrics(b / "metrics.jsonl")) == 6
     with pytest.raises(FileNotFoundError, match="metrics file not found"):
         plot_training_curves({"x": tmp_path}, tmp_path / "c.png")

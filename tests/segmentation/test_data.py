@@ -7,12 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
+from tokenlab.data.images import denormalize
 from tokenlab.data.segmentation import (
     SegmentationDataset,
     SegmentationTransform,
     build_segmentation_dataset,
     cityscapes_pairs,
-    denormalize,
     folder_pairs,
 )
 

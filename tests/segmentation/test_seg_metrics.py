@@ -8,14 +8,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from tokenlab.eval.segmentation import (
-    ConfusionMeter,
-    confusion_matrix,
-    metrics_from_confusion,
-    predict_logits,
-    robustness_summary,
-    save_overlays,
-)
+from tokenlab.eval.seg_metrics import ConfusionMeter, confusion_matrix, metrics_from_confusion, robustness_summary
+from tokenlab.eval.seg_overlays import save_overlays
+from tokenlab.eval.segmentation import predict_logits
 
 IGNORE = 255
 

@@ -1,46 +1,59 @@
 """Data: the built-in synthetic set, real image folders / lists / CIFAR-10, STL paired views, iBOT crops and masks.
 
-``build_dataset(spec, split, transform)`` turns files into sample dicts, ``build_transforms(kind, img_size)`` makes the
-transform (``eval``, ``train``, ``stl_pair``, ``ibot``), ``build_loader`` batches them with per-sample seeding, and
-``mix_batch`` applies Mixup/CutMix to the student image and class target only. See ``docs/design.md``.
+``parse_data_spec(spec, split)`` reads a data-spec string, ``build_dataset(spec, split, transform)`` turns its files
+into sample dicts (decoded by ``data.images``), ``build_transforms(kind, img_size)`` makes the transform (``eval``,
+``train``, ``stl_pair``, ``ibot``; evaluation everywhere through ``eval_transform_from_meta``) and ``build_loader``
+batches them with per-sample seeding. See ``docs/design.md``.
 """
 
-from tokenlab.data.datasets import CIFAR10_CLASSES, ImageDataset, build_dataset, ensure_cifar10, load_rgb
+from tokenlab.data.datasets import ImageDataset, build_dataset
+from tokenlab.data.images import (
+    IMG_EXTENSIONS,
+    UnreadableImages,
+    denormalize,
+    load_rgb,
+    scan_class_folders,
+    to_rgb,
+)
 from tokenlab.data.loader import EpochSampler, SeededDataset, build_loader, set_epoch
 from tokenlab.data.masking import BlockMaskGenerator
+from tokenlab.data.specs import CIFAR10_CLASSES, DataSpec, ensure_cifar10, parse_data_spec
 from tokenlab.data.synthetic import SHAPES, TEXTURES, SynthConfig, generate
 from tokenlab.data.transforms import (
     TEACHER_MODES,
     EvalTransform,
-    eval_transform_from_meta,
     MultiCropTransform,
     ViewTransform,
-    build_mixup,
     build_transforms,
-    mix_batch,
+    eval_transform_from_meta,
 )
 
 __all__ = [
     "CIFAR10_CLASSES",
+    "IMG_EXTENSIONS",
     "SHAPES",
     "TEACHER_MODES",
     "TEXTURES",
     "BlockMaskGenerator",
+    "DataSpec",
     "EpochSampler",
     "EvalTransform",
-    "eval_transform_from_meta",
     "ImageDataset",
     "MultiCropTransform",
     "SeededDataset",
     "SynthConfig",
+    "UnreadableImages",
     "ViewTransform",
     "build_dataset",
     "build_loader",
-    "build_mixup",
     "build_transforms",
+    "denormalize",
     "ensure_cifar10",
+    "eval_transform_from_meta",
     "generate",
     "load_rgb",
-    "mix_batch",
+    "parse_data_spec",
+    "scan_class_folders",
     "set_epoch",
+    "to_rgb",
 ]

@@ -5,7 +5,7 @@ Every data set returns the sample dict of ``docs/design.md`` ("Samples and batch
 0 = background, class id + 1 = object) when the data set has masks, and returns the dict the model sees. Without a
 transform the image is returned as float in [0, 1].
 
-``build_dataset(spec, split)`` understands:
+``build_dataset(spec, split)`` reads every spec of ``tokenlab.data.specs.parse_data_spec`` (the one parser):
 
 - a synthetic data set directory (``dataset.json`` with ``format: tokenlab-synthetic``): ``DIR/<split>`` with masks
   from ``DIR/<split>_masks``, classes from ``dataset.json``;
@@ -19,89 +19,38 @@ transform the image is returned as float in [0, 1].
 Unreadable files are skipped with a warning that names each file and a final count (``strict=True`` raises instead):
 at build time every file's header is checked (``verify="header"``, which for PNG also checks the chunk CRCs, so
 truncated PNGs are caught); a file that still fails to decode at load time (e.g. a truncated JPEG) is replaced by the
-next readable sample with a warning. Grayscale, palette, CMYK, RGBA (composited on white) and 16-bit images become
-8-bit RGB.
+next readable sample with a warning; ``ImageDataset.skipped`` holds them all. Decoding and the skip policy are
+``tokenlab.data.images``'s: grayscale, palette, CMYK, RGBA (composited on white) and 16-bit images become 8-bit RGB.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
-import os
-import shutil
-import tarfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision import tv_tensors
 
-from tokenlab.data.synthetic import FORMAT as SYNTHETIC_FORMAT
+from tokenlab.data.images import READ_ERRORS, UnreadableImages, list_class_dirs, load_rgb, scan_class_folders
+from tokenlab.data.specs import CIFAR10_CLASSES, LIST_SUFFIXES, DataSpec, ensure_cifar10, parse_data_spec
 
 logger = logging.getLogger(__name__)
 
-IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
-LIST_SUFFIXES = (".csv", ".tsv", ".txt")
+__all__ = ["CIFAR10_CLASSES", "VERIFY_MODES", "ImageDataset", "build_dataset", "ensure_cifar10", "load_mask",
+           "read_list"]
+
 VERIFY_MODES = ("header", "none")
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Decoding
-
-
-def _to_uint8(array: np.ndarray) -> np.ndarray:
-    if array.dtype == np.uint8:
-        return array
-    if array.dtype == np.bool_:
-        return array.astype(np.uint8) * 255
-    if np.issubdtype(array.dtype, np.floating):
-        top = 1.0 if array.max(initial=0.0) <= 1.0 else 255.0
-        return (np.clip(array / top, 0, 1) * 255 + 0.5).astype(np.uint8)
-    # integer images wider than 8 bits (16-bit PNG/TIFF load as I;16 or I): scale by the type's range
-    top = 65535 if array.max(initial=0) > 255 else 255
-    return (np.clip(array.astype(np.float64) / top, 0, 1) * 255 + 0.5).astype(np.uint8)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB: alpha is composited on white, CMYK/YCbCr/LAB converted, >8 bit scaled."""
-    if image.mode == "RGB":
-        return image
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    if image.mode.startswith("I") or image.mode == "F":
-        return Image.fromarray(_to_uint8(np.asarray(image))).convert("RGB")
-    return image.convert("RGB")
-
-
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image file to 8-bit RGB. Raises ``OSError`` (incl. ``UnidentifiedImageError``) when unreadable."""
-    with Image.open(path) as image:
-        image.load()
-        return to_rgb(image)
-
-
 def load_mask(path: str | Path) -> np.ndarray:
+    """A label mask as stored (mode L or P indices; other modes are converted to L)."""
     with Image.open(path) as image:
         return np.asarray(image.convert("L") if image.mode not in ("L", "P") else image)
-
-
-def _check_header(path: Path) -> str | None:
-    """Return an error message when ``path`` is not a readable image, else None (header + PNG CRC check)."""
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-        return f"{type(err).__name__}: {err}"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,20 +92,9 @@ class ImageDataset(torch.utils.data.Dataset):
         self.classes = list(classes)
         self.transform = transform
         self.strict = strict
-        self.skipped: list[Path] = []
+        self.unreadable = UnreadableImages(self.name)
         if verify == "header":
-            keep = []
-            for i, (path, _) in enumerate(samples):
-                problem = _check_header(path)
-                if problem is None:
-                    keep.append(i)
-                elif strict:
-                    raise OSError(f"unreadable image {path}: {problem}")
-                else:
-                    logger.warning("skipping unreadable image %s (%s)", path, problem)
-                    self.skipped.append(path)
-            if self.skipped:
-                logger.warning("skipped %d unreadable of %d files in %s", len(self.skipped), len(samples), self.name)
+            keep = self.unreadable.filter([path for path, _ in samples], strict)
             samples = [samples[i] for i in keep]
             mask_paths = None if mask_paths is None else [mask_paths[i] for i in keep]
         if not samples:
@@ -167,6 +105,11 @@ class ImageDataset(torch.utils.data.Dataset):
     @property
     def targets(self) -> list[int]:
         return [label for _, label in self.samples]
+
+    @property
+    def skipped(self) -> list[Path]:
+        """The unreadable files skipped so far (at build time and while loading)."""
+        return self.unreadable.paths
 
     @property
     def has_masks(self) -> bool:
@@ -200,12 +143,11 @@ class ImageDataset(torch.utils.data.Dataset):
             current = (index + attempt) % len(self.samples)
             try:
                 sample = self.raw(current)
-            except OSError as err:
+            except READ_ERRORS as err:
                 path = self.samples[current][0]
                 if self.strict:
                     raise OSError(f"unreadable image {path}: {err}") from err
-                self.skipped.append(path)
-                logger.warning("skipping unreadable image %s (%s); %d skipped so far", path, err, len(self.skipped))
+                self.unreadable.skip(path, err)
                 continue
             sample["index"] = index
             return _finish(self.transform(sample) if self.transform is not None else _default_view(sample))
@@ -233,50 +175,7 @@ def _finish(sample: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Scanning
-
-
-def _is_image(entry: os.DirEntry) -> bool:
-    return entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS)
-
-
-def _class_dirs(root: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-
-
-def scan_image_folder(
-    root: Path, classes: list[str] | None = None, allow_missing_classes: bool = False
-) -> tuple[list[tuple[Path, int]], list[str]]:
-    """List ``root/<class>/*`` images as ``(path, class id)`` in a stable order.
-
-    Raises:
-        FileNotFoundError: when ``root`` does not exist.
-        ValueError: no class folders, a class of ``classes`` missing or empty (unless ``allow_missing_classes``), or
-            a folder that is not one of ``classes``.
-    """
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
-    found = _class_dirs(root)
-    if not found:
-        raise ValueError(f"{root} holds no class folders; expected {root}/<class>/<image files>")
-    classes = list(classes) if classes is not None else found
-    extra = sorted(set(found) - set(classes))
-    if extra:
-        raise ValueError(f"{root} has folders {extra} that are not classes of this data set; classes: {classes}")
-    samples: list[tuple[Path, int]] = []
-    missing = []
-    for label, name in enumerate(classes):
-        folder = root / name
-        files = sorted(e.name for e in os.scandir(folder) if _is_image(e)) if folder.is_dir() else []
-        if not files:
-            missing.append(name)
-        samples.extend((folder / f, label) for f in files)
-    if len(missing) == len(classes):
-        raise ValueError(f"{root} holds no image files (extensions {list(IMG_EXTENSIONS)})")
-    if missing and not allow_missing_classes:
-        raise ValueError(f"classes {missing} have no images in {root}; every split must hold every class "
-                         f"(pass allow_missing_classes=True for subsets)")
-    return samples, classes
+# Lists
 
 
 def read_list(
@@ -321,82 +220,11 @@ def read_list(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# CIFAR-10
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TOKENLAB_CACHE", Path.home() / ".cache" / "tokenlab"))
-
-
-def cifar10_archive() -> Path:
-    """Locate ``cifar10.tar.gz``: ``$TOKENLAB_CIFAR10``, else ``../shared/data`` from the cwd or the project root."""
-    env = os.environ.get("TOKENLAB_CIFAR10")
-    if env:
-        if not Path(env).is_file():
-            raise FileNotFoundError(f"TOKENLAB_CIFAR10={env} is not a file")
-        return Path(env)
-    project = Path(__file__).resolve().parents[3]
-    candidates = [Path.cwd() / "../shared/data/cifar10.tar.gz", project / "../shared/data/cifar10.tar.gz"]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate.resolve()
-    raise FileNotFoundError(
-        f"cifar10.tar.gz not found in {[str(c) for c in candidates]}; set TOKENLAB_CIFAR10 to the archive"
-    )
-
-
-def ensure_cifar10(cache: Path | None = None) -> Path:
-    """Extract the CIFAR-10 archive once to ``<cache>/cifar10`` and return that directory."""
-    cache = Path(cache) if cache is not None else cache_dir()
-    target = cache / "cifar10"
-    if (target / ".complete").exists():
-        return target
-    archive = cifar10_archive()
-    cache.mkdir(parents=True, exist_ok=True)
-    staging = cache / f".cifar10-extract-{os.getpid()}"
-    logger.info("extracting %s to %s (once)", archive, target)
-    with tarfile.open(archive) as tar:
-        tar.extractall(staging, filter="data")
-    # the archive holds one top folder (cifar10/) with train/ and test/
-    roots = [p for p in staging.iterdir() if p.is_dir()]
-    source = roots[0] if len(roots) == 1 and (roots[0] / "train").is_dir() else staging
-    (source / ".complete").write_text(str(archive))
-    try:
-        source.rename(target)
-    except OSError:
-        if not (target / ".complete").exists():
-            raise
-        logger.info("another process extracted %s first", target)
-    if staging.exists():
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The builder
 
 
-def read_synthetic_meta(root: Path) -> dict | None:
-    meta_path = root / "dataset.json"
-    if not meta_path.is_file():
-        return None
-    meta = json.loads(meta_path.read_text())
-    return meta if meta.get("format") == SYNTHETIC_FORMAT else None
-
-
-def _split_dir(root: Path, split: str) -> Path:
-    folder = root / split
-    if folder.is_dir():
-        return folder
-    if split == "val" and (root / "test").is_dir():
-        logger.info("no split 'val' in %s; using 'test'", root)
-        return root / "test"
-    splits = [d for d in _class_dirs(root) if not d.endswith("_masks")]
-    raise ValueError(f"split {split!r} not found in {root}; available: {splits} (split=None reads {root} itself)")
-
-
 def build_dataset(
-    spec: str | Path,
+    spec: str | Path | DataSpec,
     split: str | None = "train",
     transform: Transform | None = None,
     *,
@@ -406,11 +234,12 @@ def build_dataset(
     allow_missing_classes: bool = False,
     load_masks: bool = True,
 ) -> ImageDataset:
-    """Build the data set named by ``spec`` (see the module docstring) for ``split``.
+    """Build the data set named by ``spec`` (``tokenlab.data.specs.parse_data_spec``) for ``split``.
 
     Args:
         spec: a synthetic set dir, an image-folder root, a CSV/TSV list (or a dir of ``<split>.csv``), or ``cifar10``.
-        split: split folder / list name; None uses ``spec`` itself as the class-folder tree.
+        split: split folder / list name; None uses ``spec`` itself as the class-folder tree (``train`` for sets
+            of splits and CIFAR-10).
         transform: sample-dict transform (``tokenlab.data.build_transforms``).
         strict: unreadable files raise instead of being skipped.
         verify: ``"header"`` or ``"none"`` (see ``ImageDataset``).
@@ -422,41 +251,21 @@ def build_dataset(
         FileNotFoundError: ``spec`` does not exist.
         ValueError: empty folders, unknown splits, missing classes, malformed lists.
     """
-    if str(spec) == "cifar10":
-        root = ensure_cifar10()
-        samples, classes = scan_image_folder(
-            _split_dir(root, split or "train"), classes or list(CIFAR10_CLASSES), allow_missing_classes
-        )
-        return ImageDataset(samples, classes, transform, strict=strict, verify=verify, name=f"cifar10/{split}")
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"data set {str(spec)!r} not found; give a synthetic set or image-folder directory, a .csv/.tsv list, "
-            f"or 'cifar10'"
-        )
-    if path.is_file():
-        if path.suffix.lower() not in LIST_SUFFIXES:
-            raise ValueError(f"{path} is not a list file; expected one of {list(LIST_SUFFIXES)}")
-        samples, classes = read_list(path, classes)
-        return ImageDataset(samples, classes, transform, strict=strict, verify=verify, name=str(path))
-    meta = read_synthetic_meta(path)
-    if meta is not None:
-        split = split or "train"
-        if split not in meta["splits"]:
-            raise ValueError(f"split {split!r} not in synthetic set {path}; available: {sorted(meta['splits'])}")
-        folder = path / split
-        samples, classes = scan_image_folder(folder, classes or meta["classes"], allow_missing_classes)
-        masks = [path / f"{split}_masks" / p.relative_to(folder) for p, _ in samples] if load_masks else None
-        return ImageDataset(
-            samples, classes, transform, mask_paths=masks, strict=strict, verify=verify, name=f"{path}/{split}"
-        )
-    if split is not None:
-        for suffix in (".csv", ".tsv"):
-            if (path / f"{split}{suffix}").is_file():
-                samples, classes = read_list(path / f"{split}{suffix}", classes)
-                return ImageDataset(samples, classes, transform, strict=strict, verify=verify, name=f"{path}/{split}")
-    folder = path if split is None else _split_dir(path, split)
-    if classes is None and split is not None and split != "train" and (path / "train").is_dir():
-        classes = _class_dirs(path / "train")
-    samples, classes = scan_image_folder(folder, classes, allow_missing_classes)
-    return ImageDataset(samples, classes, transform, strict=strict, verify=verify, name=str(folder))
+    data = parse_data_spec(spec, split).resolve(("train",))
+    options: dict[str, Any] = {"strict": strict, "verify": verify}
+    list_file = data.list_file()
+    if list_file is not None:
+        samples, classes = read_list(list_file, classes)
+        name = str(list_file) if data.kind == "list" else f"{data.path}/{data.split}"
+        return ImageDataset(samples, classes, transform, name=name, **options)
+    if classes is None:
+        classes = data.classes
+    if classes is None and data.kind == "folder" and data.split not in (None, "train") and (data.path / "train").is_dir():
+        classes = list_class_dirs(data.path / "train")  # every split shares the training split's class list
+    folder = data.root
+    samples, classes = scan_class_folders(folder, classes, allow_missing_classes)
+    masks = None
+    if load_masks and data.kind == "splits" and data.masks is not None:
+        masks = [data.masks / p.relative_to(folder) for p, _ in samples]
+    name = f"cifar10/{data.split}" if data.kind == "cifar10" else (f"{data.path}/{data.split}" if data.split else str(folder))
+    return ImageDataset(samples, classes, transform, mask_paths=masks, name=name, **options)

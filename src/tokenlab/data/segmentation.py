@@ -28,17 +28,19 @@ from __future__ import annotations
 import json
 import logging
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+
+from tokenlab.data.images import READ_ERRORS, UnreadableImages, list_images, load_rgb_array
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +52,12 @@ __all__ = [
     "build_segmentation_dataset",
     "build_segmentation_transforms",
     "cityscapes_pairs",
-    "denormalize",
     "folder_pairs",
+    "pair_set",
     "synthetic_pairs",
 ]
 
 KINDS = ("synthetic", "cityscapes", "folder")
-IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 CITYSCAPES_CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
@@ -73,11 +74,15 @@ class PairSet:
         pairs: ``(image path, mask path)`` in a stable order.
         class_names: The K class names.
         label_map: Optional 256-entry lookup applied to raw mask values (e.g. Cityscapes label id -> train id).
+        skipped: Unreadable images left out (``tokenlab.data.images``' policy: skipped, logged, counted).
+        image_root: The tree the images live in (what the corruption cache is generated from).
     """
 
     pairs: list[tuple[Path, Path]]
     class_names: list[str]
     label_map: np.ndarray | None = None
+    skipped: list[Path] = field(default_factory=list)
+    image_root: Path | None = None
 
 
 class SegmentationTransform:
@@ -158,13 +163,6 @@ class SegmentationTransform:
                 torch.manual_seed(seed)
                 out_img, out_msk = self.ops(img, msk)
         return out_img.as_subclass(torch.Tensor), out_msk.as_subclass(torch.Tensor)
-
-
-def denormalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """Normalised ``(3, H, W)`` float image -> ``(H, W, 3)`` uint8 (for overlays)."""
-    m = torch.tensor(mean, dtype=image.dtype).view(3, 1, 1)
-    s = torch.tensor(std, dtype=image.dtype).view(3, 1, 1)
-    return ((image.detach().cpu() * s + m).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
 
 class SegmentationDataset(Dataset):
@@ -256,14 +254,32 @@ class SegmentationDataset(Dataset):
 
 
 def _read_image(path: Path, mode: str | None) -> np.ndarray:
+    """An image as 8-bit RGB (``mode="RGB"``, the one decoder of ``tokenlab.data.images``) or a mask as stored.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file cannot be decoded (naming it).
+    """
     if not path.is_file():
         raise FileNotFoundError(f"file not found: {path}")
     try:
+        if mode == "RGB":
+            return load_rgb_array(path)
         with Image.open(path) as im:
             # A mask is read as stored: mode P gives palette indices, a multi-channel mask is reported by the caller.
             return np.array(im.convert(mode) if mode is not None else im)
-    except (UnidentifiedImageError, OSError) as err:
+    except READ_ERRORS as err:
         raise ValueError(f"cannot read image {path}: {err}") from None
+
+
+def _readable(pairs: list[tuple[Path, Path]], class_names: list[str], image_root: Path,
+              label_map: np.ndarray | None = None) -> PairSet:  # fmt: skip
+    """The pairs whose image is readable; the others are skipped, logged and counted (``PairSet.skipped``)."""
+    unreadable = UnreadableImages(str(image_root))
+    keep = unreadable.filter([img for img, _ in pairs])
+    if not keep:
+        raise ValueError(f"no readable image in {image_root} ({len(pairs)} unreadable)")
+    return PairSet([pairs[i] for i in keep], class_names, label_map, unreadable.paths, image_root)
 
 
 def synthetic_pairs(root: str | Path, split: str) -> PairSet:
@@ -283,7 +299,7 @@ def synthetic_pairs(root: str | Path, split: str) -> PairSet:
     for index, label in enumerate(labels):
         name = f"{classes[label]}/{index:06d}.png"
         pairs.append((root / split / name, root / f"{split}_masks" / name))
-    return PairSet(pairs, ["background", *classes])
+    return _readable(pairs, ["background", *classes], root / split)
 
 
 def cityscapes_pairs(root: str | Path, split: str) -> PairSet:
@@ -308,7 +324,7 @@ def cityscapes_pairs(root: str | Path, split: str) -> PairSet:
     if not train_ids:
         label_map = np.full(256, 255, dtype=np.int64)
         label_map[list(_CITYSCAPES_IDS)] = np.arange(len(_CITYSCAPES_IDS))
-    return PairSet(pairs, list(CITYSCAPES_CLASSES), label_map)
+    return _readable(pairs, list(CITYSCAPES_CLASSES), img_root, label_map)
 
 
 def folder_pairs(
@@ -331,7 +347,7 @@ def folder_pairs(
             raise FileNotFoundError(f"{what} folder not found: {d} (expected {root}/images and {root}/masks)")
     masks = {p.relative_to(mask_root).with_suffix(""): p for p in mask_root.rglob("*") if p.suffix.lower() == ".png"}
     pairs, missing = [], []
-    for img in sorted(p for p in img_root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS):
+    for img in list_images(img_root):
         mask = masks.get(img.relative_to(img_root).with_suffix(""))
         if mask is None:
             missing.append(str(img))
@@ -348,7 +364,26 @@ def folder_pairs(
         names = [str(i) for i in range(num_classes)]
     else:
         raise ValueError(f"{root} has no classes.txt; pass num_classes")
-    return PairSet(pairs, names)
+    return _readable(pairs, names, img_root)
+
+
+def pair_set(kind: str, root: str | Path, split: str, num_classes: int | None = None) -> PairSet:
+    """The (image, mask) pairs of one of ``KINDS`` (see the module docstring).
+
+    Raises:
+        ValueError: an unknown kind, or ``num_classes`` that differs from the layout's classes.
+    """
+    if kind == "synthetic":
+        ps = synthetic_pairs(root, split)
+    elif kind == "cityscapes":
+        ps = cityscapes_pairs(root, split)
+    elif kind == "folder":
+        ps = folder_pairs(root, split, num_classes)
+    else:
+        raise ValueError(f"unknown segmentation data kind {kind!r}; valid: {', '.join(KINDS)}")
+    if num_classes is not None and num_classes != len(ps.class_names):
+        raise ValueError(f"num_classes={num_classes} but {root} ({kind}) has {len(ps.class_names)} classes")
+    return ps
 
 
 def build_segmentation_dataset(
@@ -361,16 +396,7 @@ def build_segmentation_dataset(
     seed: int = 0,
 ) -> SegmentationDataset:
     """A ``SegmentationDataset`` for one of ``KINDS`` (see the module docstring)."""
-    if kind == "synthetic":
-        ps = synthetic_pairs(root, split)
-    elif kind == "cityscapes":
-        ps = cityscapes_pairs(root, split)
-    elif kind == "folder":
-        ps = folder_pairs(root, split, num_classes)
-    else:
-        raise ValueError(f"unknown segmentation data kind {kind!r}; valid: {', '.join(KINDS)}")
-    if num_classes is not None and num_classes != len(ps.class_names):
-        raise ValueError(f"num_classes={num_classes} but {root} ({kind}) has {len(ps.class_names)} classes")
+    ps = pair_set(kind, root, split, num_classes)
     return SegmentationDataset(ps.pairs, ps.class_names, transform, ignore_index, ps.label_map, seed)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -16,20 +16,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 
 from tokenlab.data.datasets import build_dataset  # noqa: E402
+from tokenlab.data.images import denormalize  # noqa: E402
 from tokenlab.data.transforms import build_transforms  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 
-def denormalise(
-    image: torch.Tensor, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD
-) -> np.ndarray:
-    """(3, H, W) normalised float -> (H, W, 3) float in [0, 1]."""
-    out = image.float() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
-    return out.clamp(0, 1).permute(1, 2, 0).numpy()
+def _picture(image: torch.Tensor) -> np.ndarray:
+    """A normalised (3, H, W) tensor as an (H, W, 3) float picture in [0, 1] for matplotlib."""
+    return denormalize(image).astype(np.float32) / 255
 
 
 def mask_overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.55) -> np.ndarray:
@@ -68,7 +65,7 @@ def samples_grid(spec: str | Path, split: str, out: Path, count: int = 16, seed:
         ax.axis("off")
     for i, index in enumerate(picks):
         sample = dataset[index]
-        image = denormalise(sample["image"])
+        image = _picture(sample["image"])
         r, c = (i // cols) * rows_per, i % cols
         axes[r, c].imshow(image)
         axes[r, c].set_title(dataset.classes[sample["label"]], fontsize=7)
@@ -93,10 +90,10 @@ def pairs_grid(
         for row, index in enumerate(picks):
             raw = dataset.raw(index)
             views = paired(raw)
-            tiles = [raw["image"].permute(1, 2, 0).numpy(), denormalise(views["teacher_image"]),
-                     denormalise(views["image"])]
+            tiles = [raw["image"].permute(1, 2, 0).numpy(), _picture(views["teacher_image"]),
+                     _picture(views["image"])]
             if dataset.has_masks:
-                tiles.append(mask_overlay(denormalise(views["teacher_image"]), views["mask"].long().numpy()))
+                tiles.append(mask_overlay(_picture(views["teacher_image"]), views["mask"].long().numpy()))
             for col, tile in enumerate(tiles):
                 axes[row, col].imshow(tile)
                 axes[row, col].axis("off")
@@ -122,7 +119,7 @@ def crops_grid(spec: str | Path, split: str, out: Path, count: int = 4, seed: in
         for row, index in enumerate(picks):
             views = multi(dataset.raw(index))
             for col, crop in enumerate(views["crops"]):
-                tile = denormalise(crop)
+                tile = _picture(crop)
                 if col < 2:
                     token_mask = views["masks"][col].repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1)
                     tile[token_mask.numpy()] *= 0.35

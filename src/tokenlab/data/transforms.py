@@ -13,7 +13,7 @@ Geometric ops run before colour ops, so the shared part is computed once; for th
 same image as interleaving, for the histogram ops (autocontrast, equalize) the geometric fill counts slightly
 differently. Teacher modes (the paper's ablation): ``none`` = the centre (evaluation) view of the original image,
 ``spatial`` (default) = shared geometry only, ``full`` = exactly the student's view. Mixup/CutMix work on batches
-and live in ``mix_batch``: student image and class target only.
+and live in the supervised method (``tokenlab.methods.supervised``): student image and class target only.
 
 **iBOT multi-crop** [2] (``MultiCropTransform``): 2 global crops (scale 0.25-1; blur p 1.0 / 0.1, solarize 0.2 on the
 second) and N local crops (scale 0.05-0.25, blur 0.5), colour jitter 0.8, grayscale 0.2; a ``BlockMaskGenerator`` mask
@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
-from timm.data import Mixup
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -358,7 +357,7 @@ class ViewTransform(v2.Transform):
         ratio: random-resized-crop aspect range.
         hflip: horizontal flip probability.
         rand_augment: timm-style RandAugment string (``rand-m9-mstd0.5-inc1``) or None.
-        colour_jitter: ColorJitter strength for brightness/contrast/saturation on the student (None: off).
+        color_jitter: ColorJitter strength for brightness/contrast/saturation on the student (None: off).
         re_prob: random-erasing probability on the student (timm's per-pixel N(0, 1) fill).
         noise_std: std of Gaussian noise added to the normalised student image.
         teacher: None (single view), ``"none"``, ``"spatial"`` or ``"full"``.
@@ -379,7 +378,7 @@ class ViewTransform(v2.Transform):
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
         rand_augment: str | None = "rand-m9-mstd0.5-inc1",
-        colour_jitter: float | None = None,
+        color_jitter: float | None = None,
         re_prob: float = 0.25,
         noise_std: float = 0.0,
         teacher: str | None = None,
@@ -402,7 +401,7 @@ class ViewTransform(v2.Transform):
         self.img_size = img_size
         self.scale, self.ratio, self.hflip = scale, ratio, hflip
         self.rand_augment = RandAugmentSpec.parse(rand_augment) if rand_augment else None
-        self.colour_jitter = colour_jitter
+        self.color_jitter = color_jitter
         self.re_prob, self.noise_std = re_prob, noise_std
         self.teacher = teacher
         self.mean = torch.tensor(list(mean)).view(3, 1, 1)
@@ -419,8 +418,8 @@ class ViewTransform(v2.Transform):
         size = (self.img_size, self.img_size)
         ops = sample_rand_augment(self.rand_augment, size, gen) if self.rand_augment else []
         jitter = None
-        if self.colour_jitter:
-            jitter = [1 + self.colour_jitter * (2 * _rand(gen) - 1) for _ in range(3)]
+        if self.color_jitter:
+            jitter = [1 + self.color_jitter * (2 * _rand(gen) - 1) for _ in range(3)]
         erase = sample_erase_box(size, self.re_prob, (0.02, 1 / 3), (math.log(0.3), math.log(1 / 0.3)), gen)
         seed = int(torch.randint(0, 2**62, (), generator=gen))  # erasing fill and noise
         return {
@@ -615,54 +614,3 @@ def build_transforms(kind: str, img_size: int, **kwargs: Any) -> v2.Transform:
         kwargs.setdefault("mask_generator", BlockMaskGenerator(grid, ratio, mask_prob, min_block))
         return MultiCropTransform(global_size=img_size, **kwargs)
     raise ValueError(f"unknown transform kind {kind!r}; valid: {list(TRANSFORM_KINDS)}")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Mixup / CutMix on batches
-
-
-def build_mixup(
-    num_classes: int,
-    mixup_alpha: float = 0.8,
-    cutmix_alpha: float = 1.0,
-    prob: float = 1.0,
-    switch_prob: float = 0.5,
-    label_smoothing: float = 0.1,
-    mode: str = "batch",
-) -> Mixup | None:
-    """timm's ``Mixup`` with the STL/DeiT recipe defaults; None when both alphas are 0 or ``prob`` is 0."""
-    if (mixup_alpha <= 0 and cutmix_alpha <= 0) or prob <= 0:
-        return None
-    return Mixup(
-        mixup_alpha=mixup_alpha,
-        cutmix_alpha=cutmix_alpha,
-        prob=prob,
-        switch_prob=switch_prob,
-        mode=mode,
-        label_smoothing=label_smoothing,
-        num_classes=num_classes,
-    )
-
-
-def mix_batch(batch: dict[str, Any], mixup: Mixup | None, num_classes: int, label_smoothing: float = 0.1
-              ) -> dict[str, Any]:
-    """Mix the student ``image`` and the class target of a batch; everything else is left as it is.
-
-    Returns a new dict with ``image`` mixed and ``target`` the ``(B, K)`` soft class target (label-smoothed one-hot
-    when ``mixup`` is None). ``teacher_image`` and ``mask`` stay untouched: the teacher sees the unmixed view.
-
-    Raises:
-        ValueError: on an odd batch size (timm's batch mixing pairs image b with image B - 1 - b).
-    """
-    out = dict(batch)
-    labels = batch["label"]
-    if mixup is None:
-        off = label_smoothing / num_classes
-        target = torch.full((labels.shape[0], num_classes), off, device=labels.device)
-        out["target"] = target.scatter_(1, labels[:, None], 1.0 - label_smoothing + off)
-        return out
-    if labels.shape[0] % 2:
-        raise ValueError(f"Mixup/CutMix needs an even batch size, got {labels.shape[0]}; use drop_last=True")
-    image, target = mixup(batch["image"].clone(), labels)
-    out["image"], out["target"] = image, target
-    return out

@@ -3,53 +3,41 @@
 - Prediction rules for STL token models (REFERENCE §1): ``"official"`` is ``model(x)``, i.e.
   ``cls_logits + 0.5 * max_over_tokens(aux_logits)``; ``"cls"`` (ablation) is ``model.forward_tokens(x).cls_logits``.
 - OOD sets whose classes are a subset or a renaming of the training classes: the logits are restricted to the
-  covered classes before the argmax, ``y_hat = subset[argmax_j z_{subset[j]}]`` (as for ImageNet-A/R, whose 200-class
-  index lists ship with timm in ``timm/data/_info/``). A mapping file renames folders to training classes.
+  covered classes before the argmax, ``y_hat = subset[argmax_j z_{subset[j]}]``; which classes a set covers comes
+  from :mod:`tokenlab.eval.class_maps` (ImageNet-A/R tables, mapping files).
 - Metrics (see :mod:`tokenlab.eval.metrics`): top-1/top-5, NLL, ECE with a reliability diagram.
 
-Inference runs under ``torch.inference_mode`` with optional autocast (bf16 / fp16); unreadable images are skipped
-and counted, never silently dropped.
+Inference runs under ``torch.inference_mode`` with optional autocast (``tokenlab.utils.amp``: bf16 / fp16);
+unreadable images are skipped and counted, never silently dropped. Loaders come from
+:func:`tokenlab.eval.folders.eval_loader`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from tokenlab.eval.folders import ImageTreeDataset, eval_transform, list_class_dirs
 from tokenlab.eval.metrics import Reliability, expected_calibration_error, nll, topk_accuracy
+from tokenlab.utils.amp import autocast
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "RULES",
     "ClassifyResult",
-    "autocast_context",
-    "build_loader",
-    "evaluate_classifier",
-    "imagenet_subset",
-    "OODSpec",
-    "imagenet_synsets",
-    "load_class_mapping",
     "Predictions",
+    "evaluate_classifier",
     "predict",
-    "score_predictions",
-    "resolve_ood_classes",
     "restrict_logits",
+    "score_predictions",
 ]
 
 RULES = ("official", "cls")
-_AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -89,17 +77,6 @@ class ClassifyResult:
             "ece": self.ece, "rule": self.rule, "num_classes": self.num_classes, "seconds": self.seconds,
             "images_per_s": self.images_per_s, "reliability": self.reliability.to_dict(),
         }  # fmt: skip
-
-
-def autocast_context(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for ``amp`` in ``{"bf16", "fp16"}``, a no-op for None/"none"."""
-    key = amp or "none"
-    if key not in _AMP:
-        raise ValueError(f"unknown autocast dtype {amp!r}; valid: {', '.join(_AMP)}")
-    dtype = _AMP[key]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _rule_logits(model: nn.Module, x: torch.Tensor, rule: str) -> torch.Tensor:
@@ -154,7 +131,7 @@ def predict(
     targets, groups, skipped_groups, skipped = [], [], [], 0
     both = set(rules) == {"official", "cls"} and hasattr(model, "forward_tokens")
     t0 = time.perf_counter()
-    with torch.inference_mode(), autocast_context(device, amp):
+    with torch.inference_mode(), autocast(device, amp):
         for batch in loader:
             x, y, g = batch["image"], batch["label"], batch.get("group")
             if "valid" in batch:
@@ -255,145 +232,3 @@ def score_predictions(
         targets = torch.tensor([pos[int(t)] for t in targets.tolist()], dtype=torch.long)
         logits = {r: restrict_logits(v, subset) for r, v in logits.items()}
     return {r: _scores(v, targets, r, skipped, seconds, n_bins) for r, v in logits.items()}
-
-
-# ---- data: loaders, class subsets and mapping files ------------------------------------------------------------
-def build_loader(
-    root: str | Path,
-    class_to_idx: Mapping[str, int],
-    meta: Mapping[str, Any],
-    batch_size: int = 128,
-    workers: int | None = None,
-) -> DataLoader:
-    """A loader over the tree ``root/<class>/<image>`` with the exported model's preprocessing (``meta``)."""
-    size = int(meta.get("img_size", 224))
-    tf = eval_transform(size, meta.get("mean", (0.485, 0.456, 0.406)), meta.get("std", (0.229, 0.224, 0.225)),
-                        float(meta.get("crop_pct", 1.0)))  # fmt: skip
-    ds = ImageTreeDataset(root, class_to_idx, tf, size)
-    workers = min(4, os.cpu_count() or 1) if workers is None else workers
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available())  # fmt: skip
-
-
-def _info_file(name: str) -> Path:
-    import timm.data
-
-    path = Path(timm.data.__file__).parent / "_info" / name
-    if not path.is_file():
-        raise FileNotFoundError(f"timm ships no {name} (looked in {path.parent})")
-    return path
-
-
-def imagenet_subset(name: str) -> tuple[list[str], list[int]]:
-    """``(synsets, indices)`` of the ImageNet-A or -R 200-class subset from timm's index lists.
-
-    Args:
-        name: ``"imagenet-a"`` or ``"imagenet-r"``.
-    """
-    key = {"imagenet-a": "a", "imagenet-r": "r", "imagenet_a": "a", "imagenet_r": "r"}.get(name.lower())
-    if key is None:
-        raise ValueError(f"unknown ImageNet subset {name!r}; valid: imagenet-a, imagenet-r")
-    synsets = _info_file(f"imagenet_{key}_synsets.txt").read_text().split()
-    indices = [int(v) for v in _info_file(f"imagenet_{key}_indices.txt").read_text().split()]
-    return synsets, indices
-
-
-def imagenet_synsets() -> list[str]:
-    """The 1000 ImageNet-1k synsets in class-index order (timm's list)."""
-    return _info_file("imagenet_synsets.txt").read_text().split()
-
-
-def load_class_mapping(path: str | Path) -> dict[str, str]:
-    """Read a folder -> training class mapping: JSON ``{"folder": "class"}`` or text lines ``folder class``.
-
-    Text lines may separate the two names with a tab, a comma or spaces; ``#`` starts a comment.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"class mapping file not found: {path}")
-    text = path.read_text()
-    if path.suffix == ".json":
-        data = json.loads(text)
-        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-            raise ValueError(f"{path}: expected a JSON object {{folder: training class}}")
-        return {str(k): v for k, v in data.items()}
-    out = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        parts = [p for p in line.replace(",", " ").replace("\t", " ").split(" ") if p]
-        if len(parts) != 2:
-            raise ValueError(f"{path}:{n}: expected 'folder class', got {line!r}")
-        out[parts[0]] = parts[1]
-    if not out:
-        raise ValueError(f"class mapping file {path} is empty")
-    return out
-
-
-def resolve_ood_classes(
-    root: str | Path, model_classes: Sequence[str], mapping: Mapping[str, str] | str | Path | None = None
-) -> tuple[dict[str, int], list[int]]:
-    """Map the class folders of an OOD set to model class indices.
-
-    Args:
-        root: The OOD tree ``root/<class>/<image>``.
-        model_classes: The model's training classes, in index order.
-        mapping: None (folders are training class names), a mapping ``{folder: training class}`` / mapping file,
-            or ``"imagenet-a"`` / ``"imagenet-r"`` (folders are WordNet synsets; the model must have the 1000
-            ImageNet classes, by synset or in timm's order).
-
-    Returns:
-        ``(folder -> model index, subset)`` with ``subset`` the sorted model indices covered by the set.
-
-    Raises:
-        KeyError: a folder or mapping target that is not a training class (valid names listed).
-    """
-    folders = list_class_dirs(root)
-    if not folders:
-        raise ValueError(f"{root} has no class sub-directories; expected the layout {root}/<class>/<image>")
-    if isinstance(mapping, str) and mapping.lower().replace("_", "-") in ("imagenet-a", "imagenet-r"):
-        synsets, indices = imagenet_subset(mapping)
-        if len(model_classes) != 1000:
-            raise ValueError(f"{mapping} needs a 1000-class ImageNet model, this one has {len(model_classes)} classes")
-        order = list(model_classes) if set(synsets) <= set(model_classes) else imagenet_synsets()
-        table = {s: s for s in synsets}
-        model_classes = order
-        mapping_dict: Mapping[str, str] = table
-        allowed = set(indices)
-    else:
-        mapping_dict = load_class_mapping(mapping) if isinstance(mapping, (str, Path)) else dict(mapping or {})
-        allowed = None
-    index = {c: i for i, c in enumerate(model_classes)}
-    unknown_targets = sorted({t for t in mapping_dict.values() if t not in index})
-    if unknown_targets:
-        raise KeyError(
-            f"mapping names unknown classes {unknown_targets[:10]}; valid training classes: "
-            f"{list(model_classes)[:30]}{' ...' if len(model_classes) > 30 else ''}"
-        )
-    class_to_idx, unknown = {}, []
-    for f in folders:
-        target = mapping_dict.get(f, f)
-        if target not in index:
-            unknown.append(f)
-        else:
-            class_to_idx[f] = index[target]
-    if unknown:
-        raise KeyError(
-            f"OOD folders {unknown[:10]} of {root} are neither training classes nor in the mapping; training classes: "
-            f"{list(model_classes)[:30]}{' ...' if len(model_classes) > 30 else ''}"
-        )
-    subset = sorted(set(class_to_idx.values()))
-    if allowed is not None and not set(subset) <= allowed:
-        outside = [f for f, i in class_to_idx.items() if i not in allowed]
-        raise KeyError(f"folders {outside[:10]} are outside the {mapping} 200-class subset")
-    return class_to_idx, subset
-
-
-@dataclass
-class OODSpec:
-    """One OOD set: a name, its tree, and how its folders map to training classes."""
-
-    name: str
-    root: Path
-    mapping: str | Path | dict[str, str] | None = None

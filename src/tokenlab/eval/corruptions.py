@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
-from tokenlab.eval.folders import scan_image_tree
+from tokenlab.data.images import READ_ERRORS, load_rgb_array, scan_class_folders
 from tokenlab.eval.metrics import COMMON_CORRUPTIONS, EXTRA_CORRUPTIONS
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ CORRUPTION_GROUPS: dict[str, tuple[str, ...]] = {
     "digital": ("contrast", "elastic_transform", "pixelate", "jpeg_compression"),
 }
 MIN_SIZE = 32  # the library rejects smaller images
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: sources decoded by tokenlab.data.images (16-bit scaled, alpha on white)
 
 
 def resolve_corruptions(spec: str | Sequence[str] | None) -> list[str]:
@@ -223,9 +223,8 @@ def _cache_key(fingerprint: str, seed: int, work_size: int | None, fmt: str) -> 
 
 def _load_source(path: str) -> np.ndarray | None:
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError):
+        return load_rgb_array(path)  # the data layer's decoder: the pixels training and evaluation see
+    except READ_ERRORS:
         return None
 
 
@@ -287,7 +286,8 @@ def generate_corruptions(
     names = resolve_corruptions(corruptions)
     sevs = resolve_severities(severities)
     source = Path(source)
-    _, items = scan_image_tree(source)
+    samples, classes = scan_class_folders(source, allow_missing_classes=True)
+    items = [(path, classes[k]) for path, k in samples]
     key = _cache_key(_fingerprint(source, items), seed, work_size, fmt)
     root = Path(cache_dir) / f"{source.name}-{key}"
     root.mkdir(parents=True, exist_ok=True)

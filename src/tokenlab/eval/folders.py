@@ -1,105 +1,60 @@
-"""Image-folder trees for evaluation: ``root/<class>/<image>`` read robustly, with the model's eval preprocessing.
+"""Evaluation image trees: ``root/<class>/<image>`` (optionally with masks) read through the data layer.
 
-Evaluation sets (clean test splits, OOD sets, ImageNet-C style ``corruption/severity/class/img`` trees) are plain
-folders. An image that cannot be decoded is never silently dropped: the dataset returns it with ``valid=False``
-and the evaluation loop skips it and counts it (and logs its path).
+Clean test splits, OOD sets, ImageNet-C style ``corruption/severity/class/img`` cells and the masked sets of the
+token analysis are plain folders. Files are listed by ``tokenlab.data.images.scan_class_folders``, decoded by its
+``load_rgb`` (so 16-bit and RGBA images give the same pixels as in training) and preprocessed by the exported
+model's ``EvalTransform`` (``eval_transform_from_meta``). An image that cannot be decoded follows the data layer's
+policy: it is skipped, logged by name and counted. The data set returns it with ``valid=False`` (and a zero image so
+the batch still collates), and the evaluation loop leaves it out and reports the count.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
-from torchvision.transforms import v2
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as TF
+
+from tokenlab.data.images import READ_ERRORS, UnreadableImages, list_class_dirs, load_rgb, scan_class_folders
+from tokenlab.data.transforms import EvalTransform, eval_transform_from_meta
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IMG_EXTENSIONS", "ImageTreeDataset", "eval_transform", "list_class_dirs", "scan_image_tree"]
-
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
-
-
-def _check_dir(root: str | Path, what: str = "data directory") -> Path:
-    root = Path(root)
-    if not root.exists():
-        raise FileNotFoundError(f"{what} not found: {root}")
-    if not root.is_dir():
-        raise NotADirectoryError(f"{what} is not a directory: {root}")
-    return root
-
-
-def list_class_dirs(root: str | Path) -> list[str]:
-    """Sorted names of the class sub-directories of ``root`` (hidden ones ignored)."""
-    root = _check_dir(root)
-    try:
-        return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    except PermissionError as err:
-        raise PermissionError(f"cannot read data directory {root}: {err.strerror}") from None
-
-
-def scan_image_tree(root: str | Path) -> tuple[list[str], list[tuple[Path, str]]]:
-    """List ``root/<class>/<image>`` files.
-
-    Returns:
-        ``(classes, items)``: sorted class folder names and ``(path, class name)`` for every file with an image
-        extension, sorted by path.
-
-    Raises:
-        FileNotFoundError / NotADirectoryError: ``root`` is missing or not a directory.
-        ValueError: ``root`` has no class folders or no images.
-    """
-    root = _check_dir(root)
-    classes = list_class_dirs(root)
-    if not classes:
-        raise ValueError(f"{root} has no class sub-directories; expected the layout {root}/<class>/<image>")
-    items = []
-    for c in classes:
-        for p in sorted((root / c).rglob("*")):
-            if p.suffix.lower() in IMG_EXTENSIONS and p.is_file():
-                items.append((p, c))
-    if not items:
-        raise ValueError(f"{root} holds no images ({', '.join(IMG_EXTENSIONS)}) under its {len(classes)} class folders")
-    return classes, items
-
-
-def eval_transform(
-    img_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float = 1.0
-) -> v2.Compose:
-    """Resize the short side to ``img_size / crop_pct``, centre-crop ``img_size``, scale to [0, 1], normalise."""
-    resize = int(round(img_size / crop_pct))
-    return v2.Compose(
-        [
-            v2.PILToTensor(),
-            v2.Resize(resize, antialias=True),
-            v2.CenterCrop(img_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(mean), list(std)),
-        ]
-    )
+__all__ = ["ImageTreeDataset", "eval_loader"]
 
 
 class ImageTreeDataset(Dataset):
-    """Images of a ``root/<class>/<image>`` tree labelled through ``class_to_idx``.
+    """Images of a ``root/<class>/<image>`` tree labelled through ``class_to_idx``, in evaluation form.
 
-    Each sample is ``{"image": (3, S, S) float, "label": int, "index": int, "valid": bool}``; an unreadable image
-    gives ``valid=False`` and a zero image so a batch still collates; the caller skips and counts it.
+    Each sample is ``{"image": (3, S, S) float, "label": int, "index": int, "valid": bool}`` (plus ``"mask"``:
+    ``(S, S)`` int64 with ``mask_root``); an unreadable image gives ``valid=False`` and zeros.
 
     Args:
         root: The tree root.
         class_to_idx: Folder name -> label. Every folder must be named here.
-        transform: Maps a PIL RGB image to a tensor.
-        image_size: Size of the zero image returned for unreadable files.
+        transform: The evaluation transform (``eval_transform_from_meta(meta)``); a mask follows its geometry.
+        mask_root: Optional tree of label masks with the same relative paths as the images.
+
+    Raises:
+        KeyError: a class folder that ``class_to_idx`` does not name.
+        FileNotFoundError: ``mask_root`` missing, or an image without its mask.
     """
 
     def __init__(
-        self, root: str | Path, class_to_idx: Mapping[str, int], transform: Any, image_size: int
+        self,
+        root: str | Path,
+        class_to_idx: Mapping[str, int],
+        transform: EvalTransform,
+        mask_root: str | Path | None = None,
     ) -> None:
         self.root = Path(root)
-        classes, self.items = scan_image_tree(self.root)
+        classes = list_class_dirs(self.root)
         unknown = [c for c in classes if c not in class_to_idx]
         if unknown:
             raise KeyError(
@@ -107,10 +62,23 @@ class ImageTreeDataset(Dataset):
                 f"{sorted(class_to_idx)[:30]}{' ...' if len(class_to_idx) > 30 else ''} (use a mapping file for a "
                 "renamed or subset data set)"
             )
+        samples, _ = scan_class_folders(self.root, classes, allow_missing_classes=True)
+        self.items = [(path, classes[k]) for path, k in samples]
         self.classes = classes
         self.class_to_idx = dict(class_to_idx)
         self.transform = transform
-        self.image_size = image_size
+        self.mask_root = Path(mask_root) if mask_root is not None else None
+        if self.mask_root is not None:
+            if not self.mask_root.is_dir():
+                raise FileNotFoundError(f"mask directory not found: {self.mask_root}")
+            missing = [p for p, _ in self.items[:50] if not self._mask_path(p).is_file()]
+            if missing:
+                raise FileNotFoundError(f"no mask for {missing[0]} (expected {self._mask_path(missing[0])})")
+        self.unreadable = UnreadableImages(str(self.root))
+
+    def _mask_path(self, path: Path) -> Path:
+        assert self.mask_root is not None
+        return self.mask_root / path.relative_to(self.root)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -119,10 +87,35 @@ class ImageTreeDataset(Dataset):
         path, cls = self.items[i]
         label = self.class_to_idx[cls]
         try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-            return {"image": self.transform(img), "label": label, "index": i, "valid": True}
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            logger.warning("unreadable image skipped: %s (%s)", path, err)
-            zero = torch.zeros(3, self.image_size, self.image_size)
-            return {"image": zero, "label": label, "index": i, "valid": False}
+            sample: dict[str, Any] = {"image": TF.pil_to_tensor(load_rgb(path))}
+            if self.mask_root is not None:
+                with Image.open(self._mask_path(path)) as m:
+                    mask = TF.pil_to_tensor(m.convert("L"))[0].long()
+                sample["mask"] = tv_tensors.Mask(mask)
+            sample["image"] = tv_tensors.Image(sample["image"])
+        except READ_ERRORS as err:
+            self.unreadable.skip(path, err)
+            size = self.transform.img_size
+            out = {"image": torch.zeros(3, size, size), "label": label, "index": i, "valid": False}
+            if self.mask_root is not None:
+                out["mask"] = torch.zeros(size, size, dtype=torch.long)
+            return out
+        out = self.transform(sample)
+        result = {"image": out["image"].as_subclass(torch.Tensor), "label": label, "index": i, "valid": True}
+        if "mask" in out:
+            result["mask"] = out["mask"].as_subclass(torch.Tensor)
+        return result
+
+
+def eval_loader(
+    root: str | Path,
+    class_to_idx: Mapping[str, int],
+    meta: Mapping[str, Any],
+    batch_size: int = 128,
+    workers: int | None = None,
+) -> DataLoader:
+    """A loader over the tree ``root/<class>/<image>`` with the exported model's preprocessing (``meta``)."""
+    ds = ImageTreeDataset(root, class_to_idx, eval_transform_from_meta(meta))
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available())  # fmt: skip

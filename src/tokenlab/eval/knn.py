@@ -19,7 +19,6 @@ whose blocks carry the class token).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from tokenlab.utils.amp import autocast
 
 __all__ = ["FEATURE_KINDS", "FeatureSet", "KNNResult", "extract_features", "features_of", "knn_classify"]
 
@@ -113,7 +114,7 @@ def extract_features(
     loader: Iterable[Any],
     kind: str = "cls",
     device: str | torch.device = "cpu",
-    amp_dtype: torch.dtype | None = None,
+    amp: str | torch.dtype | None = None,
     cache: str | Path | None = None,
 ) -> FeatureSet:
     """Run the frozen ``model`` over ``loader`` (dict batches with ``image`` and ``label``) and collect features.
@@ -123,7 +124,7 @@ def extract_features(
         loader: Batches ``{"image": (B, 3, H, W), "label": (B,)}`` (or ``(image, label)`` pairs).
         kind: One of ``FEATURE_KINDS``.
         device: Where the model runs.
-        amp_dtype: Autocast dtype (e.g. ``torch.bfloat16`` on GPU); features are stored as float32.
+        amp: Autocast (``tokenlab.utils.amp``: ``bf16``/``fp16`` or a dtype); features are stored as float32.
         cache: A ``.safetensors`` file: read when it exists and holds the same ``kind``, else written.
 
     Raises:
@@ -142,8 +143,7 @@ def extract_features(
     feats, labels = [], []
     for batch in loader:
         images, target = (batch["image"], batch["label"]) if isinstance(batch, dict) else batch
-        autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-        with autocast:
+        with autocast(device, amp):
             out = features_of(model, images.to(device, non_blocking=True), kind)
         feats.append(out.float().cpu())
         labels.append(torch.as_tensor(target).long().cpu())

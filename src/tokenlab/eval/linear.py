@@ -30,10 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenlab.eval.knn import FeatureSet, KNNResult, extract_features, knn_classify
+from tokenlab.utils.runs import export_stem
 
 __all__ = [
     "FrozenEvalResult",
     "LinearResult",
+    "SSLRunResult",
     "evaluate_frozen",
     "evaluate_ssl_run",
     "finetune_run",
@@ -215,7 +217,7 @@ def evaluate_frozen(
     linear: bool = True,
     linear_kwargs: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
-    amp_dtype: torch.dtype | None = None,
+    amp: str | torch.dtype | None = None,
     cache_dir: str | Path | None = None,
 ) -> FrozenEvalResult:
     """Extract (or read cached) features of both splits once, then run the k-NN and/or the linear probe.
@@ -228,13 +230,13 @@ def evaluate_frozen(
         knn: Run the weighted k-NN (``k``, ``temperature``).
         linear: Run the linear probe (``linear_kwargs`` go to ``linear_probe``).
         device: Where the backbone runs.
-        amp_dtype: Autocast dtype for feature extraction.
+        amp: Autocast for feature extraction (``tokenlab.utils.amp``: a name or a dtype).
         cache_dir: Folder of ``train_<kind>.safetensors`` / ``test_<kind>.safetensors`` caches.
     """
     cache = Path(cache_dir) if cache_dir is not None else None
-    train = extract_features(model, train_loader, kind, device, amp_dtype,
+    train = extract_features(model, train_loader, kind, device, amp,
                              cache / f"train_{kind}.safetensors" if cache else None)
-    test = extract_features(model, test_loader, kind, device, amp_dtype,
+    test = extract_features(model, test_loader, kind, device, amp,
                             cache / f"test_{kind}.safetensors" if cache else None)
     result = FrozenEvalResult(kind, int(train.features.shape[1]))
     if knn:
@@ -252,6 +254,40 @@ def _subset_indices(n: int, size: int | None, seed: int) -> list[int] | None:
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].tolist())
 
 
+@dataclass
+class SSLRunResult:
+    """What :func:`evaluate_ssl_run` measured; ``to_dict()`` is the ``eval_ssl.json`` schema.
+
+    Attributes:
+        run, data, model, train_split, test_split: What was evaluated.
+        num_train, num_test: Images in the feature bank / probe fit and in the report split.
+        results: ``{"pretrained" | "random": {feature kind: FrozenEvalResult}}``.
+        skipped: Unreadable images left out of the two splits.
+    """
+
+    run: str
+    data: str
+    model: str
+    train_split: str
+    test_split: str
+    num_train: int
+    num_test: int
+    results: dict[str, dict[str, FrozenEvalResult]] = field(default_factory=dict)
+    skipped: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run": self.run, "data": self.data, "model": self.model, "train_split": self.train_split,
+            "test_split": self.test_split, "num_train": self.num_train, "num_test": self.num_test,
+            "results": {label: {kind: r.to_dict() for kind, r in by_kind.items()}
+                        for label, by_kind in self.results.items()},
+            "skipped": self.skipped,
+        }  # fmt: skip
+
+    def __getitem__(self, key: str) -> Any:  # TODO(merge): remove once cli.py and scripts read attributes
+        return self.to_dict()[key]
+
+
 def evaluate_ssl_run(
     run: str | Path,
     data: str = "cifar10",
@@ -266,45 +302,48 @@ def evaluate_ssl_run(
     batch_size: int = 256,
     workers: int = 0,
     device: str = "cpu",
-    amp_dtype: torch.dtype | None = None,
+    amp: str | torch.dtype | None = None,
     train_subset: int | None = None,
     test_subset: int | None = None,
     random_init: bool = False,
     seed: int = 0,
     out: str | Path | None = None,
-) -> dict[str, Any]:
+    amp_dtype: torch.dtype | None = None,
+) -> SSLRunResult:
     """k-NN / linear probe of ``RUN/model`` (and of a random initialisation of it); writes ``RUN/eval_ssl.json``.
+
+    Images get the export's evaluation preprocessing (``eval_transform_from_meta``).
 
     Args:
         run: Run directory or exported model stem.
         data: Data-set spec for ``tokenlab.data.build_dataset`` (``cifar10``, a folder, a synthetic set, ...).
         train_split, test_split: Splits for the feature bank / probe fit and for the report.
         kinds: Feature kinds to evaluate.
+        amp: Autocast for feature extraction (``none``/``bf16``/``fp16`` or a dtype).
         train_subset, test_subset: Fixed random subsets (seeded) to bound the cost on a CPU.
         random_init: Also evaluate the same architecture with random weights (``torch.manual_seed(seed)``).
         out: JSON path (default ``RUN/eval_ssl.json``; the run's folder when ``run`` is a model stem).
+        amp_dtype: The former name of ``amp`` (a dtype); kept until callers pass ``amp``.
         Other args: see ``evaluate_frozen``.
-
-    Returns:
-        ``{"run", "data", "model", "num_train", "num_test", "results": {"pretrained": {kind: ...}, "random": ...}}``.
     """
     import json
 
     import timm
     from torch.utils.data import DataLoader, Subset
 
-    from tokenlab.data import build_dataset, build_transforms
+    from tokenlab.data import build_dataset, eval_transform_from_meta
     from tokenlab.models import load_exported
 
+    amp = amp if amp is not None else amp_dtype  # TODO(merge): drop amp_dtype once cli.py/scripts pass amp
     run = Path(run)
     model, meta = load_exported(run)
     run_dir = run if run.is_dir() else run.parent
-    img_size = int(meta.get("img_size") or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
-    norm = {key: meta[key] for key in ("mean", "std") if key in meta}
-    transform = build_transforms("eval", img_size, **norm)
-    splits = {}
+    fallback = None if meta.get("img_size") else int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    transform = eval_transform_from_meta(meta, img_size=fallback)
+    splits, skipped = {}, 0
     for name, split, size, offset in (("train", train_split, train_subset, 0), ("test", test_split, test_subset, 1)):
         dataset = build_dataset(data, split=split, transform=transform)
+        skipped += len(dataset.skipped)
         idx = _subset_indices(len(dataset), size, seed + offset)
         splits[name] = dataset if idx is None else Subset(dataset, idx)
     loaders = {
@@ -315,24 +354,20 @@ def evaluate_ssl_run(
     if random_init:
         torch.manual_seed(seed)
         models["random"] = timm.create_model(meta["model"], **meta.get("model_kwargs", {}))
-    results: dict[str, Any] = {}
+    result = SSLRunResult(str(run), data, meta["model"], train_split, test_split, len(splits["train"]),
+                          len(splits["test"]), skipped=skipped)  # fmt: skip
     for label, backbone in models.items():
-        results[label] = {}
+        result.results[label] = {}
         for kind in kinds:
-            res = evaluate_frozen(
+            result.results[label][kind] = evaluate_frozen(
                 backbone, loaders["train"], loaders["test"], kind, knn, k, temperature, linear, linear_kwargs,
-                device, amp_dtype, run_dir / "ssl_features" / f"{label}_{tag}",
+                device, amp, run_dir / "ssl_features" / f"{label}_{tag}",
             )
-            results[label][kind] = res.to_dict()
-    report = {
-        "run": str(run), "data": data, "model": meta["model"], "train_split": train_split, "test_split": test_split,
-        "num_train": len(splits["train"]), "num_test": len(splits["test"]), "results": results,
-    }
     out = Path(out) if out is not None else run_dir / "eval_ssl.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str))
+    out.write_text(json.dumps(result.to_dict(), indent=2, default=str))
     logger.info("wrote %s", out)
-    return report
+    return result
 
 
 def finetune_run(run: str | Path, recipe: str | Path, overrides: Sequence[str] = ()) -> Any:
@@ -348,7 +383,7 @@ def finetune_run(run: str | Path, recipe: str | Path, overrides: Sequence[str] =
 
     run = Path(run)
     _, meta = load_exported(run)
-    stem = (run / "model") if run.is_dir() else run.with_suffix("")
+    stem = export_stem(run)
     arch = [f"model.name={meta['model']}"] + [
         f"model.kwargs.{key}={value}" for key, value in meta.get("model_kwargs", {}).items()
         if key not in ("num_classes", "pretrained", "pretrained_cfg_overlay")

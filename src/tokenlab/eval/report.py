@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tokenlab.eval import visualize as vis
+from tokenlab.utils.runs import METRICS_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def load_run(path: str | Path, name: str | None = None) -> RunData:
     if not path.is_dir():
         raise FileNotFoundError(f"run directory not found: {path}")
     run = RunData(name or path.name, path, _read_json(path / "eval.json"), _read_json(path / "tokens.json"),
-                  (path / "metrics.jsonl").is_file())  # fmt: skip
+                  (path / METRICS_FILE).is_file())  # fmt: skip
     run.pictures = {f: path / f for f in RUN_PICTURES if (path / f).is_file()}
     if run.eval is None and run.tokens is None and not run.has_metrics:
         raise FileNotFoundError(

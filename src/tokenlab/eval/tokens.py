@@ -29,20 +29,14 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
-from torch.utils.data import Dataset
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
-from tokenlab.eval.classify import autocast_context
-from tokenlab.eval.folders import scan_image_tree
+from tokenlab.utils.amp import autocast
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "SOURCES",
-    "MaskedTreeDataset",
     "TokenExamples",
     "TokenResult",
     "TokenStats",
@@ -203,18 +197,21 @@ class TokenExamples:
 
 @dataclass
 class TokenResult:
-    """Token-label analysis of one model; ``metrics`` holds :meth:`TokenStats.summary`."""
+    """Token-label analysis of one model; ``metrics`` holds :meth:`TokenStats.summary`, ``skipped`` the number
+    of unreadable images left out."""
 
     name: str
     source: str
     classes: list[str]
     metrics: dict[str, Any]
     examples: TokenExamples | None = None
+    skipped: int = 0
 
     def to_dict(self) -> dict[str, Any]:
+        """The ``tokens.json`` record (``skipped``: unreadable images left out)."""
         m = dict(self.metrics)
         m["bg_distribution"] = dict(zip(self.classes, m["bg_distribution"]))
-        return {"name": self.name, "source": self.source, "classes": self.classes, **m}
+        return {"name": self.name, "source": self.source, "classes": self.classes, **m, "skipped": self.skipped}
 
 
 def analyze_tokens(
@@ -252,8 +249,8 @@ def analyze_tokens(
     stats = TokenStats(len(classes))
     gen = torch.Generator().manual_seed(seed)
     ex: dict[str, list[torch.Tensor]] = {"images": [], "labels": [], "pred": [], "conf": [], "masks": [], "attn": []}
-    kept = 0
-    with torch.inference_mode(), autocast_context(device, amp):
+    kept = skipped = 0
+    with torch.inference_mode(), autocast(device, amp):
         for batch in loader:
             if "mask" not in batch:
                 raise KeyError("token analysis needs a data set with masks (batch key 'mask'); e.g. the synthetic set")
@@ -261,6 +258,7 @@ def analyze_tokens(
             labels = batch["label"].cpu()
             if "valid" in batch:
                 keep = batch["valid"].bool()
+                skipped += int((~keep).sum())
                 x, labels, masks = x[keep.to(device)], labels[keep], batch["mask"][keep]
             else:
                 masks = batch["mask"]
@@ -296,53 +294,9 @@ def analyze_tokens(
             *(torch.cat(ex[k]) for k in ("images", "labels", "pred", "conf", "masks")),
             attention=torch.cat(ex["attn"]) if ex["attn"] else None,
         )
-    return TokenResult(name, src, list(classes), stats.summary(), examples)
-
-
-class MaskedTreeDataset(Dataset):
-    """Images ``root/<class>/<name>`` with masks ``mask_root/<class>/<name>`` resized/cropped together.
-
-    Samples are ``{"image": (3, S, S) normalised, "label", "mask": (S, S) long, "index"}``.
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        mask_root: str | Path,
-        class_to_idx: Mapping[str, int],
-        img_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-    ) -> None:
-        _, self.items = scan_image_tree(root)
-        self.root, self.mask_root = Path(root), Path(mask_root)
-        if not self.mask_root.is_dir():
-            raise FileNotFoundError(f"mask directory not found: {self.mask_root}")
-        unknown = sorted({c for _, c in self.items if c not in class_to_idx})
-        if unknown:
-            raise KeyError(f"class folders {unknown[:10]} are not classes of the model; valid: {sorted(class_to_idx)}")
-        missing = [p for p, c in self.items[:50] if not self._mask_path(p, c).is_file()]
-        if missing:
-            raise FileNotFoundError(f"no mask for {missing[0]} (expected {self._mask_path(missing[0], '')})")
-        self.class_to_idx = dict(class_to_idx)
-        self.geom = v2.Compose([v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size)])
-        self.norm = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
-
-    def _mask_path(self, path: Path, cls: str) -> Path:
-        return self.mask_root / path.relative_to(self.root)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        path, cls = self.items[i]
-        with Image.open(path) as im:
-            img = tv_tensors.Image(v2.functional.pil_to_tensor(im.convert("RGB")))
-        with Image.open(self._mask_path(path, cls)) as mm:
-            mask = tv_tensors.Mask(torch.as_tensor(v2.functional.pil_to_tensor(mm.convert("L"))[0], dtype=torch.long))
-        img, mask = self.geom(img, mask)  # one geometry for both (masks use nearest)
-        return {"image": self.norm(img).as_subclass(torch.Tensor), "label": self.class_to_idx[cls],
-                "mask": mask.as_subclass(torch.Tensor), "index": i}  # fmt: skip
+    if skipped:
+        logger.warning("token analysis of %s: %d unreadable images skipped", name, skipped)
+    return TokenResult(name, src, list(classes), stats.summary(), examples, skipped)
 
 
 def analyze_run(
@@ -367,20 +321,23 @@ def analyze_run(
 
     from torch.utils.data import DataLoader
 
-    from tokenlab.eval.robustness import _match_classes, resolve_data
-    from tokenlab.eval.folders import list_class_dirs
+    from tokenlab.data.images import list_class_dirs
+    from tokenlab.data.specs import EVAL_SPLITS, parse_data_spec
+    from tokenlab.data.transforms import eval_transform_from_meta
+    from tokenlab.eval.class_maps import match_model_classes
+    from tokenlab.eval.folders import ImageTreeDataset
     from tokenlab.models import load_exported
 
     ckpt = Path(checkpoint)
     model, meta = load_exported(ckpt, device=device)
-    spec = resolve_data(data)
+    spec = parse_data_spec(data).resolve(EVAL_SPLITS)
     if spec.masks is None:
         where = spec.dataset_dir / f"{spec.split}_masks" if spec.dataset_dir else f"{spec.root}_masks"
         raise FileNotFoundError(f"token analysis needs object masks; none at {where} (use the synthetic data set)")
-    classes = _match_classes(meta, list_class_dirs(spec.root), spec.root)
-    mean, std = meta.get("mean", (0.485, 0.456, 0.406)), meta.get("std", (0.229, 0.224, 0.225))
-    ds = MaskedTreeDataset(spec.root, spec.masks, {c: i for i, c in enumerate(classes)}, int(meta.get("img_size", 224)),
-                           mean, std)  # fmt: skip
+    classes = match_model_classes(meta, list_class_dirs(spec.root), spec.root)
+    tf = eval_transform_from_meta(meta)
+    mean, std = tf.mean, tf.std
+    ds = ImageTreeDataset(spec.root, {c: i for i, c in enumerate(classes)}, tf, mask_root=spec.masks)
     # a fixed shuffled order: the metrics do not depend on it, but the example pictures then show several classes
     # instead of the first class folder's first images
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist()

@@ -7,7 +7,6 @@ writes one PNG and returns its path; nothing here computes a metric.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -24,6 +23,8 @@ import torch.nn.functional as F  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from tokenlab.utils.metrics_log import read_metrics  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -33,7 +34,6 @@ __all__ = [
     "plot_severity_curves",
     "plot_token_labels",
     "plot_training_curves",
-    "read_jsonl",
     "save_token_pictures",
 ]
 
@@ -254,26 +254,6 @@ def plot_reliability(reliability: Mapping[str, Mapping[str, Any]], path: str | P
     return _save(fig, path)
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file; a truncated last line (a run still writing) is ignored with a warning."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"metrics file not found: {path}")
-    out = []
-    lines = path.read_text().splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if n == len(lines):
-                logger.warning("ignoring a truncated last line in %s", path)
-            else:
-                raise ValueError(f"{path}:{n} is not valid JSON") from None
-    return out
-
-
 def plot_training_curves(runs: Mapping[str, str | Path], path: str | Path, smooth: int = 20) -> Path:
     """Training curves of several runs: step loss (moving average over ``smooth`` records) and validation top-1.
 
@@ -284,7 +264,7 @@ def plot_training_curves(runs: Mapping[str, str | Path], path: str | Path, smoot
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.8))
     any_val = False
     for name, run in runs.items():
-        recs = read_jsonl(Path(run) / "metrics.jsonl")
+        recs = read_metrics(run)
         steps = [(r["step"], r["loss"]) for r in recs if r.get("kind") == "step" and _finite(r.get("loss"))]
         if steps:
             s, loss = np.array(steps, dtype=float).T

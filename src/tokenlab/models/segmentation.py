@@ -29,7 +29,6 @@ blocks, class token, heads) are dropped: only ``forward_intermediates`` is used.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -42,6 +41,7 @@ from torch import nn
 
 from tokenlab.models._loading import check_state_dict, read_state_dict
 from tokenlab.models._registry import list_tokenlab_models
+from tokenlab.utils.runs import export_stem, read_model_meta
 
 __all__ = ["FANSegFormer", "SegFormerHead", "SimplePyramidNeck", "default_indices", "load_backbone_weights"]
 
@@ -209,17 +209,17 @@ class FANSegFormer(nn.Module):
 def _classification_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """Weights (and the exported meta, if any) of a classification model: run dir, export stem or weights file."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "model"
     meta = None
-    if path.suffix not in (".safetensors", ".pth", ".tar", ".pt"):
-        meta_file, weights = path.with_suffix(".json"), path.with_suffix(".safetensors")
+    if path.is_dir() or path.suffix not in (".safetensors", ".pth", ".tar", ".pt"):
+        stem = export_stem(path)
+        weights = stem.with_suffix(".safetensors")
         if not weights.is_file():
-            raise FileNotFoundError(f"no classification model at {path} (expected {weights.name} and {meta_file.name})")
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+            raise FileNotFoundError(f"no classification model at {path} (expected {weights.name} and "
+                                    f"{stem.with_suffix('.json').name})")  # fmt: skip
+        meta = read_model_meta(stem) if stem.with_suffix(".json").is_file() else None
         path = weights
     elif path.suffix == ".safetensors" and path.with_suffix(".json").is_file():
-        meta = json.loads(path.with_suffix(".json").read_text())
+        meta = read_model_meta(path)
     return read_state_dict(path, prefer="model_ema"), meta
 
 

@@ -100,10 +100,28 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
-    """Records of ``RUN/metrics.jsonl``, optionally only those of one ``kind``."""
-    path = Path(run_dir) / "metrics.jsonl"
+def read_metrics(run: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """Records of ``RUN/metrics.jsonl`` (``run`` is the run directory or the file), optionally of one ``kind``.
+
+    A truncated last line (a run still writing) is ignored with a warning.
+
+    Raises:
+        FileNotFoundError: no metrics file.
+        ValueError: a line other than the last is not valid JSON (naming it).
+    """
+    path = Path(run)
+    path = path / "metrics.jsonl" if path.is_dir() else path
     if not path.is_file():
-        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
-    out = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        raise FileNotFoundError(f"metrics file not found: no metrics.jsonl at {run}")
+    lines = path.read_text().splitlines()
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n != len(lines):
+                raise ValueError(f"{path}:{n} is not valid JSON") from None
+            logger.warning("ignoring a truncated last line in %s", path)
     return [r for r in out if kind is None or r.get("kind") == kind]

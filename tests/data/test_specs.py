@@ -1,0 +1,48 @@
+"""Data specs: one parser for DIR, DIR:split, list files and sets of splits, with training and evaluation defaults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tokenlab.data.specs import EVAL_SPLITS, parse_data_spec
+
+
+def _splits_set(root: Path, splits=("train", "val")) -> Path:
+    for split in splits:
+        (root / split / "cat").mkdir(parents=True)
+        (root / f"{split}_masks" / "cat").mkdir(parents=True)
+    (root / "dataset.json").write_text(json.dumps({"classes": ["cat"]}))
+    return root
+
+
+def test_split_defaults_differ_for_training_and_evaluation(tmp_path: Path) -> None:
+    root = _splits_set(tmp_path / "set")
+    spec = parse_data_spec(root)
+    assert spec.kind == "splits" and spec.split is None and spec.classes == ["cat"]
+    assert spec.resolve(("train",)).root == root / "train"
+    evaluation = spec.resolve(EVAL_SPLITS)
+    assert evaluation.root == root / "val" and evaluation.masks == root / "val_masks"
+    assert parse_data_spec(f"{root}:train").resolve(EVAL_SPLITS).split == "train"  # a named split wins
+    assert parse_data_spec(f"{root}:train", split="val").split == "val"  # the argument wins over the suffix
+    with pytest.raises(ValueError, match=r"split 'test' not in synthetic set .*valid: train, val"):
+        parse_data_spec(root, "test").resolve()
+
+
+def test_folders_lists_and_missing_paths(tmp_path: Path) -> None:
+    (tmp_path / "tree" / "cat").mkdir(parents=True)
+    tree = parse_data_spec(tmp_path / "tree").resolve(EVAL_SPLITS)
+    assert tree.kind == "folder" and tree.root == tmp_path / "tree" and tree.dataset_dir is None
+    (tmp_path / "tree" / "val.csv").write_text("cat/a.png,cat\n")
+    assert parse_data_spec(tmp_path / "tree", "val").resolve().list_file() == tmp_path / "tree" / "val.csv"
+    listed = parse_data_spec(tmp_path / "tree" / "val.csv")
+    assert listed.kind == "list" and listed.list_file() == tmp_path / "tree" / "val.csv"
+    with pytest.raises(ValueError, match="needs an image-folder tree"):
+        listed.root
+    (tmp_path / "notes.md").write_text("x")
+    with pytest.raises(ValueError, match="not a list file"):
+        parse_data_spec(tmp_path / "notes.md")
+    with pytest.raises(FileNotFoundError, match="data directory not found"):
+        parse_data_spec(tmp_path / "nowhere")
