@@ -1,12 +1,13 @@
 """Data: the built-in synthetic set, real image folders / lists / CIFAR-10, STL paired views, iBOT crops and masks.
 
 ``build_dataset(spec, split, transform)`` turns files into sample dicts, ``build_transforms(kind, img_size)`` makes the
-transform (``eval``, ``train``, ``stl_pair``, ``ibot``), ``build_loader`` batches them with per-sample seeding, and
+transform per data view (``classification``, ``stl_paired``, ``multicrop``, ``segmentation``, ``eval``),
+``build_train_loader`` batches them with per-sample seeding (``data.sampler``), and
 ``mix_batch`` applies Mixup/CutMix to the student image and class target only. See ``docs/design.md``.
 """
 
 from tokenlab.data.datasets import CIFAR10_CLASSES, ImageDataset, build_dataset, ensure_cifar10, load_rgb
-from tokenlab.data.loader import EpochSampler, SeededDataset, build_loader, set_epoch
+from tokenlab.data.sampler import ResumableSampler, SeededDataset, build_train_loader, sample_seed
 from tokenlab.data.masking import BlockMaskGenerator
 from tokenlab.data.synthetic import SHAPES, TEXTURES, SynthConfig, generate
 from tokenlab.data.transforms import (
@@ -26,21 +27,21 @@ __all__ = [
     "TEACHER_MODES",
     "TEXTURES",
     "BlockMaskGenerator",
-    "EpochSampler",
     "EvalTransform",
     "eval_transform_from_meta",
     "ImageDataset",
     "MultiCropTransform",
+    "ResumableSampler",
     "SeededDataset",
     "SynthConfig",
     "ViewTransform",
     "build_dataset",
-    "build_loader",
     "build_mixup",
+    "build_train_loader",
     "build_transforms",
     "ensure_cifar10",
     "generate",
     "load_rgb",
     "mix_batch",
-    "set_epoch",
+    "sample_seed",
 ]
