@@ -29,6 +29,8 @@ __all__ = [
     "data_meta",
     "param_groups",
     "resolve_device",
+    "shard_method",
+    "unsharded_copy",
 ]
 
 #: The training data views the engine can build (the data layer's transform vocabulary, less ``eval``).
@@ -73,6 +75,39 @@ def build_method_from_config(cfg: DictConfig, meta: Mapping[str, Any]) -> Method
     cls = get_method_class(cfg.method.name)
     kwargs = cls.data_kwargs(dict(meta)) | dict(OmegaConf.to_container(cfg.method.kwargs))
     return build_method(cfg.method.name, model=model, **kwargs)
+
+
+def shard_method(method: Method, ema_enabled: bool = False) -> None:
+    """FSDP2: shard every transformer block of ``method.model``, then the method as the root (the rest).
+
+    The method's ``forward`` (the training step) runs through the root's hooks; validation and export run the model
+    outside it, so the trainer unshards the root for them (the blocks gather their own in their hooks). Runs before
+    the optimizer is built: it swaps the parameters for DTensors.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if ema_enabled:
+        raise ValueError("train.ema.enabled is not supported with train.distributed=fsdp (use ddp)")
+    D.broadcast_module(method)  # one initialisation: each rank keeps its shard of rank 0's weights
+    for block in getattr(method.model, "blocks", []):
+        fully_shard(block)
+    fully_shard(method)
+
+
+def unsharded_copy(cfg: DictConfig, method: Method, target: nn.Module, is_main: bool) -> nn.Module | None:
+    """FSDP2: an unsharded CPU copy of ``target`` (a submodule of ``method``) rebuilt from ``cfg.model`` on rank 0,
+    ``None`` elsewhere; a collective, every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(method, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main:
+        return None
+    prefix = next(name for name, m in method.named_modules() if m is target)
+    prefix = f"{prefix}." if prefix else ""
+    num_classes = int(getattr(target, "num_classes", cfg.model.num_classes or 0))
+    model = build_model(cfg.model.name, num_classes, OmegaConf.to_container(cfg.model.kwargs))
+    model.load_state_dict({k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}, strict=True)
+    return model
 
 
 # ---- data -------------------------------------------------------------------------------------------------------
@@ -239,7 +274,8 @@ def build_optimizer(cfg: DictConfig, module: nn.Module) -> torch.optim.Optimizer
 
     o = cfg.optim
     groups = param_groups(module, o.weight_decay, o.layer_decay)
-    return create_optimizer_v2(groups, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps)
+    betas = tuple(o.betas)
+    return create_optimizer_v2(groups, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, betas=betas, eps=o.eps)
 
 
 def build_schedules(cfg: DictConfig, steps_per_epoch: int) -> tuple[np.ndarray, np.ndarray]:

@@ -35,18 +35,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from tokenlab.data.sampler import ResumableSampler, ShardSampler, build_train_loader
+from tokenlab.engine import builders as B
 from tokenlab.engine import checkpoint as ckpt
-from tokenlab.engine.builders import (
-    build_datasets,
-    build_method_from_config,
-    build_model,
-    build_optimizer,
-    build_schedules,
-    resolve_device,
-)
-from tokenlab.engine.builders import (
-    data_meta as _data_meta,
-)
 from tokenlab.errors import NonFiniteLossError, PeerFailureError, TrainingAborted
 from tokenlab.methods import Method, StepContext, TrainPlan, get_method_class
 from tokenlab.utils import distributed as D
@@ -122,7 +112,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.train_set, self.val_set = train_set, val_set
-        self.data_meta = dict(data_meta) if data_meta is not None else _data_meta(train_set)
+        self.data_meta = dict(data_meta) if data_meta is not None else B.data_meta(train_set)
         self._setup_runtime()
         self._setup_method(method)
         self._setup_plan()
@@ -139,7 +129,7 @@ class Trainer:
     def _setup_runtime(self) -> None:
         """Device, process group, output check, seeds, determinism and mixed precision."""
         cfg = self.cfg
-        self.device = resolve_device(cfg.train.device)
+        self.device = B.resolve_device(cfg.train.device)
         self.distributed = D.init_distributed(self.device, cfg.train.dist_timeout_s)
         self.rank, self.world = D.rank(), D.world_size()
         self.is_main = self.rank == 0
@@ -160,7 +150,7 @@ class Trainer:
     def _setup_method(self, method: Method | None) -> None:
         """The method (built from the config and the data's meta unless given), on the device."""
         cfg = self.cfg
-        self.method = method if method is not None else build_method_from_config(cfg, self.data_meta)
+        self.method = method if method is not None else B.build_method_from_config(cfg, self.data_meta)
         self.model = self.method.model
         if cfg.train.grad_checkpointing:
             if not hasattr(self.model, "set_grad_checkpointing"):
@@ -190,7 +180,7 @@ class Trainer:
             global_batch_size=bs * accum * self.world,
         )
         self.stop_step = min(self.plan.total_steps, cfg.schedule.max_steps or self.plan.total_steps)
-        self._lr_schedule, self._wd_schedule = build_schedules(cfg, self.steps_per_epoch)
+        self._lr_schedule, self._wd_schedule = B.build_schedules(cfg, self.steps_per_epoch)
 
     @property
     def lr_schedule(self) -> np.ndarray:
@@ -207,8 +197,8 @@ class Trainer:
         cfg = self.cfg
         self.fsdp = cfg.train.distributed == "fsdp" and self.distributed
         if self.fsdp:
-            self._shard()
-        self.optimizer = build_optimizer(cfg, self.method.trainable_module())
+            B.shard_method(self.method, cfg.train.ema.enabled)
+        self.optimizer = B.build_optimizer(cfg, self.method.trainable_module())
         self.ema = None
         if cfg.train.ema.enabled:
             from timm.utils import ModelEmaV3
@@ -227,21 +217,6 @@ class Trainer:
         if cfg.train.compile:
             self.runner.compile()
         self.method.on_train_start(self.plan)
-
-    def _shard(self) -> None:
-        """FSDP2: shard every transformer block, then the method as the root (all remaining parameters).
-
-        The method's ``forward`` (the training step) runs through the root's hooks; validation and export go through
-        :meth:`_unsharded_root`, which gathers the root-level parameters (the blocks gather their own in their hooks).
-        """
-        from torch.distributed.fsdp import fully_shard
-
-        if self.cfg.train.ema.enabled:
-            raise ValueError("train.ema.enabled is not supported with train.distributed=fsdp (use ddp)")
-        D.broadcast_module(self.method)  # one initialisation: each rank keeps its shard of rank 0's weights
-        for block in getattr(self.model, "blocks", []):
-            fully_shard(block)
-        fully_shard(self.method)
 
     @contextlib.contextmanager
     def _unsharded_root(self) -> Iterator[None]:
@@ -317,7 +292,8 @@ class Trainer:
         self.nonfinite_total, self.nonfinite_streak = state["nonfinite_total"], state["nonfinite_streak"]
         rngs = state["rng"]
         if len(rngs) != self.world:
-            logger.warning("resuming %d-process state on %d processes: RNG streams are reassigned", len(rngs), self.world)
+            logger.warning("resuming %d-process state on %d processes: RNG streams are reassigned", len(rngs),
+                           self.world)  # fmt: skip
         ckpt.restore_rng_state(rngs[self.rank % len(rngs)])
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.batches_done)
 
@@ -370,7 +346,8 @@ class Trainer:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             if self.cfg.optim.clip_grad is not None:
-                norm = torch.nn.utils.clip_grad_norm_(self.method.trainable_module().parameters(), self.cfg.optim.clip_grad)
+                params = self.method.trainable_module().parameters()
+                norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad)
                 terms["grad_norm"] = norm.detach().float()
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
@@ -483,21 +460,6 @@ class Trainer:
         """The module validated and exported: the model EMA when enabled, else the method's export module."""
         return self.ema.module if self.ema is not None else self.method.export_module()
 
-    def _gathered_eval_module(self) -> nn.Module | None:
-        """FSDP2: an unsharded CPU copy of the export module (rank 0; ``None`` elsewhere); every rank must call it."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(self.method, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not self.is_main:
-            return None
-        target = self.eval_module()
-        prefix = next(name for name, m in self.method.named_modules() if m is target)
-        prefix = f"{prefix}." if prefix else ""
-        num_classes = int(getattr(target, "num_classes", self.cfg.model.num_classes or 0))
-        model = build_model(self.cfg.model.name, num_classes, OmegaConf.to_container(self.cfg.model.kwargs))
-        model.load_state_dict({k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}, strict=True)
-        return model
-
     @torch.no_grad()
     def validate(self, log: MetricLogger | None = None) -> dict[str, float]:
         """Top-1 accuracy and mean CE (as defined by the method's ``validation_step``) over the validation set."""
@@ -539,7 +501,9 @@ class Trainer:
 
     def export(self) -> Path | None:
         """Write ``RUN/model.safetensors`` + ``.json`` (rank 0) through ``tokenlab.models.save_exported``."""
-        model = self._gathered_eval_module() if self.fsdp else self.eval_module()  # collective under FSDP
+        model = self.eval_module()
+        if self.fsdp:  # a collective: every rank gathers, rank 0 gets an unsharded CPU copy
+            model = B.unsharded_copy(self.cfg, self.method, model, self.is_main)
         if not self.is_main:
             return None
         from tokenlab.models import save_exported
@@ -571,7 +535,7 @@ def train(cfg: DictConfig) -> RunResult:
     """
     cls = get_method_class(cfg.method.name)  # an unknown method fails here, before any data is read
     options = cls.transform_options(dict(OmegaConf.to_container(cfg.method.kwargs)))
-    train_set, val_set, meta = build_datasets(cfg, cls.data_view, options)
+    train_set, val_set, meta = B.build_datasets(cfg, cls.data_view, options)
     try:
         return Trainer(cfg, train_set, val_set, data_meta=meta).fit()
     finally:
