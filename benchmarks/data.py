@@ -1,5 +1,8 @@
 """Data-layer throughput: synthetic generation, paired STL loader vs timm single-view loader, iBOT multi-crop.
 
+The tokenlab pipelines run through the one training loader the Trainer uses (``data.sampler.build_train_loader``:
+``ResumableSampler`` + per-sample seeding), with the data views of ``data.transforms.build_transforms``.
+
 Every loader pipeline reads the same synthetic ``train`` split (images only, no masks, like timm's ImageFolder) with the same image size, batch size and workers;
 the pipelines are measured in alternating rounds within one run (shared machines are noisy) and the median round
 is reported. The headline number is the cost ratio ``paired STL / timm single view`` (target <= 1.3).
@@ -27,7 +30,7 @@ import torchvision
 from timm.data import create_transform
 from torch.utils.data import DataLoader
 
-from tokenlab.data import SynthConfig, build_dataset, build_loader, build_transforms, generate, set_epoch
+from tokenlab.data import ResumableSampler, SynthConfig, build_dataset, build_train_loader, build_transforms, generate
 
 logger = logging.getLogger("benchmarks.data")
 
@@ -130,18 +133,22 @@ def main() -> None:
         results["synthetic_breakdown_one_thread"] = _synthetic_breakdown(args.img_size)
 
         size, ra = args.img_size, args.rand_augment
-        paired = build_dataset(root, "train", build_transforms("stl_pair", size, re_prob=0.25, rand_augment=ra), verify="none", load_masks=False)
-        single = build_dataset(root, "train", build_transforms("train", size, re_prob=0.25, rand_augment=ra), verify="none", load_masks=False)
-        ibot = build_dataset(root, "train", build_transforms("ibot", size, patch_size=8, num_local=10), verify="none", load_masks=False)
+        paired = build_dataset(root, "train", build_transforms("stl_paired", size, re_prob=0.25, rand_augment=ra), verify="none", load_masks=False)
+        single = build_dataset(root, "train", build_transforms("classification", size, re_prob=0.25, rand_augment=ra), verify="none", load_masks=False)
+        ibot = build_dataset(root, "train", build_transforms("multicrop", size, patch_size=8, num_local=10), verify="none", load_masks=False)
         timm_tf = create_transform(size, is_training=True, auto_augment=ra, re_prob=0.25)
         timm_ds = torchvision.datasets.ImageFolder(str(root / "train"), transform=timm_tf)
         pin = device.type == "cuda"
-        common = {"batch_size": args.batch_size, "num_workers": args.workers, "pin_memory": pin}
+        common = {"num_workers": args.workers, "pin_memory": pin}
+
+        def training_loader(ds: Any) -> DataLoader:  # the loader the Trainer uses (data.sampler), epoch 0
+            return build_train_loader(ds, args.batch_size, ResumableSampler(len(ds), seed=0), 0, **common)
+
         pipelines: dict[str, Callable[[], DataLoader]] = {
-            "timm_single_view": lambda: DataLoader(timm_ds, shuffle=True, drop_last=True, **common),
-            "tokenlab_single_view": lambda: build_loader(single, train=True, **common),
-            "stl_paired": lambda: build_loader(paired, train=True, **common),
-            "ibot_multicrop_2g10l": lambda: build_loader(ibot, train=True, **common),
+            "timm_single_view": lambda: DataLoader(timm_ds, args.batch_size, shuffle=True, drop_last=True, **common),
+            "tokenlab_single_view": lambda: training_loader(single),
+            "stl_paired": lambda: training_loader(paired),
+            "ibot_multicrop_2g10l": lambda: training_loader(ibot),
         }
         rates: dict[str, list[float]] = {name: [] for name in pipelines}
         for round_ in range(args.rounds):

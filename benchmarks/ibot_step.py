@@ -57,6 +57,7 @@ def run_one(name: str, batch_size: int, num_local: int, device: str, amp: str, s
 
     import tokenlab.models  # noqa: F401  (registers the models)
     from tokenlab.methods import StepContext, TrainPlan, build_method
+    from tokenlab.utils.amp import amp_dtype, autocast
 
     model_name, size, local, kwargs = MODELS[name]
     dev = torch.device(device)
@@ -70,17 +71,13 @@ def run_one(name: str, batch_size: int, num_local: int, device: str, amp: str, s
     batch = {"crops": crops, "masks": masks}
     opt = torch.optim.AdamW(method.trainable_module().parameters(), lr=1e-4)
     plan = TrainPlan(total_steps=1000, steps_per_epoch=100, epochs=10, global_batch_size=batch_size)
-    amp_dtype = torch.bfloat16 if amp == "bf16" else None
-    ctx = StepContext(step=200, epoch=2, plan=plan, device=dev, amp_dtype=amp_dtype)
-
-    def autocast() -> Any:
-        return torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    ctx = StepContext(step=200, epoch=2, plan=plan, device=dev, amp_dtype=amp_dtype(amp, dev))
 
     def full_step() -> float:
         _sync(dev)
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        with autocast():
+        with autocast(dev, amp):
             loss = method.training_step(batch, ctx)["loss"]
         loss.backward()
         method.before_optimizer_step(ctx)
@@ -95,7 +92,7 @@ def run_one(name: str, batch_size: int, num_local: int, device: str, amp: str, s
     def teacher_part() -> float:
         _sync(dev)
         t = time.perf_counter()
-        with autocast():
+        with autocast(dev, amp):
             method.teacher["head"](*method.teacher["backbone"].forward_features(globals_))
         method.update_teacher(0.999)
         _sync(dev)

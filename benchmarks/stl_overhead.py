@@ -35,6 +35,7 @@ import torch
 
 import tokenlab  # noqa: F401  (registers the FAN models)
 from tokenlab.methods import StepContext, TrainPlan, build_method
+from tokenlab.utils.amp import AMP_CHOICES, amp_dtype, autocast
 
 logger = logging.getLogger("stl_overhead")
 RESULTS = Path(__file__).parent / "results"
@@ -64,12 +65,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _amp(device: torch.device, amp: str) -> Any:
-    if amp == "none":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
-
-
 def make_step(kind: str, args: argparse.Namespace, device: torch.device) -> Callable[[], float]:
     """A closure running one training step of ``kind`` (``supervised`` or ``stl_student``) on a fixed batch."""
     kw = dict(num_classes=args.num_classes, img_size=args.img_size)
@@ -89,14 +84,13 @@ def make_step(kind: str, args: argparse.Namespace, device: torch.device) -> Call
         "teacher_image": torch.randn(b, 3, args.img_size, args.img_size, generator=g).to(device),
         "label": torch.randint(0, args.num_classes, (b,), generator=g).to(device),
     }
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    ctx = StepContext(0, 0, TrainPlan(1, 1, 1), device, amp_dtype=amp_dtype)
+    ctx = StepContext(0, 0, TrainPlan(1, 1, 1), device, amp_dtype=amp_dtype(args.amp))
 
     def step() -> float:
         _sync(device)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        with _amp(device, args.amp):
+        with autocast(device, args.amp):
             loss = method(batch, ctx)["loss"]
         loss.backward()
         opt.step()
@@ -161,7 +155,7 @@ def throughput(args: argparse.Namespace, device: torch.device) -> dict[str, floa
             _sync(device)
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            with _amp(device, args.amp):
+            with autocast(device, args.amp):
                 loss = torch.nn.functional.cross_entropy(model(x), y)
             loss.backward()
             opt.step()
@@ -176,7 +170,7 @@ def throughput(args: argparse.Namespace, device: torch.device) -> dict[str, floa
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    p.add_argument("--amp", default="none", choices=AMP_CHOICES)
     p.add_argument("--model", default="fan_tiny_12_p16_224_token")
     p.add_argument("--labeler", default=None, help="labeler architecture (default: same as --model)")
     p.add_argument("--teacher-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])

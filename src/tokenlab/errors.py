@@ -5,8 +5,16 @@ Kept free of torch so that the CLI can name them without importing the engine.
 
 from __future__ import annotations
 
-__all__ = ["TrainingAborted"]
+__all__ = ["NonFiniteLossError", "PeerFailureError", "TrainingAborted"]
 
 
 class TrainingAborted(RuntimeError):
     """A run stopped on purpose (non-finite losses, a dead peer rank); the last complete checkpoint is kept."""
+
+
+class NonFiniteLossError(TrainingAborted):
+    """Too many non-finite losses in a row."""
+
+
+class PeerFailureError(TrainingAborted):
+    """Another rank died or hangs: a collective got no answer within ``train.dist_timeout_s``."""

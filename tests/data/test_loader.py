@@ -1,22 +1,21 @@
-"""Loader: per-sample seeding (worker-count independent), epochs, sharding."""
+"""The one training loader (``data.sampler``): per-sample seeding (worker-count independent), epochs, sharding."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from tokenlab.data import build_dataset, build_loader, build_transforms, set_epoch
-from tokenlab.data.loader import EpochSampler
+from tokenlab.data import build_dataset, build_train_loader, build_transforms
+from tokenlab.data.sampler import ResumableSampler
 
 
 def _first_batch(ds, workers: int, epoch: int) -> dict:
-    loader = build_loader(ds, 8, train=True, num_workers=workers, seed=1, persistent_workers=False)
-    set_epoch(loader, epoch)
+    loader = build_train_loader(ds, 8, ResumableSampler(len(ds), seed=1), epoch, num_workers=workers)
     return next(iter(loader))
 
 
 def test_same_batches_with_and_without_workers(synth_dir: Path) -> None:
-    ds = build_dataset(synth_dir, "train", build_transforms("stl_pair", 32), verify="none")
+    ds = build_dataset(synth_dir, "train", build_transforms("stl_paired", 32), verify="none")
     a, b = _first_batch(ds, 0, 0), _first_batch(ds, 2, 0)
     assert torch.equal(a["index"], b["index"]) and torch.equal(a["image"], b["image"])
     assert a["teacher_image"].shape == (8, 3, 32, 32) and a["mask"].dtype == torch.int64
@@ -25,27 +24,36 @@ def test_same_batches_with_and_without_workers(synth_dir: Path) -> None:
 
 
 def test_loading_leaves_the_global_rng_alone(synth_dir: Path) -> None:
-    ds = build_dataset(synth_dir, "val", build_transforms("train", 32), verify="none")
+    ds = build_dataset(synth_dir, "val", build_transforms("classification", 32), verify="none")
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    next(iter(build_loader(ds, 4, train=True)))
+    next(iter(build_train_loader(ds, 4, ResumableSampler(len(ds)), 0)))
     assert torch.equal(torch.rand(3), expected)
 
 
 def test_sharding_covers_every_sample_once() -> None:
-    shards = [EpochSampler(10, seed=3, rank=r, world_size=3).indices() for r in range(3)]
+    shards = [ResumableSampler(10, num_replicas=3, rank=r, seed=3).indices() for r in range(3)]
     assert all(len(s) == 4 for s in shards)
     flat = sorted(i for s in shards for i in s)
     assert set(flat) == set(range(10)) and len(flat) == 12  # padded by repetition
-    dropped = [EpochSampler(10, seed=3, rank=r, world_size=3, drop_last=True).indices() for r in range(3)]
+    dropped = [ResumableSampler(10, num_replicas=3, rank=r, seed=3, drop_last=True).indices() for r in range(3)]
     assert sum(len(s) for s in dropped) == 9 and len({i for s in dropped for i in s}) == 9
-    assert EpochSampler(5, shuffle=False).indices() == [0, 1, 2, 3, 4]
+    assert ResumableSampler(5, shuffle=False).indices() == [0, 1, 2, 3, 4]
+
+
+def test_resume_mid_epoch_continues_the_same_batches(synth_dir: Path) -> None:
+    ds = build_dataset(synth_dir, "train", build_transforms("classification", 32), verify="none")
+    sampler = ResumableSampler(len(ds), seed=2)
+    full = list(build_train_loader(ds, 4, sampler, 1))
+    resumed = list(build_train_loader(ds, 4, sampler, 1, start=8))
+    assert len(resumed) == len(full) - 2
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(full[2:], resumed))
 
 
 def test_bad_loader_arguments(synth_dir: Path) -> None:
     ds = build_dataset(synth_dir, "val", None, verify="none")
     with pytest.raises(ValueError, match="batch_size"):
-        build_loader(ds, 0, train=True)
+        build_train_loader(ds, 0, ResumableSampler(len(ds)), 0)
     with pytest.raises(ValueError, match="rank 3 outside"):
-        EpochSampler(10, rank=3, world_size=2)
+        ResumableSampler(10, num_replicas=2, rank=3)

@@ -4,8 +4,8 @@ import pytest
 
 from tokenlab.cli import main
 from tokenlab.data import SynthConfig, generate
-from tokenlab.utils.metrics_log import read_metrics
 from tokenlab.models import load_exported
+from tokenlab.utils.metrics_log import read_metrics
 
 TINY = ["data.img_size=32", "data.batch_size=8", "model.name=fan_nano_6_p16_224_token", "model.kwargs.patch_size=8",
         "model.kwargs.depth=1", "model.kwargs.embed_dim=32", "model.kwargs.num_heads=2", "schedule.max_steps=2",

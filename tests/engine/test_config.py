@@ -65,7 +65,6 @@ def test_stl_recipes_fit_their_method_and_transform(name: str):
     import inspect
 
     from tokenlab.data import build_transforms
-    from tokenlab.engine.trainer import _TRANSFORM_KINDS
     from tokenlab.methods import get_method_class
 
     cfg = load_config(name)
@@ -73,5 +72,5 @@ def test_stl_recipes_fit_their_method_and_transform(name: str):
     kwargs = OmegaConf.to_container(cfg.method.kwargs)
     assert set(kwargs) <= set(inspect.signature(cls.__init__).parameters), kwargs
     options = cls.transform_options(kwargs)
-    build_transforms(_TRANSFORM_KINDS[cls.data_view], cfg.data.img_size, **options,
+    build_transforms(cls.data_view, cfg.data.img_size, **options,
                      **OmegaConf.to_container(cfg.data.transform))

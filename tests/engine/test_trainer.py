@@ -1,8 +1,8 @@
-"""The generic trainer: a real tiny run, outputs, accumulation, non-finite steps, output checks, import rule."""
+"""The generic trainer: a real tiny run, outputs, accumulation, non-finite steps, output checks, schedules.
 
-import ast
+(The import rule "the engine never imports a concrete method" is part of ``tests/test_layers.py``.)"""
+
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,37 +10,14 @@ import pytest
 import torch
 from engine_helpers import TinySet, tiny_config
 
-import tokenlab
+from tokenlab.data.sampler import ResumableSampler
 from tokenlab.engine import checkpoint as ckpt
-from tokenlab.utils.metrics_log import read_metrics
-from tokenlab.utils.schedules import cosine_schedule
-from tokenlab.engine.trainer import NonFiniteLossError, ResumableSampler, Trainer
+from tokenlab.engine.trainer import NonFiniteLossError, Trainer
 from tokenlab.methods import StepContext, register_method
 from tokenlab.methods.supervised import Supervised
 from tokenlab.models import load_exported
-
-ENGINE = Path(tokenlab.__file__).parent / "engine"
-
-
-PROTOCOL = {"Method", "StepContext", "TrainPlan", "build_method", "get_method_class", "list_methods"}
-
-
-def test_engine_never_imports_a_concrete_method():
-    for path in ENGINE.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                assert not node.value.startswith("tokenlab.methods."), f"{path.name} names {node.value!r}"
-            if isinstance(node, ast.Import):
-                assert not [a.name for a in node.names if a.name.startswith("tokenlab.methods")], path.name
-            if isinstance(node, ast.ImportFrom):
-                assert not (node.module or "").startswith("tokenlab.methods."), f"{path.name}: {node.module}"
-            if isinstance(node, ast.ImportFrom) and node.module == "tokenlab.methods":
-                extra = {a.name for a in node.names} - PROTOCOL
-                assert not extra, f"{path.name} imports {extra} from tokenlab.methods; only the protocol is allowed"
-            if isinstance(node, ast.ImportFrom) and node.module == "tokenlab" and any(
-                a.name == "methods" for a in node.names
-            ):
-                raise AssertionError(f"{path.name} imports the tokenlab.methods package as a whole")
+from tokenlab.utils.metrics_log import read_metrics
+from tokenlab.utils.schedules import cosine_schedule
 
 
 def test_supervised_run_learns_and_writes_its_outputs(tmp_path):
@@ -174,3 +151,46 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
     assert ckpt.latest_checkpoint(root).name == "step_000000004"
     weights, state = ckpt.load_checkpoint_dir(root / "step_000000004")
     assert state["step"] == 4 and torch.equal(weights["m"]["w"], torch.ones(2))
+
+
+@register_method("records_contexts")
+class RecordsContexts(Supervised):
+    """Supervised, recording the (step, micro_batch, accum_steps, last) of every training-step context."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+        self.seen: list[tuple[int, int, int, bool]] = []
+        self.after: list[tuple[int, bool]] = []
+
+    def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        self.seen.append((ctx.step, ctx.micro_batch, ctx.accum_steps, ctx.last_micro_batch))
+        return super().training_step(batch, ctx)
+
+    def after_step(self, ctx: StepContext) -> None:
+        self.after.append((ctx.step, ctx.last_micro_batch))
+
+
+def test_every_micro_batch_gets_its_own_context(tmp_path):
+    cfg = tiny_config(tmp_path / "run", "method.name=records_contexts", "data.batch_size=2", "optim.accum_steps=3",
+                      "schedule.max_steps=2", "data.val_split=null", "checkpoint.export=false")
+    trainer = Trainer(cfg, TinySet(32), None)
+    trainer.fit()
+    assert trainer.method.seen == [(0, 0, 3, False), (0, 1, 3, False), (0, 2, 3, True),
+                                   (1, 0, 3, False), (1, 1, 3, False), (1, 2, 3, True)]
+    assert trainer.method.after == [(0, True), (1, True)]  # step hooks see the step's last micro-batch
+
+
+def test_schedule_kind_poly_is_built_by_the_trainer(tmp_path):
+    cfg = tiny_config(tmp_path / "run", "schedule.kind=poly", "schedule.poly_power=2.0", "schedule.epochs=2",
+                      "schedule.warmup_epochs=1", "optim.min_lr=0.0", "optim.warmup_lr=0.0", "data.val_split=null")
+    trainer = Trainer(cfg, TinySet(32), None)
+    steps = trainer.steps_per_epoch  # 8: 32 samples / batch 4
+    expected = np.concatenate([np.linspace(0.0, 0.002, steps, endpoint=False),
+                               0.002 * (1 - np.arange(steps) / steps) ** 2])
+    np.testing.assert_allclose(trainer.lr_schedule, expected)
+    with pytest.raises(AttributeError):
+        trainer.lr_schedule = np.zeros(16)  # the schedule comes from the config only
+    trainer.lr_schedule[:] = 5.0  # a copy: the trainer's own schedule is untouched
+    assert trainer.lr_schedule.max() == pytest.approx(0.002)
+    with pytest.raises(ValueError, match="schedule.kind.*valid: cosine, poly"):
+        tiny_config(tmp_path / "bad", "schedule.kind=step")

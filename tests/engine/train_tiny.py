@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from engine_helpers import TinySet, tiny_config  # noqa: E402
 
-from tokenlab.utils import distributed as D  # noqa: E402
 from tokenlab.engine.trainer import Trainer  # noqa: E402
 from tokenlab.methods import StepContext, register_method  # noqa: E402
 from tokenlab.methods.stl import STLLabeler  # noqa: E402
+from tokenlab.utils import distributed as D  # noqa: E402
 
 SLEEP = 0.0
 

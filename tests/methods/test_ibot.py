@@ -24,8 +24,9 @@ from tokenlab.data.masking import BlockMaskGenerator
 from tokenlab.engine.config import list_recipes, load_config
 from tokenlab.engine.trainer import Trainer
 from tokenlab.methods import StepContext, TrainPlan, build_method
-from tokenlab.methods.ibot import IBOT, collapse_metrics, import_ibot_checkpoint
-from tokenlab.models import load_exported
+from tokenlab.methods.ibot import IBOT, collapse_metrics
+from tokenlab.models import load_exported, save_exported
+from tokenlab.models.vit import import_ibot_checkpoint
 
 MODEL_KW = dict(img_size=16, embed_dim=32, depth=2, num_heads=2)
 HEAD_KW = dict(out_dim=64, hidden_dim=32, bottleneck_dim=16)
@@ -246,7 +247,9 @@ def test_exported_backbone_loads_through_timm_overlay_at_another_resolution(tmp_
     method = tiny_ibot()
     with torch.no_grad():
         method.teacher["backbone"].pos_embed.normal_()
-    stem = method.export_backbone(tmp_path / "backbone", model_kwargs=MODEL_KW)
+    # what the engine's export writes for an iBOT run: the export module with the method's export_meta
+    info = {"model": "ibot_vit_tiny_patch4_32", "model_kwargs": MODEL_KW | {"num_classes": 0}, "num_classes": 0}
+    stem = save_exported(method.export_module(), tmp_path / "backbone", info | method.export_meta())
     meta = json.loads(stem.with_suffix(".json").read_text())
     assert meta["backbone"] == "teacher" and meta["num_classes"] == 0
     assert not any(k.startswith("head.") for k in load_file(stem.with_suffix(".safetensors")))
@@ -293,6 +296,25 @@ def test_import_official_checkpoint(tmp_path: Path) -> None:
     assert "module.head.mlp.0.weight" in report.skipped
     bigger = tiny_vit(img_size=32)
     assert import_ibot_checkpoint(bigger, tmp_path / "ibot.pth").resized == ["pos_embed"]
+
+
+def test_official_checkpoint_through_timm_keeps_the_mask_token(tmp_path: Path) -> None:
+    """timm's pretrained path runs the same filter: the mask embedding is kept, the head skipped, pos_embed
+    resampled (a file without the pickled ``args`` namespace, which timm's weights-only reader refuses)."""
+    source = tiny_vit()
+    with torch.no_grad():
+        source.mask_token.normal_()
+    _fake_official(tmp_path / "ibot.pth", source)
+    obj = torch.load(tmp_path / "ibot.pth", weights_only=False)
+    torch.save({"teacher": obj["teacher"]}, tmp_path / "teacher.pth")
+    loaded = timm.create_model("ibot_vit_tiny_patch4_32", pretrained=True, num_classes=4,
+                               pretrained_cfg_overlay=dict(file=str(tmp_path / "teacher.pth")), **MODEL_KW)
+    assert torch.equal(loaded.mask_token, source.mask_token)
+    assert torch.equal(loaded.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
+    bigger = timm.create_model("ibot_vit_tiny_patch4_32", pretrained=True, num_classes=4,
+                               pretrained_cfg_overlay=dict(file=str(tmp_path / "teacher.pth")),
+                               **(MODEL_KW | dict(img_size=32)))
+    assert torch.equal(bigger.mask_token, source.mask_token) and bigger.pos_embed.shape == (1, 1 + 64, 32)
 
 
 def test_import_errors(tmp_path: Path) -> None:
@@ -384,14 +406,13 @@ def test_ibot_recipes_fit_their_method_and_transform(name: str) -> None:
     from omegaconf import OmegaConf
 
     from tokenlab.data import build_transforms
-    from tokenlab.engine.trainer import _TRANSFORM_KINDS
     from tokenlab.methods import get_method_class
 
     cfg = load_config(name)
     cls = get_method_class(cfg.method.name)
     kwargs = OmegaConf.to_container(cfg.method.kwargs)
     assert set(kwargs) <= set(inspect.signature(cls.__init__).parameters), kwargs
-    tf = build_transforms(_TRANSFORM_KINDS[cls.data_view], cfg.data.img_size, **cls.transform_options(kwargs),
+    tf = build_transforms(cls.data_view, cfg.data.img_size, **cls.transform_options(kwargs),
                           **OmegaConf.to_container(cfg.data.transform))
     if cls is IBOT:
         assert cfg.data.val_split is None and cfg.train.max_nonfinite == 1
@@ -399,3 +420,24 @@ def test_ibot_recipes_fit_their_method_and_transform(name: str) -> None:
         sample = tf({"image": torch.randint(0, 255, (3, 40, 40), dtype=torch.uint8), "label": 0})
         grid = cfg.data.img_size // cfg.data.transform.patch_size
         assert len(sample["crops"]) == 2 + cfg.data.transform.num_local and sample["masks"][0].shape == (grid, grid)
+
+
+def test_centres_move_once_per_optimizer_step_under_accumulation() -> None:
+    """Two micro-batches of B through ``training_step`` (contexts 0/2 and 1/2) give the centres of one batch of 2 B:
+    the EMA is applied once, at the last micro-batch, not once per micro-batch."""
+    batch = _batch(b=4)
+    halves = [{k: [v[sl] for v in batch[k]] for k in ("crops", "masks")} for sl in (slice(0, 2), slice(2, 4))]
+    big, acc = tiny_ibot(), tiny_ibot()
+    acc.load_state_dict(big.state_dict())
+    with torch.no_grad():
+        big.training_step(batch, _ctx())
+        plan = _ctx().plan
+        for micro, half in enumerate(halves):
+            ctx = StepContext(step=0, epoch=0, plan=plan, device=torch.device("cpu"), micro_batch=micro, accum_steps=2)
+            acc.training_step(half, ctx)
+            if micro == 0:
+                assert torch.equal(acc.cls_loss.center.center, torch.zeros_like(acc.cls_loss.center.center))
+    for loss in ("cls_loss", "patch_loss"):
+        a, b = getattr(acc, loss).center.center, getattr(big, loss).center.center
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

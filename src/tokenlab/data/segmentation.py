@@ -19,15 +19,15 @@ outside ``[0, K)`` other than the ignore index raise a ``ValueError`` naming the
 
 Joint augmentation uses ``torchvision.transforms.v2`` with ``tv_tensors.Image`` and ``tv_tensors.Mask``: one draw
 of the random parameters is applied to both, masks are resampled with nearest-neighbour interpolation and padded
-with the ignore index, and photometric ops touch only the image. Randomness is drawn from a ``torch.Generator``
-seeded per (seed, epoch, index), never from the global generators the caller relies on.
+with the ignore index, and photometric ops touch only the image. ``SegmentationDataset`` draws its augmentation
+from torch's default generator, which the training loader (``data.sampler.SeededDataset``) seeds per
+(seed, epoch, index) like every other training data set.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -176,7 +176,6 @@ class SegmentationDataset(Dataset):
         transform: Joint transform; default: evaluation conversion at native size.
         ignore_index: Label value that is not a class.
         label_map: Optional 256-entry lookup applied to raw mask values before checking.
-        seed: Base seed of the per-sample augmentation generators.
     """
 
     def __init__(
@@ -186,7 +185,6 @@ class SegmentationDataset(Dataset):
         transform: SegmentationTransform | None = None,
         ignore_index: int = 255,
         label_map: np.ndarray | None = None,
-        seed: int = 0,
     ) -> None:
         if not pairs:
             raise ValueError("no (image, mask) pairs given")
@@ -200,17 +198,11 @@ class SegmentationDataset(Dataset):
         self.ignore_index = ignore_index
         self.label_map = label_map
         self.transform = transform or SegmentationTransform(train=False, ignore_index=ignore_index)
-        self.seed = seed
-        self.epoch = 0
         self.classes = self.class_names  # the engine stores ``classes``/``mean``/``std`` with the exported model
         self.mean, self.std = list(self.transform.mean), list(self.transform.std)
 
     def __len__(self) -> int:
         return len(self.pairs)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Change the augmentation draws for a new epoch (called by the trainer / sampler)."""
-        self.epoch = epoch
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw ``(3, H, W)`` uint8 image and checked ``(H, W)`` int64 mask of pair ``index``."""
@@ -248,8 +240,9 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, mask = self.load(index)
-        gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{self.epoch}/{index}".encode()))
-        image, mask = self.transform(image, mask, gen)
+        # The augmentation draws from the default generator: under the training loader it is seeded per
+        # (seed, epoch, index) by ``SeededDataset``, so the draws change every epoch and survive a resume.
+        image, mask = self.transform(image, mask)
         return {"image": image, "mask": mask, "index": index}
 
 
@@ -393,11 +386,10 @@ def build_segmentation_dataset(
     transform: SegmentationTransform | None = None,
     ignore_index: int = 255,
     num_classes: int | None = None,
-    seed: int = 0,
 ) -> SegmentationDataset:
     """A ``SegmentationDataset`` for one of ``KINDS`` (see the module docstring)."""
     ps = pair_set(kind, root, split, num_classes)
-    return SegmentationDataset(ps.pairs, ps.class_names, transform, ignore_index, ps.label_map, seed)
+    return SegmentationDataset(ps.pairs, ps.class_names, transform, ignore_index, ps.label_map)
 
 
 def build_segmentation_transforms(

@@ -46,7 +46,10 @@ from tokenlab.data.masking import BlockMaskGenerator
 logger = logging.getLogger(__name__)
 
 TEACHER_MODES = ("none", "spatial", "full")
-TRANSFORM_KINDS = ("eval", "train", "stl_pair", "ibot")
+# The data views: what a method asks for (``Method.data_view``) is what ``build_transforms`` builds.
+TRANSFORM_KINDS = ("classification", "stl_paired", "multicrop", "segmentation", "eval")
+# TODO(merge): remove once data/show.py, scripts/ and tests/data/test_transforms.py use the view names above.
+_VIEW_ALIASES = {"train": "classification", "stl_pair": "stl_paired", "ibot": "multicrop"}
 GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 COLOUR_OPS = (
     "AutoContrast",
@@ -578,31 +581,36 @@ def _round_to(value: float, multiple: int) -> int:
     return max(multiple, int(round(value / multiple)) * multiple)
 
 
-def build_transforms(kind: str, img_size: int, **kwargs: Any) -> v2.Transform:
-    """Build a sample-dict transform by kind.
+def build_transforms(kind: str, img_size: int, **kwargs: Any) -> Any:
+    """Build a sample transform for a data view (the vocabulary of ``Method.data_view``).
 
     Args:
-        kind: ``eval``, ``train`` (single view), ``stl_pair`` (teacher/student; ``teacher=`` none/spatial/full,
-            default spatial) or ``ibot`` (multi-crop; ``patch_size=`` sets the mask grid, ``mask_ratio=(a, b)``,
-            ``mask_prob``, ``min_block``; ``local_size`` defaults to ``96/224`` of ``img_size`` rounded to the patch).
-        img_size: output side (global crop side for ``ibot``).
-        **kwargs: passed to ``EvalTransform``, ``ViewTransform`` or ``MultiCropTransform``.
+        kind: ``eval``, ``classification`` (single view), ``stl_paired`` (teacher/student; ``teacher=``
+            none/spatial/full, default spatial), ``multicrop`` (iBOT; ``patch_size=`` sets the mask grid,
+            ``mask_ratio=(a, b)``, ``mask_prob``, ``min_block``; ``local_size`` defaults to ``96/224`` of
+            ``img_size`` rounded to the patch) or ``segmentation`` (joint image + mask; ``train=`` True/False, see
+            ``data.segmentation.build_segmentation_transforms``). The old names ``train``, ``stl_pair`` and
+            ``ibot`` are accepted for ``classification``, ``stl_paired`` and ``multicrop``.
+        img_size: output side (global crop side for ``multicrop``, training crop for ``segmentation``).
+        **kwargs: passed to ``EvalTransform``, ``ViewTransform``, ``MultiCropTransform`` or the segmentation
+            transform.
 
     Raises:
         ValueError: on an unknown kind (naming the valid ones) or bad arguments.
     """
+    kind = _VIEW_ALIASES.get(kind, kind)
     if kind == "eval":
         return EvalTransform(img_size, **kwargs)
-    if kind == "train":
+    if kind == "classification":
         if kwargs.get("teacher") is not None:
-            raise ValueError("kind 'train' is single-view; use kind 'stl_pair' for teacher views")
+            raise ValueError("view 'classification' is single-view; use view 'stl_paired' for teacher views")
         return ViewTransform(img_size, **kwargs)
-    if kind == "stl_pair":
+    if kind == "stl_paired":
         kwargs.setdefault("teacher", "spatial")
         if kwargs["teacher"] is None:
-            raise ValueError(f"kind 'stl_pair' needs a teacher mode in {list(TEACHER_MODES)}")
+            raise ValueError(f"view 'stl_paired' needs a teacher mode in {list(TEACHER_MODES)}")
         return ViewTransform(img_size, **kwargs)
-    if kind == "ibot":
+    if kind == "multicrop":
         patch_size = kwargs.pop("patch_size", 16)
         ratio = kwargs.pop("mask_ratio", (0.1, 0.5))
         mask_prob = kwargs.pop("mask_prob", 1.0)
@@ -613,4 +621,8 @@ def build_transforms(kind: str, img_size: int, **kwargs: Any) -> v2.Transform:
         grid = img_size // patch_size
         kwargs.setdefault("mask_generator", BlockMaskGenerator(grid, ratio, mask_prob, min_block))
         return MultiCropTransform(global_size=img_size, **kwargs)
+    if kind == "segmentation":
+        from tokenlab.data.segmentation import build_segmentation_transforms
+
+        return build_segmentation_transforms(kwargs.pop("train", True), img_size, **kwargs)
     raise ValueError(f"unknown transform kind {kind!r}; valid: {list(TRANSFORM_KINDS)}")

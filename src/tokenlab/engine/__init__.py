@@ -1,11 +1,13 @@
-"""The training engine: config loading, the generic trainer, checkpoints, distributed helpers, logging, schedules.
+"""The training engine: config loading, the generic trainer, builders, checkpoints.
 
 ``load_config`` merges ``configs/default.yaml`` -> recipe -> ``key=value`` overrides and validates them; ``train``
-builds data, model and method from the config and runs ``Trainer.fit``. The engine knows methods only through the
-protocol in ``tokenlab.methods`` and never imports a concrete method.
+builds the data of the method's data view, the model and the method from the config (``engine.builders``) and runs
+``Trainer.fit``. The engine knows methods only through the protocol in ``tokenlab.methods`` and never imports a
+concrete method.
 """
 
+from tokenlab.engine.builders import build_model
 from tokenlab.engine.config import list_recipes, load_config
-from tokenlab.engine.trainer import ResumableSampler, RunResult, Trainer, build_model, train
+from tokenlab.engine.trainer import RunResult, Trainer, train
 
-__all__ = ["ResumableSampler", "RunResult", "Trainer", "build_model", "list_recipes", "load_config", "train"]
+__all__ = ["RunResult", "Trainer", "build_model", "list_recipes", "load_config", "train"]

@@ -32,8 +32,13 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint_dir",
+    "load_method_and_optimizer",
+    "method_state",
+    "optimizer_layout",
+    "optimizer_state",
     "prune_checkpoints",
     "restore_rng_state",
+    "resume_path",
     "save_checkpoint_dir",
 ]
 
@@ -182,3 +187,66 @@ def check_writable(run_dir: str | Path, min_free_mb: float) -> None:
             f"only {free_mb:.0f} MiB free under {run_dir}; train.min_free_disk_mb asks for {min_free_mb:.0f} MiB "
             f"(free some space or lower train.min_free_disk_mb)"
         )
+
+
+# ---- what the trainer saves and restores (one process, DDP or FSDP2) ------------------------------------------------
+def optimizer_layout(fsdp: bool) -> str:
+    """How a checkpoint's optimizer state is keyed: FSDP2 saves it by parameter name, DDP / one process by index."""
+    return "fsdp (keyed by parameter name)" if fsdp else "ddp or single-process (keyed by parameter index)"
+
+
+def method_state(method: torch.nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
+    """The method's full state dict (gathered to CPU under FSDP2: a collective, every rank calls it)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(method, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return method.state_dict()
+
+
+def optimizer_state(method: torch.nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> dict[str, Any]:
+    """The optimizer state (name-keyed and gathered under FSDP2: a collective)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(method, optimizer, options=opts)
+    return optimizer.state_dict()
+
+
+def load_method_and_optimizer(
+    method: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: Mapping[str, Any], optim: Any, fsdp: bool
+) -> None:
+    """Inverse of ``method_state`` + ``optimizer_state`` (every rank loads the full state, FSDP2 keeps its shard)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+        set_model_state_dict(method, dict(weights), options=opts)
+        set_optimizer_state_dict(method, optimizer, optim, options=opts)
+    else:
+        method.load_state_dict(weights, strict=True)
+        optimizer.load_state_dict(optim)
+
+
+def resume_path(resume: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint directory ``checkpoint.resume`` names: None, ``auto`` (the newest in ``RUN/checkpoints``, or
+    None), a checkpoint directory, or a run / checkpoints directory (its newest complete checkpoint)."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = latest_checkpoint(run_dir / "checkpoints")
+        if found is None:
+            logger.info("--resume auto: no checkpoint in %s, starting fresh", run_dir / "checkpoints")
+        return found
+    path = Path(resume)
+    if path.is_dir() and not (path / STATE_FILE).is_file():
+        found = latest_checkpoint(path) or latest_checkpoint(path / "checkpoints")
+        if found is None:
+            raise FileNotFoundError(f"checkpoint.resume={resume}: no complete checkpoint there")
+        return found
+    return path

@@ -18,6 +18,8 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from tokenlab.utils.amp import AMP_CHOICES
+
 __all__ = ["FREE_SECTIONS", "find_recipe", "list_recipes", "load_config", "validate_config"]
 
 FREE_SECTIONS = ("model.kwargs", "method.kwargs", "data.dataset", "data.transform")
@@ -38,8 +40,9 @@ _NULLABLE: dict[str, type] = {
 }
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "train.amp": ("none", "bf16", "fp16"),
+    "train.amp": AMP_CHOICES,
     "train.distributed": ("ddp", "fsdp"),
+    "schedule.kind": ("cosine", "poly"),
 }
 
 # key -> (lowest allowed, strictly greater?)
@@ -60,6 +63,7 @@ _LOWER: dict[str, tuple[float, bool]] = {
     "optim.layer_decay": (0, True),
     "optim.clip_grad": (0, True),
     "optim.accum_steps": (0, True),
+    "schedule.poly_power": (0, True),
     "schedule.epochs": (0, True),
     "schedule.warmup_epochs": (0, False),
     "schedule.cooldown_epochs": (0, False),

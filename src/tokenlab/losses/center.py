@@ -7,9 +7,11 @@ its definition exactly:
 
     c <- m * c + (1 - m) * (1 / R) sum_r t_r
 
-where ``t_r`` are all teacher output rows of the step (every view, image and, for patches, token) over every
-process, and ``m`` is the center momentum (iBOT: 0.9). iBOT keeps separate centers for [CLS] and patch outputs;
-each loss owns one ``Center``.
+where ``t_r`` are all teacher output rows of the optimizer step (every view, image and, for patches, token, of
+every micro-batch) over every process, and ``m`` is the center momentum (iBOT: 0.9). With gradient accumulation the
+rows of each micro-batch are summed (``accumulate``) and the EMA is applied once, at the step's last micro-batch
+(``apply``), so k micro-batches of B give the center of one batch of k B. iBOT keeps separate centers for [CLS] and
+patch outputs; each loss owns one ``Center``.
 
 Reductions over processes go through ``tokenlab.utils.distributed`` and are no-ops in one process.
 
@@ -57,6 +59,10 @@ class Center(nn.Module):
         self.dim = dim
         self.momentum = momentum
         self.register_buffer("center", torch.zeros(dim))
+        # Row sums and row count of the current optimizer step's micro-batches so far (this process only). A plain
+        # attribute, not a buffer: DDP would broadcast rank 0's buffer over the other ranks' own sums, and nothing is
+        # pending when a checkpoint is written (between optimizer steps).
+        self._pending: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, momentum={self.momentum}"
@@ -69,16 +75,38 @@ class Center(nn.Module):
     @torch.no_grad()
     def batch_mean(self, teacher_out: torch.Tensor) -> torch.Tensor:
         """Mean of all rows of ``teacher_out`` (..., K) over every process: (K,)."""
-        self._check(teacher_out)
-        rows = teacher_out.detach().float().reshape(-1, self.dim)  # (..., K) -> (R, K)
-        total = torch.cat([rows.sum(dim=0), rows.new_tensor([rows.shape[0]])])
-        total = all_reduce_sum(total)
+        total = all_reduce_sum(self._row_sums(teacher_out))
         return total[:-1] / total[-1].clamp(min=1.0)
 
     @torch.no_grad()
+    def accumulate(self, teacher_out: torch.Tensor) -> None:
+        """Add the rows of one micro-batch's ``teacher_out`` (..., K) to the pending statistics (no EMA yet)."""
+        sums = self._row_sums(teacher_out)
+        self._pending = sums if self._pending is None else self._pending + sums.to(self._pending.device)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """``c <- m c + (1 - m) mean(pending rows over every process)``, then clear the pending rows.
+
+        A collective under ``torch.distributed``: every rank calls it once per optimizer step.
+        """
+        pending = self._pending if self._pending is not None else self.center.new_zeros(self.dim + 1)
+        self._pending = None
+        total = all_reduce_sum(pending.to(self.center.device))
+        mean = total[:-1] / total[-1].clamp(min=1.0)
+        self.center.mul_(self.momentum).add_(mean, alpha=1.0 - self.momentum)
+
+    @torch.no_grad()
     def update(self, teacher_out: torch.Tensor) -> None:
-        """``c <- m c + (1 - m) mean(teacher_out)`` (in place)."""
-        self.center.mul_(self.momentum).add_(self.batch_mean(teacher_out), alpha=1.0 - self.momentum)
+        """``c <- m c + (1 - m) mean(teacher_out)`` (in place): ``accumulate`` then ``apply``."""
+        self.accumulate(teacher_out)
+        self.apply()
+
+    def _row_sums(self, teacher_out: torch.Tensor) -> torch.Tensor:
+        """(K + 1,): the sum of the rows of ``teacher_out`` and their count, float32."""
+        self._check(teacher_out)
+        rows = teacher_out.detach().float().reshape(-1, self.dim)  # (..., K) -> (R, K)
+        return torch.cat([rows.sum(dim=0), rows.new_tensor([rows.shape[0]])])
 
     def _check(self, teacher_out: torch.Tensor) -> None:
         if teacher_out.shape[-1] != self.dim:
@@ -103,6 +131,16 @@ class CenteredTeacherLoss(nn.Module):
             raise ValueError(f"student_temp must be > 0, got {student_temp}")
         self.student_temp = student_temp
         self.center = Center(out_dim, center_momentum)
+
+    @torch.no_grad()
+    def accumulate_center(self, teacher_out: torch.Tensor, apply: bool = True) -> None:
+        """Add ``teacher_out`` to this optimizer step's center statistics; move the center when ``apply``.
+
+        Pass ``apply=StepContext.last_micro_batch`` so the EMA moves once per optimizer step.
+        """
+        self.center.accumulate(teacher_out)
+        if apply:
+            self.center.apply()
 
     @torch.no_grad()
     def teacher_probs(self, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:

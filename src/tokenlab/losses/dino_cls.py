@@ -50,6 +50,7 @@ class DINOClsLoss(CenteredTeacherLoss):
         teacher_out: torch.Tensor,
         teacher_temp: float,
         update_center: bool = True,
+        apply_center: bool = True,
     ) -> torch.Tensor:
         """Compute ``L_cls`` and (by default) update the center.
 
@@ -57,7 +58,9 @@ class DINOClsLoss(CenteredTeacherLoss):
             student_out: (V_s, B, K) student head outputs; the first V_t views are the teacher's views, in order.
             teacher_out: (V_t, B, K) teacher head outputs on the global views (no gradient flows into them).
             teacher_temp: tau_t for this step.
-            update_center: Move the center after computing the loss (off to evaluate without side effects).
+            update_center: Add this batch to the center statistics after computing the loss (off to evaluate
+                without side effects).
+            apply_center: Move the center now (the last micro-batch of an optimizer step); False only accumulates.
 
         Returns:
             Scalar loss (float32).
@@ -82,5 +85,5 @@ class DINOClsLoss(CenteredTeacherLoss):
         keep = ~torch.eye(n_teacher, n_student, dtype=torch.bool, device=pair_ce.device)
         loss = pair_ce[keep].mean()
         if update_center:
-            self.center.update(teacher_out)
+            self.accumulate_center(teacher_out, apply=apply_center)
         return loss

@@ -49,6 +49,7 @@ class IBOTPatchLoss(CenteredTeacherLoss):
         mask: torch.Tensor,
         teacher_temp: float,
         update_center: bool = True,
+        apply_center: bool = True,
     ) -> torch.Tensor:
         """Compute ``L_mim`` and (by default) update the patch center.
 
@@ -57,7 +58,8 @@ class IBOTPatchLoss(CenteredTeacherLoss):
             teacher_out: (B, N, K) teacher patch-head outputs on the same crops, unmasked.
             mask: (B, N) bool, True where the student's patch was masked.
             teacher_temp: tau_t for this step.
-            update_center: Move the center after computing the loss.
+            update_center: Add this batch to the patch center statistics after computing the loss.
+            apply_center: Move the center now (the last micro-batch of an optimizer step); False only accumulates.
 
         Returns:
             Scalar loss (float32).
@@ -82,5 +84,5 @@ class IBOTPatchLoss(CenteredTeacherLoss):
         per_image = (token_ce * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)  # (B, N) -> (B,)
         loss = per_image.mean()
         if update_center:
-            self.center.update(teacher_out)
+            self.accumulate_center(teacher_out, apply=apply_center)
         return loss

@@ -13,8 +13,12 @@ a frozen labeler, an EMA teacher). The engine only talks to this protocol (``doc
 - ``trainable_module()``: the module whose parameters the optimizer updates (default ``self.model``).
 - ``export_module()``: the module evaluated and exported as ``RUN/model`` (default ``self.model``); when the engine
   keeps a model EMA of ``self.model`` it exports that EMA instead.
-- ``data_view``: class attribute naming the sample layout it needs (``"classification"``, ``"stl_paired"``,
-  ``"multicrop"``); the engine asks the data layer for that transform, with ``transform_options(kwargs)``.
+- ``data_view``: class attribute naming the sample layout it needs, in the data layer's vocabulary
+  (``tokenlab.data.transforms.TRANSFORM_KINDS``: ``"classification"``, ``"stl_paired"``, ``"multicrop"``,
+  ``"segmentation"``); the engine builds the data sets of that view, with ``transform_options(kwargs)``.
+- ``data_kwargs(meta)``: constructor kwargs the method takes from the training data (e.g. the segmentation ignore
+  index); the recipe's ``method.kwargs`` override them.
+- ``export_meta()``: extra entries the engine stores in the exported ``model.json``.
 - ``validation_step(model, batch)``: per-batch validation statistics (default: top-1 and CE of ``model(image)``).
 - ``extra_state_dict()`` / ``load_extra_state_dict(state)``: tensors outside ``state_dict()`` that must survive a
   resume (default: nothing; buffers and parameters of the method are already in ``state_dict()``).
@@ -75,6 +79,9 @@ class TrainPlan:
 class StepContext:
     """What a method may know about the current step; built by the trainer for every micro-batch.
 
+    With gradient accumulation an optimizer step runs ``accum_steps`` micro-batches; state that must move once
+    per optimizer step (e.g. iBOT's centres) accumulates until ``last_micro_batch``.
+
     Attributes:
         step: Optimizer step index (0-based) this micro-batch contributes to.
         epoch: Epoch index (0-based).
@@ -83,6 +90,8 @@ class StepContext:
         amp_dtype: Autocast dtype in use (``None`` when autocast is off).
         lr: Learning rate of the first parameter group at this step.
         values: Extra per-step values from the trainer's schedules, by name.
+        micro_batch: Index of this micro-batch within the optimizer step (0-based).
+        accum_steps: Micro-batches per optimizer step.
     """
 
     step: int
@@ -92,6 +101,13 @@ class StepContext:
     amp_dtype: torch.dtype | None = None
     lr: float = 0.0
     values: dict[str, float] = field(default_factory=dict)
+    micro_batch: int = 0
+    accum_steps: int = 1
+
+    @property
+    def last_micro_batch(self) -> bool:
+        """Whether this is the optimizer step's last micro-batch (the one after which the optimizer steps)."""
+        return self.micro_batch == self.accum_steps - 1
 
     @property
     def progress(self) -> float:
@@ -107,11 +123,8 @@ class Method(nn.Module):
     """
 
     name: str = "method"
-    #: The sample layout the method needs from the data layer: "classification", "stl_paired" or "multicrop".
+    #: The sample layout the method needs: a view of ``tokenlab.data.transforms.TRANSFORM_KINDS``.
     data_view: str = "classification"
-    # optional ``callable(cfg) -> RunResult`` replacing the generic data/Trainer set-up of ``engine.train`` (a method
-    # with its own data sets or schedule, e.g. segmentation); None for the usual path
-    train_entry: Any = None
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -135,6 +148,15 @@ class Method(nn.Module):
     @classmethod
     def transform_options(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Extra ``build_transforms`` kwargs implied by the method's config kwargs (e.g. the STL teacher view)."""
+        return {}
+
+    @classmethod
+    def data_kwargs(cls, meta: dict[str, Any]) -> dict[str, Any]:
+        """Constructor kwargs implied by the training data's meta (``method.kwargs`` override them); none here."""
+        return {}
+
+    def export_meta(self) -> dict[str, Any]:
+        """Extra entries for the exported ``model.json`` (e.g. where the weights were initialised from)."""
         return {}
 
     def trainable_module(self) -> nn.Module:

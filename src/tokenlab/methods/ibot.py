@@ -40,33 +40,30 @@ opposite (e.g. 0.99), or the teacher barely moves.
 Export: the backbone's classifier is removed (``reset_classifier(0)``), so ``RUN/model`` written by the engine is
 the backbone alone (the teacher by default, ``export="student"`` for the student). ``timm.create_model(name,
 pretrained=True, pretrained_cfg_overlay=dict(file="RUN/model.safetensors"), num_classes=K)`` loads it for
-fine-tuning, with the position embedding resampled when ``img_size`` differs. ``import_ibot_checkpoint`` loads
-official iBOT checkpoints (``student``: ``module.backbone.*``; ``teacher``: ``backbone.*``) into our ViT and
-reports every skipped key.
+fine-tuning, with the position embedding resampled when ``img_size`` differs. Official iBOT checkpoints load through
+the same timm path (``tokenlab.models.vit.checkpoint_filter_fn``, or ``tokenlab.models.vit.import_ibot_checkpoint``
+to choose the student and get a report).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenlab.utils.schedules import cosine_schedule, linear_warmup_then_constant
 from tokenlab.losses.dino_cls import DINOClsLoss
 from tokenlab.losses.ibot_patch import IBOTPatchLoss
 from tokenlab.methods import Method, StepContext, TrainPlan, register_method
 from tokenlab.models.heads import IBOTHead
+from tokenlab.utils.schedules import cosine_schedule, linear_warmup_then_constant
 
-__all__ = ["IBOT", "EXPORT_CHOICES", "ImportReport", "collapse_metrics", "import_ibot_checkpoint"]
+__all__ = ["IBOT", "EXPORT_CHOICES", "collapse_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +208,10 @@ class IBOT(Method):
     def export_module(self) -> nn.Module:
         return self.teacher["backbone"] if self.export == "teacher" else self.model
 
+    def export_meta(self) -> dict[str, Any]:
+        """Which backbone ``RUN/model`` holds (``teacher`` or ``student``); it has no classifier."""
+        return {"backbone": self.export}
+
     def on_train_start(self, plan: TrainPlan) -> None:
         """Per-iteration teacher temperature (linear warm-up, then constant) and teacher momentum (cosine)."""
         warm = int(round(self.warmup_teacher_temp_epochs * plan.steps_per_epoch))
@@ -260,8 +261,9 @@ class IBOT(Method):
         with torch.no_grad():
             probs = self.cls_loss.teacher_probs(teacher_cls_views, temp).reshape(n_global * b, -1)
             metrics = collapse_metrics(probs, t_feat)
-        loss_cls = self.cls_loss(student_cls_views, teacher_cls_views, temp)
-        loss_patch = self.patch_loss(s_patch, t_patch, mask, temp)
+        apply = ctx.last_micro_batch  # the centres move once per optimizer step, over all its micro-batches
+        loss_cls = self.cls_loss(student_cls_views, teacher_cls_views, temp, apply_center=apply)
+        loss_patch = self.patch_loss(s_patch, t_patch, mask, temp, apply_center=apply)
         loss = self.cls_weight * loss_cls + self.patch_weight * loss_patch
         out = {
             "loss": loss,
@@ -318,34 +320,6 @@ class IBOT(Method):
         """No classifier exists during pre-training: evaluate with ``tokenlab eval-ssl`` (k-NN, linear probe)."""
         return {}
 
-    # ---- export ---------------------------------------------------------------------------------------------------
-    def export_backbone(
-        self,
-        path: str | Path,
-        which: str | None = None,
-        model_kwargs: Mapping[str, Any] | None = None,
-        meta: Mapping[str, Any] | None = None,
-    ) -> Path:
-        """Write the teacher (or student) backbone as ``<path>.safetensors`` + ``.json`` (``save_exported``).
-
-        Args:
-            path: Output stem.
-            which: ``"teacher"`` or ``"student"`` (default: the ``export`` option).
-            model_kwargs: Constructor kwargs of the backbone (``img_size``, ``patch_size``, ...) so that
-                ``load_exported`` can rebuild it; ``num_classes`` is always 0.
-            meta: Extra entries for the JSON file.
-        """
-        from tokenlab.models import save_exported
-
-        which = which or self.export
-        if which not in EXPORT_CHOICES:
-            raise ValueError(f"unknown backbone {which!r}; valid: {', '.join(EXPORT_CHOICES)}")
-        backbone = self.teacher["backbone"] if which == "teacher" else self.model
-        name = getattr(backbone, "pretrained_cfg", {}).get("architecture")
-        kwargs = dict(model_kwargs or {}) | {"num_classes": 0}
-        info = {"model": name, "model_kwargs": kwargs, "num_classes": 0, "method": "ibot", "backbone": which}
-        return save_exported(backbone, path, info | dict(meta or {}))
-
 
 def _count_global(crops: list[torch.Tensor], masks: Any) -> int:
     """Global crops are the leading crops of the first crop's size (and there is one mask per global crop)."""
@@ -371,86 +345,3 @@ def _global_mask(masks: Any, model: nn.Module, globals_: torch.Tensor, n_global:
     if mask.shape[0] != b * n_global:
         raise ValueError(f"masks hold {mask.shape[0]} images, crops {b * n_global}")
     return mask.flatten(1).bool()  # (G B, H, W) -> (G B, N)
-
-
-# ---- official checkpoints -----------------------------------------------------------------------------------------
-@dataclass
-class ImportReport:
-    """What ``import_ibot_checkpoint`` did.
-
-    Attributes:
-        loaded: Model keys filled from the checkpoint.
-        skipped: Checkpoint keys the model has no place for (projection head, optimizer leftovers, ...).
-        missing: Model keys the checkpoint lacked, left at their initial values (only the classifier and the mask
-            token may be missing).
-        resized: Keys resampled to the model's shape (``pos_embed`` at another resolution).
-    """
-
-    loaded: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    resized: list[str] = field(default_factory=list)
-
-
-_IBOT_ENTRIES = ("teacher", "student")
-
-
-def import_ibot_checkpoint(model: nn.Module, path: str | Path, which: str = "teacher") -> ImportReport:
-    """Load an official iBOT checkpoint's ``teacher`` or ``student`` backbone into ``model`` (our ``MaskedViT``).
-
-    Handles the ``module.backbone.`` (student) and ``backbone.`` (teacher) prefixes, renames iBOT's
-    ``masked_embed`` (C,) to ``mask_token`` (1, 1, C), drops the projection head, resamples ``pos_embed`` to the
-    model's grid and reports every key it skipped. The file is read with ``weights_only=True`` (the pickled
-    ``args`` namespace is the only extra type allowed).
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: an unknown ``which``, no such entry in the file, or backbone keys missing from the checkpoint.
-    """
-    from timm.layers import resample_abs_pos_embed
-
-    path = Path(path)
-    if which not in _IBOT_ENTRIES:
-        raise ValueError(f"unknown entry {which!r}; valid: {', '.join(_IBOT_ENTRIES)}")
-    if not path.is_file():
-        raise FileNotFoundError(f"iBOT checkpoint not found: {path}")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    if which in obj and isinstance(obj[which], Mapping):
-        state = obj[which]
-    elif all(isinstance(v, torch.Tensor) for v in obj.values()):
-        state = obj
-    else:
-        raise ValueError(f"{path} has no {which!r} entry (top-level keys: {sorted(obj)[:10]})")
-    own = model.state_dict()
-    report = ImportReport()
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        name = key
-        for prefix in ("module.", "backbone."):
-            name = name[len(prefix):] if name.startswith(prefix) else name
-        if name == "masked_embed":
-            name, value = "mask_token", value.reshape(1, 1, -1)
-        if name not in own:
-            report.skipped.append(key)
-            continue
-        if value.shape != own[name].shape:
-            if name != "pos_embed":
-                raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, model {tuple(own[name].shape)}")
-            grid = model.patch_embed.grid_size
-            value = resample_abs_pos_embed(value, new_size=grid, num_prefix_tokens=model.num_prefix_tokens)
-            report.resized.append(name)
-        out[name] = value
-        report.loaded.append(name)
-    report.missing = sorted(set(own) - set(out))
-    allowed = {k for k in report.missing if k.startswith("head.") or k == "mask_token"}
-    bad = sorted(set(report.missing) - allowed)
-    if bad:
-        raise ValueError(f"{path} ({which}) lacks backbone keys of {type(model).__name__}: {bad[:20]}")
-    model.load_state_dict(out, strict=False)
-    logger.info(
-        "imported iBOT %s from %s: %d keys loaded, %d skipped (%s%s), resized %s, left at init %s",
-        which, path, len(report.loaded), len(report.skipped), ", ".join(report.skipped[:8]),
-        ", ..." if len(report.skipped) > 8 else "", report.resized or "none", report.missing or "none",
-    )
-    return report

@@ -10,7 +10,11 @@ interpolated per input size.
 
 from __future__ import annotations
 
+import argparse
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -23,7 +27,7 @@ from tokenlab.models._loading import unwrap_state_dict
 from tokenlab.models._registry import base_cfg
 from tokenlab.models.fan import TokenOutput
 
-__all__ = ["MaskedViT", "checkpoint_filter_fn"]
+__all__ = ["IBOT_ENTRIES", "ImportReport", "MaskedViT", "checkpoint_filter_fn", "import_ibot_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,34 +100,102 @@ class MaskedViT(VisionTransformer):
         return self.forward_head(self.forward_features(x))
 
 
-def checkpoint_filter_fn(
-    state_dict: dict[str, Any], model: MaskedViT, which: str = "teacher"
-) -> dict[str, torch.Tensor]:
-    """Import an official iBOT checkpoint (or any ViT state dict) into ``MaskedViT``.
+IBOT_ENTRIES = ("teacher", "student")
 
-    Takes the ``teacher`` (default) or ``student`` entry, strips ``module.``/``backbone.`` prefixes, drops the
-    projection head and anything else the model lacks (logged by name), and resamples ``pos_embed`` to the model's
-    grid. Keys the model has but the checkpoint lacks (e.g. the classifier) are left to the caller's strict load.
+
+@dataclass
+class ImportReport:
+    """What ``checkpoint_filter_fn`` / ``import_ibot_checkpoint`` did.
+
+    Attributes:
+        loaded: Model keys filled from the checkpoint.
+        skipped: Checkpoint keys the model has no place for (projection head, optimizer leftovers, ...).
+        missing: Model keys the checkpoint lacked, left at their initial values (only the classifier and the mask
+            token may be missing).
+        resized: Keys resampled to the model's shape (``pos_embed`` at another resolution).
     """
-    if which in state_dict and isinstance(state_dict[which], dict):
-        state_dict = state_dict[which]
-    flat = unwrap_state_dict(state_dict)
+
+    loaded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
+
+
+def checkpoint_filter_fn(
+    state_dict: dict[str, Any], model: MaskedViT, which: str = "teacher", report: ImportReport | None = None
+) -> dict[str, torch.Tensor]:
+    """Import an official iBOT checkpoint (or any ViT state dict) into ``MaskedViT``: the one iBOT importer.
+
+    timm calls it for ``create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=...))``. Takes the
+    ``teacher`` (default) or ``student`` entry when the file has them, strips ``module.``/``backbone.`` prefixes,
+    renames iBOT's ``masked_embed`` (C,) to our ``mask_token`` (1, 1, C) (kept, so a checkpoint's mask embedding
+    survives), drops the projection head and anything else the model lacks (logged by name), and resamples
+    ``pos_embed`` to the model's grid.
+
+    Raises:
+        ValueError: an unknown ``which``, or backbone keys of the model missing from the checkpoint (only the
+            classifier and the mask token may be missing).
+    """
+    if which not in IBOT_ENTRIES:
+        raise ValueError(f"unknown entry {which!r}; valid: {', '.join(IBOT_ENTRIES)}")
+    if isinstance(state_dict.get(which), Mapping):
+        state_dict = dict(state_dict[which])
+    elif not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        state_dict = unwrap_state_dict(state_dict)
+    report = report if report is not None else ImportReport()
     own = model.state_dict()
     out: dict[str, torch.Tensor] = {}
-    skipped = []
-    for key, value in flat.items():
-        key = key[len("backbone."):] if key.startswith("backbone.") else key
-        if key not in own:
-            skipped.append(key)
+    for key, value in state_dict.items():
+        name = key
+        for prefix in ("module.", "backbone."):
+            name = name[len(prefix):] if name.startswith(prefix) else name
+        if name == "masked_embed" and "mask_token" in own:
+            name, value = "mask_token", value.reshape(own["mask_token"].shape)
+        if name not in own:
+            report.skipped.append(key)
             continue
-        if key == "pos_embed" and value.shape != own[key].shape:
+        if name == "pos_embed" and value.shape != own[name].shape:
             value = resample_abs_pos_embed(
                 value, new_size=model.patch_embed.grid_size, num_prefix_tokens=model.num_prefix_tokens
             )
-        out[key] = value
-    if skipped:
-        logger.info("iBOT import skipped %d keys not in %s: %s", len(skipped), type(model).__name__, skipped[:12])
+            report.resized.append(name)
+        out[name] = value
+        report.loaded.append(name)
+    report.missing = sorted(set(own) - set(out))
+    bad = [k for k in report.missing if not (k.startswith("head.") or k == "mask_token")]
+    if bad:
+        raise ValueError(f"the checkpoint lacks backbone keys of {type(model).__name__}: {bad[:20]}")
+    if report.skipped:
+        logger.info("iBOT import skipped %d keys not in %s: %s", len(report.skipped), type(model).__name__,
+                    report.skipped[:12])  # fmt: skip
     return out
+
+
+def import_ibot_checkpoint(model: MaskedViT, path: str | Path, which: str = "teacher") -> ImportReport:
+    """Load an official iBOT checkpoint file's ``teacher`` or ``student`` backbone into ``model`` in place.
+
+    The same mapping as timm's pretrained path (``checkpoint_filter_fn``), for a model that already exists. The
+    file is read with ``weights_only=True``; the pickled ``args`` namespace of official files is the only extra
+    type allowed.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: see ``checkpoint_filter_fn``.
+    """
+    path = Path(path)
+    if which not in IBOT_ENTRIES:
+        raise ValueError(f"unknown entry {which!r}; valid: {', '.join(IBOT_ENTRIES)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"iBOT checkpoint not found: {path}")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    report = ImportReport()
+    try:
+        state = checkpoint_filter_fn(obj, model, which, report)
+    except ValueError as err:
+        raise ValueError(f"{path} ({which}): {err}") from None
+    model.load_state_dict(state, strict=False)
+    return report
 
 
 def _create_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> MaskedViT:

@@ -1,4 +1,5 @@
-"""`tokenlab train` with a segmentation recipe goes through the engine's generic entry point."""
+"""Segmentation trains through ``engine.train`` like every method: `tokenlab train` with a segmentation recipe
+(the engine builds the segmentation data view and the poly schedule; there is no per-method entry point)."""
 
 from pathlib import Path
 

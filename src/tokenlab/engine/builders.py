@@ -1,0 +1,291 @@
+"""What a run is built from: device, data sets per data view, model and method, optimizer, schedules.
+
+Kept apart from ``trainer.py`` so that the loop reads as a loop, and so that every method's data is built by the
+same code from the method's declared ``data_view`` (``tokenlab.data.transforms.TRANSFORM_KINDS``): there is no
+per-method entry point. The engine still knows methods only by their protocol (``tokenlab.methods``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import Dataset
+
+from tokenlab.methods import Method, build_method, get_method_class
+from tokenlab.utils import distributed as D
+from tokenlab.utils.schedules import build_schedule, cosine_schedule
+
+__all__ = [
+    "DATA_VIEWS",
+    "build_datasets",
+    "build_method_from_config",
+    "build_model",
+    "build_optimizer",
+    "build_schedules",
+    "data_meta",
+    "param_groups",
+    "resolve_device",
+    "shard_method",
+    "unsharded_copy",
+]
+
+#: The training data views the engine can build (the data layer's transform vocabulary, less ``eval``).
+DATA_VIEWS = ("classification", "stl_paired", "multicrop", "segmentation")
+_SEGMENTATION_DATASET_KEYS = ("ignore_index", "num_classes")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA (this process's local rank) when available, else CPU; checks that CUDA exists."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"train.device={name!r} but no CUDA device is available; use cpu or auto")
+        if name == "cuda":
+            name = f"cuda:{D.local_rank()}"
+    elif name != "cpu":
+        raise ValueError(f"unknown train.device {name!r}; valid: auto, cpu, cuda, cuda:N")
+    return torch.device(name)
+
+
+def build_model(name: str, num_classes: int, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """``tokenlab.models.create_model(name, num_classes=K, **kwargs)``; bad kwargs raise a ValueError naming them."""
+    from tokenlab.models import create_model
+
+    kwargs = dict(kwargs or {})
+    try:
+        return create_model(name, num_classes=num_classes, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"model {name!r} does not accept model.kwargs {sorted(kwargs)}: {err}") from None
+
+
+def build_method_from_config(cfg: DictConfig, meta: Mapping[str, Any]) -> Method:
+    """The model of ``cfg.model`` (classes from the data when ``model.num_classes`` is null) inside the method of
+    ``cfg.method``; the method's ``data_kwargs(meta)`` are defaults that ``method.kwargs`` override."""
+    num_classes = cfg.model.num_classes
+    if num_classes is None:
+        num_classes = meta.get("num_classes") or len(meta.get("classes", ())) or None
+    if num_classes is None:
+        raise ValueError("model.num_classes is not set and the data set does not say how many classes it has")
+    model = build_model(cfg.model.name, int(num_classes), OmegaConf.to_container(cfg.model.kwargs))
+    cls = get_method_class(cfg.method.name)
+    kwargs = cls.data_kwargs(dict(meta)) | dict(OmegaConf.to_container(cfg.method.kwargs))
+    return build_method(cfg.method.name, model=model, **kwargs)
+
+
+def shard_method(method: Method, ema_enabled: bool = False) -> None:
+    """FSDP2: shard every transformer block of ``method.model``, then the method as the root (the rest).
+
+    The method's ``forward`` (the training step) runs through the root's hooks; validation and export run the model
+    outside it, so the trainer unshards the root for them (the blocks gather their own in their hooks). Runs before
+    the optimizer is built: it swaps the parameters for DTensors.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if ema_enabled:
+        raise ValueError("train.ema.enabled is not supported with train.distributed=fsdp (use ddp)")
+    D.broadcast_module(method)  # one initialisation: each rank keeps its shard of rank 0's weights
+    for block in getattr(method.model, "blocks", []):
+        fully_shard(block)
+    fully_shard(method)
+
+
+def unsharded_copy(cfg: DictConfig, method: Method, target: nn.Module, is_main: bool) -> nn.Module | None:
+    """FSDP2: an unsharded CPU copy of ``target`` (a submodule of ``method``) rebuilt from ``cfg.model`` on rank 0,
+    ``None`` elsewhere; a collective, every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(method, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main:
+        return None
+    prefix = next(name for name, m in method.named_modules() if m is target)
+    prefix = f"{prefix}." if prefix else ""
+    num_classes = int(getattr(target, "num_classes", cfg.model.num_classes or 0))
+    model = build_model(cfg.model.name, num_classes, OmegaConf.to_container(cfg.model.kwargs))
+    model.load_state_dict({k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}, strict=True)
+    return model
+
+
+# ---- data -------------------------------------------------------------------------------------------------------
+def build_datasets(
+    cfg: DictConfig, data_view: str = "classification", transform_options: Mapping[str, Any] | None = None
+) -> tuple[Dataset, Dataset | None, dict[str, Any]]:
+    """Training and validation sets of a data view from ``cfg.data``, and the meta stored with the exported model.
+
+    Args:
+        cfg: The run config. For the image views ``data.name``/``data.root`` is a data-set spec (a folder, a list
+            file, a synthetic set or ``cifar10``); for ``segmentation`` ``data.name`` is the layout (``synthetic``,
+            ``cityscapes``, ``folder``) and ``data.root`` its location.
+        data_view: The method's sample layout (``Method.data_view``).
+        transform_options: The method's extra transform kwargs (``Method.transform_options``).
+
+    Raises:
+        ValueError: an unknown view, or settings the data layer rejects.
+    """
+    if data_view not in DATA_VIEWS:
+        raise ValueError(f"unknown data_view {data_view!r}; valid: {', '.join(DATA_VIEWS)}")
+    if data_view == "segmentation":
+        train_set, val_set, meta = _segmentation_datasets(cfg)
+    else:
+        train_set, val_set, meta = _image_datasets(cfg, data_view, transform_options)
+    train_set = _subset(train_set, cfg.data.train_subset, cfg.seed)
+    if val_set is not None:
+        val_set = _subset(val_set, cfg.data.val_subset, cfg.seed + 1)
+    return train_set, val_set, meta
+
+
+def _image_datasets(
+    cfg: DictConfig, data_view: str, transform_options: Mapping[str, Any] | None
+) -> tuple[Dataset, Dataset | None, dict[str, Any]]:
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from tokenlab.data import build_dataset, build_transforms
+
+    d = cfg.data
+    spec = d.root if d.root is not None else d.name
+    extra_t = dict(OmegaConf.to_container(d.transform))
+    train_tf = build_transforms(data_view, d.img_size, **dict(transform_options or {}), **extra_t)
+    dataset_kwargs = OmegaConf.to_container(d.dataset)
+    train_set = build_dataset(spec, split=d.train_split, transform=train_tf, **dataset_kwargs)
+    val_set = None
+    norm = {k: extra_t[k] for k in ("mean", "std") if k in extra_t}
+    if d.val_split is not None:
+        val_tf = build_transforms("eval", d.img_size, **norm)
+        val_set = build_dataset(spec, split=d.val_split, transform=val_tf, classes=list(train_set.classes),
+                                **dataset_kwargs)  # fmt: skip
+    meta = data_meta(train_set)
+    meta.setdefault("mean", [float(v) for v in norm.get("mean", IMAGENET_DEFAULT_MEAN)])
+    meta.setdefault("std", [float(v) for v in norm.get("std", IMAGENET_DEFAULT_STD)])
+    return train_set, val_set, meta
+
+
+def _segmentation_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset | None, dict[str, Any]]:
+    """``SegmentationDataset``s: ``data.dataset`` may hold ``ignore_index`` / ``num_classes``, ``data.transform``
+    the augmentation options of the ``segmentation`` view."""
+    from tokenlab.data import build_transforms
+    from tokenlab.data.segmentation import build_segmentation_dataset
+
+    d = cfg.data
+    if d.root is None:
+        raise ValueError(f"data.root is not set: point it at the {d.name!r} segmentation data (for the synthetic set, "
+                         f"create one with `tokenlab data synth --out DIR`)")  # fmt: skip
+    extra = dict(OmegaConf.to_container(d.dataset))
+    unknown = sorted(set(extra) - set(_SEGMENTATION_DATASET_KEYS))
+    if unknown:
+        raise ValueError(f"unknown data.dataset option(s) {unknown} for segmentation; valid: ignore_index, num_classes")
+    ignore = int(extra.get("ignore_index", 255))
+    tf = dict(OmegaConf.to_container(d.transform), ignore_index=ignore)
+    kw = dict(ignore_index=ignore, num_classes=extra.get("num_classes"))
+    train_tf = build_transforms("segmentation", d.img_size, train=True, **tf)
+    train_set = build_segmentation_dataset(d.name, d.root, d.train_split, train_tf, **kw)
+    val_set = None
+    if d.val_split is not None:
+        val_tf = build_transforms("segmentation", d.img_size, train=False, **tf)
+        val_set = build_segmentation_dataset(d.name, d.root, d.val_split, val_tf, **kw)
+    if cfg.model.num_classes is not None and cfg.model.num_classes != train_set.num_classes:
+        raise ValueError(f"model.num_classes={cfg.model.num_classes} but the data set has {train_set.num_classes} "
+                         f"classes")  # fmt: skip
+    meta = {
+        "classes": train_set.class_names, "num_classes": train_set.num_classes, "mean": train_set.mean,
+        "std": train_set.std, "ignore_index": ignore, "task": "segmentation", "data": d.name,
+    }  # fmt: skip
+    return train_set, val_set, meta
+
+
+def _subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
+    """A fixed random subset of ``size`` samples (the whole set when ``size`` is None or not smaller)."""
+    if size is None or size >= len(dataset):
+        return dataset
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size].sort().values
+    return _Subset(dataset, keep.tolist())
+
+
+class _Subset(Dataset):
+    """Samples ``indices`` of ``dataset``. Unlike ``torch.utils.data.Subset`` it has no batched ``__getitems__``,
+    which would bypass the per-sample seeding of ``SeededDataset`` (it forwards unknown attributes)."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[self.indices[i]]
+
+
+def data_meta(dataset: Dataset) -> dict[str, Any]:
+    """``classes``, ``num_classes``, ``mean`` and ``std`` of a data set that has them (stored with the model)."""
+    meta = {k: getattr(dataset, k) for k in ("classes", "mean", "std") if hasattr(dataset, k)}
+    for k in ("mean", "std"):
+        if k in meta:
+            meta[k] = [float(v) for v in meta[k]]
+    if "classes" in meta:
+        meta["classes"] = list(meta["classes"])
+        meta["num_classes"] = len(meta["classes"])
+    return meta
+
+
+# ---- optimizer and schedules ------------------------------------------------------------------------------------
+def _no_decay_names(module: nn.Module) -> set[str]:
+    """Full parameter names listed by ``no_weight_decay()`` of ``module`` or any submodule."""
+    names: set[str] = set()
+    for prefix, sub in module.named_modules():
+        fn = getattr(sub, "no_weight_decay", None)
+        if callable(fn):
+            names |= {f"{prefix}.{n}" if prefix else n for n in fn()}
+    return names
+
+
+def param_groups(module: nn.Module, weight_decay: float, layer_decay: float | None) -> list[dict[str, Any]]:
+    """Parameter groups with and without weight decay (1-d tensors, biases, ``no_weight_decay()``), or timm's
+    layer-decay groups (``lr_scale``) when ``layer_decay`` is set; every group gets ``lr_scale`` and ``wd_scale``."""
+    skip = _no_decay_names(module)
+    if layer_decay is not None:
+        if not hasattr(module, "group_matcher"):
+            raise ValueError(f"optim.layer_decay needs a model with group_matcher(); {type(module).__name__} has none")
+        from timm.optim import param_groups_layer_decay
+
+        groups = param_groups_layer_decay(module, weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay)
+    else:
+        decay, no_decay = [], []
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            if p.ndim <= 1 or name.endswith(".bias") or name in skip:
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+        groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["wd_scale"] = 1.0 if g["weight_decay"] > 0 else 0.0
+        g.setdefault("lr_scale", 1.0)
+    return groups
+
+
+def build_optimizer(cfg: DictConfig, module: nn.Module) -> torch.optim.Optimizer:
+    """timm ``create_optimizer_v2`` over ``param_groups(module)`` with the ``optim`` settings."""
+    from timm.optim import create_optimizer_v2
+
+    o = cfg.optim
+    groups = param_groups(module, o.weight_decay, o.layer_decay)
+    betas = tuple(o.betas)
+    return create_optimizer_v2(groups, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, betas=betas, eps=o.eps)
+
+
+def build_schedules(cfg: DictConfig, steps_per_epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-step learning rate (``schedule.kind``: warm-up + cosine or poly, then cool-down at ``min_lr``) and weight
+    decay (cosine from ``weight_decay`` to ``weight_decay_end``), one value per optimizer step of the run."""
+    o, s = cfg.optim, cfg.schedule
+    main_steps = steps_per_epoch * s.epochs
+    warmup = int(round(s.warmup_epochs * steps_per_epoch))
+    cooldown = steps_per_epoch * s.cooldown_epochs
+    lr = build_schedule(s.kind, o.lr, o.min_lr, main_steps, warmup, o.warmup_lr, cooldown, power=s.poly_power)
+    wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
+    wd = cosine_schedule(o.weight_decay, wd_end, main_steps, 0, 0.0, cooldown)
+    return lr, wd
