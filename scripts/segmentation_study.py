@@ -37,10 +37,9 @@ def _generate(data: Path, img_size: int, train: int, val: int, seed: int) -> Non
 
 
 def _train_classifier(run: Path, method: str, model: str, data: Path, args: argparse.Namespace,
-                      method_kwargs: dict[str, Any], view: str) -> Path:  # fmt: skip
-    """A small classification run through the engine's Trainer (data sets built here from the data layer)."""
-    from tokenlab.data import build_dataset, build_transforms
-    from tokenlab.engine import Trainer, load_config
+                      method_kwargs: dict[str, Any]) -> Path:  # fmt: skip
+    """A small classification run through the engine (``engine.train`` builds the data for the method's view)."""
+    from tokenlab.engine import load_config, train
 
     if (run / "model.json").is_file():
         logger.info("reusing classification run %s", run)
@@ -48,23 +47,19 @@ def _train_classifier(run: Path, method: str, model: str, data: Path, args: argp
     img = args.img_size
     overrides = [
         f"run_dir={run}", f"model.name={model}", f"model.kwargs={{patch_size: 4, img_size: {img}}}",
-        f"method.name={method}", f"data.img_size={img}", f"data.batch_size={args.batch_size}",
+        f"method.name={method}", f"data.root={data}", f"data.img_size={img}", f"data.batch_size={args.batch_size}",
         f"schedule.epochs={args.cls_epochs}", "schedule.warmup_epochs=0.5", f"optim.lr={args.cls_lr}",
         f"train.device={args.device}", f"train.amp={args.amp}", "log.progress=false", f"seed={args.seed}",
     ]  # fmt: skip
     cfg = load_config(None, overrides)
     for k, v in method_kwargs.items():
         cfg.method.kwargs[k] = v
-    train_set = build_dataset(data, "train", build_transforms(view, img))
-    val_set = build_dataset(data, "val", build_transforms("eval", img))
-    meta = {"classes": list(train_set.classes), "num_classes": len(train_set.classes)}
-    Trainer(cfg, train_set, val_set, data_meta=meta).fit()
+    train(cfg)
     return run
 
 
 def _finetune(run: Path, data: Path, args: argparse.Namespace, backbone: str, init_from: Path | None) -> Path:
-    from tokenlab.engine import load_config
-    from tokenlab.methods.segmentation import train_segmentation
+    from tokenlab.engine import load_config, train
 
     if (run / "model.json").is_file():
         logger.info("reusing segmentation run %s", run)
@@ -77,7 +72,7 @@ def _finetune(run: Path, data: Path, args: argparse.Namespace, backbone: str, in
     ]  # fmt: skip
     if init_from is not None:
         overrides.append(f"method.kwargs.init_from={init_from}")
-    train_segmentation(load_config("seg_synthetic", overrides))
+    train(load_config("seg_synthetic", overrides))
     return run
 
 
@@ -139,15 +134,13 @@ def main() -> None:
     if "supervised" in arms:
         cls_runs["supervised"] = Path(args.supervised_run) if args.supervised_run else None
         if cls_runs["supervised"] is None and args.train_classifiers:
-            cls_runs["supervised"] = _train_classifier(out / "cls_supervised", "supervised", BACKBONE, data, args, {},
-                                                       "train")  # fmt: skip
+            cls_runs["supervised"] = _train_classifier(out / "cls_supervised", "supervised", BACKBONE, data, args, {})
     if "stl" in arms:
         cls_runs["stl"] = Path(args.stl_run) if args.stl_run else None
         if cls_runs["stl"] is None and args.train_classifiers:
-            labeler = _train_classifier(out / "cls_stl_labeler", "stl_labeler", BACKBONE + "_token", data, args, {},
-                                        "train")  # fmt: skip
+            labeler = _train_classifier(out / "cls_stl_labeler", "stl_labeler", BACKBONE + "_token", data, args, {})
             cls_runs["stl"] = _train_classifier(out / "cls_stl_student", "stl_student", BACKBONE + "_token", data,
-                                                args, {"labeler": str(labeler)}, "stl_pair")  # fmt: skip
+                                                args, {"labeler": str(labeler)})
     missing = [a for a in arms if a != "random" and cls_runs.get(a) is None]
     if missing:
         raise ValueError(f"no classification run for {missing}: pass --supervised-run/--stl-run or --train-classifiers")

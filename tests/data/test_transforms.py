@@ -85,10 +85,10 @@ def test_teacher_modes() -> None:
     none = _strong("none", colour=True, seed=0)(sample)
     centre = build_transforms("eval", 64)(sample)["image"]
     assert torch.equal(none["teacher_image"], centre)
-    single = build_transforms("train", 64)(sample)
+    single = build_transforms("classification", 64)(sample)
     assert "teacher_image" not in single and single["image"].shape == (3, 64, 64)
     with pytest.raises(ValueError, match="unknown teacher mode 'half'"):
-        build_transforms("stl_pair", 64, teacher="half")
+        build_transforms("stl_paired", 64, teacher="half")
     with pytest.raises(ValueError, match="unknown transform kind 'weird'.*stl_pair"):
         build_transforms("weird", 64)
 
@@ -104,11 +104,11 @@ def test_rand_augment_strings() -> None:
 
 
 def test_ibot_multicrop_shapes_and_masks() -> None:
-    transform = build_transforms("ibot", 64, patch_size=8, num_local=3, mask_ratio=(0.2, 0.4))
+    transform = build_transforms("multicrop", 64, patch_size=8, num_local=3, mask_ratio=(0.2, 0.4))
     out = transform(_coordinate_sample())
     assert [tuple(c.shape) for c in out["crops"]] == [(3, 64, 64)] * 2 + [(3, 24, 24)] * 3
     assert len(out["masks"]) == 2 and all(m.shape == (8, 8) and m.dtype == torch.bool for m in out["masks"])
     assert all(m.float().mean() <= 0.4 for m in out["masks"])
     assert "mask" not in out and out["label"] == 0
     with pytest.raises(ValueError, match="not a multiple of patch_size"):
-        build_transforms("ibot", 60, patch_size=8)
+        build_transforms("multicrop", 60, patch_size=8)

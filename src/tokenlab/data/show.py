@@ -80,7 +80,7 @@ def pairs_grid(
 ) -> Path:
     """Columns of original / teacher view / student view (/ student mask) for the paired STL transform."""
     dataset = build_dataset(spec, split, None, verify="none")
-    paired = build_transforms("stl_pair", img_size, teacher=teacher, re_prob=0.3)
+    paired = build_transforms("stl_paired", img_size, teacher=teacher, re_prob=0.3)
     picks = _pick(len(dataset), count, seed)
     columns = ["original", f"teacher ({teacher})", "student"] + (["student mask"] if dataset.has_masks else [])
     fig, axes = plt.subplots(len(picks), len(columns), figsize=(1.5 * len(columns), 1.5 * len(picks)), squeeze=False)
@@ -109,7 +109,7 @@ def crops_grid(spec: str | Path, split: str, out: Path, count: int = 4, seed: in
                patch_size: int = 8, num_local: int = 6) -> Path:
     """Rows of iBOT crops: 2 global crops with their token masks shaded, then the local crops."""
     dataset = build_dataset(spec, split, None, verify="none")
-    multi = build_transforms("ibot", img_size, patch_size=patch_size, num_local=num_local)
+    multi = build_transforms("multicrop", img_size, patch_size=patch_size, num_local=num_local)
     picks = _pick(len(dataset), count, seed)
     cols = 2 + num_local
     fig, axes = plt.subplots(len(picks), cols, figsize=(1.3 * cols, 1.4 * len(picks)), squeeze=False)

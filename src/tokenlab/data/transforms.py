@@ -48,8 +48,6 @@ logger = logging.getLogger(__name__)
 TEACHER_MODES = ("none", "spatial", "full")
 # The data views: what a method asks for (``Method.data_view``) is what ``build_transforms`` builds.
 TRANSFORM_KINDS = ("classification", "stl_paired", "multicrop", "segmentation", "eval")
-# TODO(merge): remove once data/show.py, scripts/ and tests/data/test_transforms.py use the view names above.
-_VIEW_ALIASES = {"train": "classification", "stl_pair": "stl_paired", "ibot": "multicrop"}
 GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 COLOUR_OPS = (
     "AutoContrast",
@@ -598,7 +596,6 @@ def build_transforms(kind: str, img_size: int, **kwargs: Any) -> Any:
     Raises:
         ValueError: on an unknown kind (naming the valid ones) or bad arguments.
     """
-    kind = _VIEW_ALIASES.get(kind, kind)
     if kind == "eval":
         return EvalTransform(img_size, **kwargs)
     if kind == "classification":

@@ -153,13 +153,15 @@ def _image_datasets(
     train_set = build_dataset(spec, split=d.train_split, transform=train_tf, **dataset_kwargs)
     val_set = None
     norm = {k: extra_t[k] for k in ("mean", "std") if k in extra_t}
-    if d.val_split is not None:
-        val_tf = build_transforms("eval", d.img_size, **norm)
-        val_set = build_dataset(spec, split=d.val_split, transform=val_tf, classes=list(train_set.classes),
-                                **dataset_kwargs)  # fmt: skip
     meta = data_meta(train_set)
     meta.setdefault("mean", [float(v) for v in norm.get("mean", IMAGENET_DEFAULT_MEAN)])
     meta.setdefault("std", [float(v) for v in norm.get("std", IMAGENET_DEFAULT_STD)])
+    # the one evaluation preprocessing: validation runs it, and the export stores its keys for every later evaluation
+    val_tf = build_transforms("eval", d.img_size, mean=meta["mean"], std=meta["std"], **OmegaConf.to_container(d.eval))
+    meta.update(val_tf.meta())
+    if d.val_split is not None:
+        val_set = build_dataset(spec, split=d.val_split, transform=val_tf, classes=list(train_set.classes),
+                                **dataset_kwargs)  # fmt: skip
     return train_set, val_set, meta
 
 

@@ -21,6 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tokenlab.utils.runs import export_stem, read_model_meta
+
 logger = logging.getLogger(__name__)
 
 _NESTED_KEYS = ("state_dict", "model", "model_ema", "state_dict_ema", "module")
@@ -112,11 +114,6 @@ def load_checkpoint(model: nn.Module, path: str | Path, prefer: str | None = Non
     return model
 
 
-def _stem(path: str | Path) -> Path:
-    path = Path(path)
-    return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
-
-
 def save_exported(model: nn.Module, path: str | Path, meta: Mapping[str, Any]) -> Path:
     """Write ``<path>.safetensors`` and ``<path>.json``; ``meta`` must hold ``model`` (the timm name).
 
@@ -124,7 +121,7 @@ def save_exported(model: nn.Module, path: str | Path, meta: Mapping[str, Any]) -
     """
     if "model" not in meta:
         raise ValueError("meta must name the timm model under 'model'")
-    stem = _stem(path)
+    stem = export_stem(path)
     stem.parent.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp_w = stem.with_name(stem.name + ".safetensors.tmp")
@@ -138,14 +135,8 @@ def save_exported(model: nn.Module, path: str | Path, meta: Mapping[str, Any]) -
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model written by ``save_exported`` (``path`` with or without suffix, or a run directory)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model"
-    stem = _stem(path)
-    meta_file = stem.with_suffix(".json")
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"no exported model at {stem} (expected {meta_file.name} and {stem.name}.safetensors)")
-    meta = json.loads(meta_file.read_text())
+    stem = export_stem(path)
+    meta = read_model_meta(stem)
     model = timm.create_model(meta["model"], **meta.get("model_kwargs", {}))
     load_checkpoint(model, stem.with_suffix(".safetensors"))
     return model.to(device).eval(), meta
