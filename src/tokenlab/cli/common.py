@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from tokenlab.utils.amp import AMP_CHOICES
 
@@ -77,7 +78,7 @@ def run_training(args: argparse.Namespace, extra_overrides: list[str]) -> int:
     """Shared by ``train`` and ``segment train``: recipe + overrides -> ``engine.train``, then a one-line summary."""
     from omegaconf import OmegaConf
 
-    import tokenlab.engine as engine  # looked up at call time, so tests can replace engine.train
+    from tokenlab import engine  # looked up at call time, so tests can replace engine.train
 
     overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir is not None else [])
     cfg = engine.load_config(args.config, overrides + extra_overrides)
@@ -85,7 +86,7 @@ def run_training(args: argparse.Namespace, extra_overrides: list[str]) -> int:
         print(OmegaConf.to_yaml(cfg), end="")
         return 0
     result = engine.train(cfg)
-    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun only rank 0 reports
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
     val = ", ".join(f"{k} {v:.4f}" for k, v in result.val.items())
     print(f"trained {result.step} steps into {result.run_dir}" + (f"; validation: {val}" if val else ""))

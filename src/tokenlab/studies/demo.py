@@ -22,9 +22,10 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tokenlab.studies.stl_study import Stage, StageReport, StlStudy, TrainStage, noise_note, run_stages
 
@@ -74,7 +75,7 @@ class DemoConfig:
     device: str = "cpu"
 
     @classmethod
-    def tiny(cls, **kwargs: Any) -> "DemoConfig":
+    def tiny(cls, **kwargs: Any) -> DemoConfig:
         """A seconds-long preset for tests: a few images, two steps per model, one corruption."""
         base = cls(
             counts={"train": 64, "val": 32, "rendition": 32, "shortcut": 32},
@@ -122,8 +123,10 @@ class Demo:
         self.reports: list[StageReport] = []
         self.study = StlStudy(
             self.runs_dir,
-            [TrainStage(name, recipe, self._train_overrides(), "labeler" if name == "student" else None)
-             for name, recipe in TRAIN_STAGES],  # fmt: skip
+            [
+                TrainStage(name, recipe, self._train_overrides(), labeler="labeler" if name == "student" else None)
+                for name, recipe in TRAIN_STAGES
+            ],
             device=self.cfg.device,
             resume=True,
             progress=progress,

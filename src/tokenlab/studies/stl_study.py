@@ -15,9 +15,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from tokenlab.utils.runs import MODEL_STEM
 
