@@ -120,8 +120,11 @@ def main(argv: list[str] | None = None) -> None:
 
     run_stages(study.training_stages(on_trained))
     if args.corruptions:
-        data = _balanced_subset(out / "corruption_test", args.corruption_images) if args.corruption_images else "cifar10"
-        evaluated = study.evaluate(("baseline", "student"), data, args.corruptions, args.severities, keep_existing=False)
+        subset = out / "corruption_test"
+        data = _balanced_subset(subset, args.corruption_images) if args.corruption_images else "cifar10"
+        evaluated = study.evaluate(
+            ("baseline", "student"), data, args.corruptions, args.severities, keep_existing=False
+        )
         for name, ev in evaluated.items():
             results["runs"][name]["eval"] = ev.to_dict()
     (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -9,6 +9,7 @@ from tokenlab.cli.common import add_runtime_flags
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``data`` with its ``synth`` and ``show`` actions; ``--workers`` here are rendering threads."""
     p = sub.add_parser("data", help="generate the built-in synthetic data set, or picture what a data set feeds")
     actions = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
@@ -35,6 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Dispatch to the action; argparse requires one, the last line guards a parser change."""
     if args.data_command == "synth":
         return _synth(args)
     if args.data_command == "show":

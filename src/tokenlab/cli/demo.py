@@ -8,6 +8,7 @@ from tokenlab.cli.common import add_runtime_flags, resolve_device
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``demo``; only ``--device`` of the runtime flags, since the budget fixes batch size and loading."""
     p = sub.add_parser(
         "demo",
         help="the whole system end to end on the built-in synthetic set (about 6 minutes on 2 CPU cores)",

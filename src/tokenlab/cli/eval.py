@@ -8,6 +8,7 @@ from tokenlab.cli.common import add_runtime_flags, resolve_device
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``eval`` with every runtime flag (default batch 128, workers chosen by the evaluator)."""
     p = sub.add_parser("eval", help="clean / corruption / OOD evaluation of a trained model, written to eval.json")
     p.add_argument("--checkpoint", required=True, help="run directory or exported model (<stem>[.safetensors|.json])")
     p.add_argument("--data", required=True, help="image tree DIR/<class>/<img>, or a data set DIR[:split] (default val)")
@@ -41,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{res.name}: {res.model} on {res.data}")
     print(f"{'rule':<9} {'top-1':>6} {'top-5':>6} {'NLL':>6} {'ECE':>6} {'img/s':>8}")
     for rule, c in res.clean.items():
-        print(f"{rule:<9} {100 * c.top1:6.2f} {100 * c.top5:6.2f} {c.nll:6.3f} {100 * c.ece:6.2f} {c.images_per_s:8.1f}")
+        print(f"{rule:<9} {100 * c.top1:6.2f} {100 * c.top5:6.2f} {c.nll:6.3f} {100 * c.ece:6.2f} "
+              f"{c.images_per_s:8.1f}")  # fmt: skip
     if res.corruptions:
         for rule, s in res.corruptions.scores.items():
             mce = f"{100 * s.mce:.2f}" if s.mce is not None else "- (no reference)"

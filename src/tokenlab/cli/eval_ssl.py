@@ -8,6 +8,7 @@ from tokenlab.cli.common import add_runtime_flags, resolve_device
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``eval-ssl``; its fine-tuning overrides use ``-o`` so the run path stays the one positional."""
     p = sub.add_parser("eval-ssl", help="k-NN / linear probe / fine-tuning of a self-supervised (iBOT) backbone")
     p.add_argument("run", help="run directory or exported model (<stem>[.safetensors|.json])")
     p.add_argument("--data", default="cifar10", help="data set: cifar10, an image-folder root, a synthetic set ...")

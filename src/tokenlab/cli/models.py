@@ -6,6 +6,7 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``models``."""
     p = sub.add_parser("models", help="list every registered model with its parameter count")
     p.add_argument("--filter", default="*", help="wildcard on the model name, e.g. 'fan_*hybrid*'")
     p.add_argument("--num-classes", type=int, default=1000, help="classes used when counting parameters")

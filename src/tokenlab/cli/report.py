@@ -6,6 +6,7 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``report``."""
     p = sub.add_parser("report", help="Markdown + single-file HTML report comparing runs side by side")
     p.add_argument("runs", nargs="+", help="run directories (with eval.json / tokens.json / metrics.jsonl)")
     p.add_argument("--out", required=True, help="output directory (report.md, report.html, images/)")
@@ -15,6 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Write the report, then say where it is."""
     from tokenlab.eval.report import write_report
 
     files = write_report(args.runs, args.out, args.names.split(",") if args.names else None, args.title)

@@ -9,6 +9,7 @@ from tokenlab.cli.common import add_runtime_flags, resolve_device, run_training
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``segment`` with its ``train`` and ``eval`` actions (``eval`` has never taken ``--workers``)."""
     p = sub.add_parser(
         "segment",
         help="semantic segmentation with FAN backbones: fine-tune (train) and evaluate clean + corrupted mIoU (eval)",
@@ -40,6 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``segment train`` goes through the shared training runner; ``segment eval`` prints mIoU tables."""
     if args.segment_command == "train":
         extra = [f"method.kwargs.init_from={args.init_from}"] if args.init_from is not None else []
         return run_training(args, extra)  # the segmentation method's train_entry runs behind engine.train

@@ -9,6 +9,7 @@ from tokenlab.cli.common import add_runtime_flags, resolve_device
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``tokens`` with every runtime flag (default batch 64, loading in the main process)."""
     p = sub.add_parser("tokens", help="token-label analysis of labelers/students on a data set with masks")
     p.add_argument("checkpoints", nargs="+", help="run directories or exported models to compare")
     p.add_argument("--data", required=True, help="data set with masks, DIR[:split] (e.g. the synthetic set)")

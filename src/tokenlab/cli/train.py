@@ -8,6 +8,7 @@ from tokenlab.cli.common import run_training
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``train``; the device and AMP of a training are config keys, so it has no runtime flags."""
     p = sub.add_parser(
         "train",
         help="train a model (supervised, STL labeler/student, iBOT, ...) from a YAML recipe",

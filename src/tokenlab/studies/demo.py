@@ -196,6 +196,7 @@ class Demo:
         return summary
 
     def run_dir(self, name: str) -> Path:
+        """``out/runs/<name>``."""
         return self.study.run_dir(name)
 
     # ---- stages -----------------------------------------------------------------------------------------------
@@ -246,9 +247,11 @@ class Demo:
         return bool(done)
 
     def tokens(self) -> bool:
+        """Token-label analysis of every model against the object masks of the val split."""
         return self.study.analyze_tokens(self.study.names, self.data_dir, seed=self.cfg.seed, num_examples=6)
 
     def report(self) -> bool:
+        """The report, rewritten on every run so it shows the numbers on disk now."""
         self.study.write_report(self.study.names, self.report_dir, "tokenlab demo: STL vs baseline", self.verdict())
         return True
 

@@ -153,6 +153,7 @@ class StlStudy:
         return [s.name for s in self.stages]
 
     def run_dir(self, name: str) -> Path:
+        """``runs_dir/<name>``."""
         return self.runs_dir / name
 
     def is_trained(self, name: str) -> bool:
