@@ -77,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
 
-    from tokenlab.engine.config import load_config
-    from tokenlab.engine.trainer import train
+    from tokenlab.engine import load_config, train
     from tokenlab.eval.linear import evaluate_ssl_run
 
     device = resolve_device(args.device)
