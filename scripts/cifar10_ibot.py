@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+from tokenlab.cli.common import add_runtime_flags, resolve_device
+from tokenlab.utils.amp import amp_dtype
+
 PRESETS: dict[str, dict] = {
     "gpu": {
         # 20 epochs take about 15 min on one H100 (about 45 s per epoch: the multi-crop transforms on the CPU workers
@@ -57,7 +60,7 @@ PRESETS: dict[str, dict] = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    add_runtime_flags(parser, {"device": "cpu"})
     parser.add_argument("--recipe", default="ibot_cifar10_vit_tiny", help="pre-training recipe")
     parser.add_argument("--run-dir", default=None, help="default runs/cifar10_ibot_<preset>")
     parser.add_argument("--epochs", type=int, help="pre-training epochs (overrides the preset)")
@@ -74,18 +77,18 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
 
-    from tokenlab.engine.config import load_config
-    from tokenlab.engine.trainer import train
+    from tokenlab.engine import load_config, train
     from tokenlab.eval.linear import evaluate_ssl_run
 
+    device = resolve_device(args.device)
     preset = PRESETS[args.preset]
     run_dir = Path(args.run_dir or f"runs/cifar10_ibot_{args.preset}")
-    overrides = list(preset["overrides"]) + [f"run_dir={run_dir}", f"train.device={args.device}"]
+    overrides = list(preset["overrides"]) + [f"run_dir={run_dir}", f"train.device={device}"]
     if args.epochs is not None:
         overrides.append(f"schedule.epochs={args.epochs}")
     if args.train_subset is not None:
         overrides.append(f"data.train_subset={args.train_subset or 'null'}")
-    if args.device == "cpu":
+    if device == "cpu":
         overrides.append("train.amp=none")
     cfg = load_config(args.recipe, overrides + list(args.overrides))
 
@@ -104,15 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate_ssl_run(
         run_dir, "cifar10", "train", "test", [k for k in args.kinds.split(",") if k],
         linear_kwargs={"epochs": args.linear_epochs or preset["linear_epochs"]},
-        batch_size=256, workers=cfg.data.num_workers, device=args.device,
-        amp_dtype=torch.bfloat16 if cfg.train.amp == "bf16" else None,
+        batch_size=256, workers=cfg.data.num_workers, device=device,
+        amp_dtype=amp_dtype(cfg.train.amp, device),
         train_subset=_pick(args.eval_train_subset, "eval_train_subset"),
         test_subset=_pick(args.eval_test_subset, "eval_test_subset"), random_init=True, seed=cfg.seed,
     )
     eval_s = time.perf_counter() - t1
     summary = {
         "preset": args.preset,
-        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(torch.device(args.device)),
+        "device": device if device == "cpu" else torch.cuda.get_device_name(torch.device(device)),
         "host": platform.node(),
         "torch_threads": torch.get_num_threads(),
         "pretrain": {

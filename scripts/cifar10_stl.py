@@ -2,9 +2,9 @@
 
 Runs three trainings from the shipped recipes (``cifar10_stl_labeler`` -> ``cifar10_fan_baseline`` ->
 ``cifar10_stl_student``, the student labelled online by the labeler run), then evaluates the baseline and the
-student on the clean test set (and, with ``--corruptions``, on generated CIFAR-10-C style corruptions through
-``tokenlab.eval.robustness.evaluate_run``), and writes ``OUT/results.json``: per run the config, clean accuracy,
-per-epoch validation curves and per-step loss curves.
+student on the clean test set (and, with ``--corruptions``, on generated CIFAR-10-C style corruptions), and writes
+``OUT/results.json``: per run the config, clean accuracy, per-epoch validation curves and per-step loss curves. The
+stages run through ``tokenlab.studies.stl_study``, the same STL study pipeline as ``tokenlab demo``.
 
 Examples::
 
@@ -20,13 +20,13 @@ import argparse
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from tokenlab.engine import load_config, train
+from tokenlab.cli.common import add_runtime_flags, resolve_device
+from tokenlab.studies.stl_study import StlStudy, Trained, TrainStage, run_stages
 from tokenlab.utils.metrics_log import read_metrics
 
 logger = logging.getLogger("cifar10_stl")
@@ -34,9 +34,10 @@ logger = logging.getLogger("cifar10_stl")
 STAGES = (("labeler", "cifar10_stl_labeler"), ("baseline", "cifar10_fan_baseline"), ("student", "cifar10_stl_student"))
 
 
-def _overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
-    o = [f"run_dir={run_dir}", f"train.device={args.device}", f"train.amp={args.amp}", f"seed={args.seed}",
-         f"data.num_workers={args.workers}", "log.progress=false"]
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The budget shared by every stage (the study adds ``run_dir``, resume and the student's labeler)."""
+    o = [f"train.device={args.device}", f"train.amp={args.amp}", f"seed={args.seed}",
+         f"data.num_workers={args.workers}", "log.progress=false"]  # fmt: skip
     if args.epochs is not None:
         o.append(f"schedule.epochs={args.epochs}")
         o.append(f"schedule.warmup_epochs={min(2.0, args.epochs / 5)}")
@@ -66,15 +67,27 @@ def _balanced_subset(root: Path, n: int) -> Path:
     return root
 
 
-def main() -> None:
+def _record(trained: Trained, run_dir: Path) -> dict[str, Any]:
+    """The results.json entry of one training: config, wall time, final validation, curves."""
+    return {
+        "recipe": trained.stage.recipe,
+        "config": OmegaConf.to_container(trained.config),
+        "seconds": trained.seconds,
+        "steps": trained.result.step,
+        "final_val": trained.result.val,
+        "val_curve": [
+            {k: r[k] for k in ("epoch", "step", "acc1", "loss") if k in r} for r in read_metrics(run_dir, "val")
+        ],
+        "loss_curve": [{k: r[k] for k in r if k not in ("kind",)} for r in read_metrics(run_dir, "step")],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/cifar10_study", help="study directory (one run directory per stage)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    add_runtime_flags(p, {"device": "cpu", "amp": "none", "batch_size": None, "workers": 2})
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="epochs per stage (default: the recipe's 30)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--workers", type=int, default=2)
     p.add_argument("--train-subset", type=int, default=None, help="train on a fixed random subset of this size")
     p.add_argument("--val-subset", type=int, default=None, help="validate on a fixed random subset of this size")
     p.add_argument("--corruptions", default=None, help="corruption names or 'all' (default: clean accuracy only)")
@@ -84,44 +97,35 @@ def main() -> None:
     p.add_argument("--resume", action="store_true",
                    help="keep finished stages (OUT/results.json) and continue an interrupted stage from its checkpoint")
     p.add_argument("--override", nargs="*", default=[], help="extra key=value overrides for every stage")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"settings": vars(args), "runs": {}}
     if args.resume and (out / "results.json").is_file():
         results["runs"] = json.loads((out / "results.json").read_text()).get("runs", {})
-    for name, recipe in STAGES:
-        run_dir = out / name
-        if args.resume and name in results["runs"] and (run_dir / "model.safetensors").is_file():
-            logger.info("%s: finished earlier, kept (%s)", name, results["runs"][name]["final_val"])
-            continue
-        overrides = _overrides(args, run_dir) + (["checkpoint.resume=auto"] if args.resume else [])
-        if name == "student":
-            overrides.append(f"method.kwargs.labeler={out / 'labeler'}")
-        cfg = load_config(recipe, overrides)
-        t0 = time.perf_counter()
-        result = train(cfg)
-        results["runs"][name] = {
-            "recipe": recipe,
-            "config": OmegaConf.to_container(cfg),
-            "seconds": time.perf_counter() - t0,
-            "steps": result.step,
-            "final_val": result.val,
-            "val_curve": [{k: r[k] for k in ("epoch", "step", "acc1", "loss") if k in r}
-                          for r in read_metrics(run_dir, "val")],
-            "loss_curve": [{k: r[k] for k in r if k not in ("kind",)} for r in read_metrics(run_dir, "step")],
-        }
-        logger.info("%s done in %.0fs: %s", name, results["runs"][name]["seconds"], result.val)
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-    if args.corruptions:
-        from tokenlab.eval.robustness import evaluate_run
+    stages = [TrainStage(name, recipe, tuple(_overrides(args)), labeler="labeler" if name == "student" else None)
+              for name, recipe in STAGES]  # fmt: skip
+    # training gets --device as given (the engine resolves auto per rank); evaluation needs a concrete device
+    study = StlStudy(out, stages, device=resolve_device(args.device), resume=args.resume, progress=False,
+                     finished=lambda name: name in results["runs"])  # a kept stage needs its results.json entry
 
-        data = _balanced_subset(out / "corruption_test", args.corruption_images) if args.corruption_images else "cifar10"
-        for name in ("baseline", "student"):
-            ev = evaluate_run(out / name, data, corruptions=args.corruptions, severities=args.severities,
-                              device=args.device, progress=False, reference=str(out / "baseline") if name == "student"
-                              else "none")
+    def on_trained(stage: TrainStage, trained: Trained | None) -> None:
+        if trained is None:
+            logger.info("%s: finished earlier, kept (%s)", stage.name, results["runs"][stage.name]["final_val"])
+            return
+        results["runs"][stage.name] = _record(trained, study.run_dir(stage.name))
+        logger.info("%s done in %.0fs: %s", stage.name, trained.seconds, trained.result.val)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+
+    run_stages(study.training_stages(on_trained))
+    if args.corruptions:
+        subset = out / "corruption_test"
+        data = _balanced_subset(subset, args.corruption_images) if args.corruption_images else "cifar10"
+        evaluated = study.evaluate(
+            ("baseline", "student"), data, args.corruptions, args.severities, keep_existing=False
+        )
+        for name, ev in evaluated.items():
             results["runs"][name]["eval"] = ev.to_dict()
     (out / "results.json").write_text(json.dumps(results, indent=1))
     summary = {n: r["final_val"] for n, r in results["runs"].items()}

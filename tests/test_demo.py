@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tokenlab.cli import main
-from tokenlab.demo import Demo, DemoConfig
+from tokenlab.studies.demo import Demo, DemoConfig
 
 MODELS = ("labeler", "baseline", "student")
 

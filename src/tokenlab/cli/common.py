@@ -1,0 +1,95 @@
+"""What several sub-commands share: the runtime flags and the ``train`` / ``segment train`` runner.
+
+The runtime flags (``--device``, ``--amp``, ``--batch-size``, ``--workers``) are declared here once, with one
+vocabulary: a sub-command picks which of them it has, and its defaults, through :func:`add_runtime_flags`. Nothing
+heavy is imported at module level, so ``tokenlab --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from tokenlab.utils.amp import AMP_CHOICES
+
+__all__ = ["DEVICE_CHOICES", "RUNTIME_FLAGS", "add_runtime_flags", "parse_device", "resolve_device", "run_training"]
+
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N"
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+
+def parse_device(value: str) -> str:
+    """Argparse type of ``--device``: the syntax check shared by every sub-command (CUDA is checked at run time)."""
+    if not _DEVICE_RE.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"invalid device {value!r}; valid: {DEVICE_CHOICES}")
+    return value
+
+
+# flag -> argparse keyword arguments except the default: the one declaration of each runtime flag
+RUNTIME_FLAGS: dict[str, dict[str, Any]] = {
+    "device": {"type": parse_device, "metavar": "DEVICE",
+               "help": f"where to run: {DEVICE_CHOICES} (auto: cuda when available)"},
+    "amp": {"choices": AMP_CHOICES, "help": "autocast dtype (fp16 needs CUDA)"},
+    "batch_size": {"type": int, "metavar": "N", "help": "images per batch"},
+    "workers": {"type": int, "metavar": "N", "help": "data-loading (or rendering / corruption) worker processes"},
+}
+
+
+def add_runtime_flags(parser: argparse.ArgumentParser, defaults: Mapping[str, Any]) -> None:
+    """Add the runtime flags named in ``defaults`` (keys: ``device``, ``amp``, ``batch_size``, ``workers``).
+
+    Args:
+        parser: The sub-command's parser.
+        defaults: Flag name (as the ``args`` attribute) -> that sub-command's default; only these flags are added.
+
+    Raises:
+        KeyError: a name that is not a runtime flag (a programming error, listed with the valid names).
+    """
+    for name, default in defaults.items():
+        if name not in RUNTIME_FLAGS:
+            raise KeyError(f"unknown runtime flag {name!r}; valid: {', '.join(RUNTIME_FLAGS)}")
+        spec = dict(RUNTIME_FLAGS[name])
+        if default is not None:
+            spec["help"] += f" (default: {default})"
+        parser.add_argument("--" + name.replace("_", "-"), default=default, **spec)
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; other names pass through once CUDA is confirmed.
+
+    Raises:
+        ValueError: a CUDA device asked for on a machine without one.
+    """
+    if name == "auto" or name.startswith("cuda"):
+        import torch
+
+        if name == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA device is available; use cpu or auto")
+    return name
+
+
+def run_training(args: argparse.Namespace, extra_overrides: list[str]) -> int:
+    """Shared by ``train`` and ``segment train``: recipe + overrides -> ``engine.train``, then a one-line summary."""
+    from omegaconf import OmegaConf
+
+    from tokenlab import engine  # looked up at call time, so tests can replace engine.train
+
+    overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir is not None else [])
+    cfg = engine.load_config(args.config, overrides + extra_overrides)
+    if args.print_config:
+        print(OmegaConf.to_yaml(cfg), end="")
+        return 0
+    result = engine.train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
+    val = ", ".join(f"{k} {v:.4f}" for k, v in result.val.items())
+    print(f"trained {result.step} steps into {result.run_dir}" + (f"; validation: {val}" if val else ""))
+    if result.nonfinite_steps:
+        print(f"skipped {result.nonfinite_steps} steps with a non-finite loss")
+    return 0

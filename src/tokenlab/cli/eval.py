@@ -1,0 +1,58 @@
+"""``tokenlab eval``: clean, corruption and OOD evaluation of an exported model, written to ``eval.json``."""
+
+from __future__ import annotations
+
+import argparse
+
+from tokenlab.cli.common import add_runtime_flags, resolve_device
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``eval`` with every runtime flag (default batch 128, workers chosen by the evaluator)."""
+    p = sub.add_parser("eval", help="clean / corruption / OOD evaluation of a trained model, written to eval.json")
+    p.add_argument("--checkpoint", required=True, help="run directory or exported model (<stem>[.safetensors|.json])")
+    p.add_argument("--data", required=True, help="image tree DIR/<class>/<img>, or a data set DIR[:split] (default val)")
+    p.add_argument("--out", help="eval.json path (default: RUN/eval.json)")
+    p.add_argument("--rules", help="prediction rules: official,cls (default: both for token models)")
+    p.add_argument("--corruptions", help="generate + evaluate: all, common, extra, fast, noise, blur, ... or names")
+    p.add_argument("--severities", default=None, help="e.g. 1-5 (default) or 1,3,5")
+    p.add_argument("--corruption-tree", help="read an ImageNet-C style tree corruption/severity/class/img instead")
+    p.add_argument("--cache-dir", help="corruption cache (default $TOKENLAB_CACHE or ~/.cache/tokenlab)")
+    p.add_argument("--work-size", type=int, help="corrupt at this image size, then resize back (small images)")
+    p.add_argument("--reference", default="auto", help="mCE reference: auto, alexnet, none, or a run dir / eval.json")
+    p.add_argument("--ood", action="append", default=None,
+                   help="OOD set NAME=DIR[@MAPPING] (MAPPING: file, imagenet-a, imagenet-r); repeatable; "
+                        "'auto' (default) adds the synthetic rendition/shortcut splits; 'none' disables")  # fmt: skip
+    add_runtime_flags(p, {"device": "cpu", "amp": "none", "batch_size": 128, "workers": None})
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate, then print one row per prediction rule, the corruption scores and the OOD accuracies."""
+    from tokenlab.eval.robustness import evaluate_run
+
+    ood = args.ood or ["auto"]
+    res = evaluate_run(
+        args.checkpoint, args.data, out=args.out, rules=args.rules.split(",") if args.rules else None,
+        corruptions=args.corruptions, severities=args.severities, corruption_tree=args.corruption_tree,
+        cache_dir=args.cache_dir, work_size=args.work_size, reference=args.reference,
+        ood=[] if ood == ["none"] else ood, device=resolve_device(args.device), amp=args.amp,
+        batch_size=args.batch_size, workers=args.workers,
+    )
+    print(f"{res.name}: {res.model} on {res.data}")
+    print(f"{'rule':<9} {'top-1':>6} {'top-5':>6} {'NLL':>6} {'ECE':>6} {'img/s':>8}")
+    for rule, c in res.clean.items():
+        print(f"{rule:<9} {100 * c.top1:6.2f} {100 * c.top5:6.2f} {c.nll:6.3f} {100 * c.ece:6.2f} "
+              f"{c.images_per_s:8.1f}")  # fmt: skip
+    if res.corruptions:
+        for rule, s in res.corruptions.scores.items():
+            mce = f"{100 * s.mce:.2f}" if s.mce is not None else "- (no reference)"
+            print(f"corruptions [{rule}]: robust acc {100 * s.robust_accuracy:.2f}  retention "
+                  f"{100 * s.retention:.2f}  mCE {mce} vs {s.reference or '-'}")  # fmt: skip
+            for c, a in s.per_corruption.items():
+                print(f"  {c:<18} {100 * a:6.2f}")
+        if res.corruptions.skipped:
+            print(f"unreadable images skipped: {res.corruptions.skipped}")
+    for name, d in res.ood.items():
+        print(f"OOD {name}: " + "  ".join(f"{r} {100 * d[r]['top1']:.2f}" for r in res.rules))
+    return 0

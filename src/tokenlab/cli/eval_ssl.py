@@ -1,0 +1,67 @@
+"""``tokenlab eval-ssl``: k-NN, linear probe and (optionally) fine-tuning of a self-supervised backbone."""
+
+from __future__ import annotations
+
+import argparse
+
+from tokenlab.cli.common import add_runtime_flags, resolve_device
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``eval-ssl``; its fine-tuning overrides use ``-o`` so the run path stays the one positional."""
+    p = sub.add_parser("eval-ssl", help="k-NN / linear probe / fine-tuning of a self-supervised (iBOT) backbone")
+    p.add_argument("run", help="run directory or exported model (<stem>[.safetensors|.json])")
+    p.add_argument("--data", default="cifar10", help="data set: cifar10, an image-folder root, a synthetic set ...")
+    p.add_argument("--train-split", default="train", help="split for the k-NN bank and the probe fit")
+    p.add_argument("--test-split", default="test", help="split reported")
+    p.add_argument("--kind", default="cls", help="features: cls, avgpool, cls_avgpool, last4_cls (comma-separated)")
+    p.add_argument("--no-knn", action="store_true", help="skip the k-NN")
+    p.add_argument("--no-linear", action="store_true", help="skip the linear probe")
+    p.add_argument("--k", type=int, default=20, help="k-NN neighbours")
+    p.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature")
+    p.add_argument("--linear-epochs", type=int, default=100, help="linear-probe epochs over the cached features")
+    p.add_argument("--linear-lrs", default="0.01,0.03,0.1,0.3", help="linear-probe lr grid (chosen on held-out train)")
+    p.add_argument("--random-init", action="store_true", help="also evaluate the same architecture untrained")
+    p.add_argument("--train-subset", type=int, help="fixed random subset of the train split")
+    p.add_argument("--test-subset", type=int, help="fixed random subset of the test split")
+    add_runtime_flags(p, {"batch_size": 256, "workers": 0, "device": "cpu", "amp": "none"})
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="JSON path (default RUN/eval_ssl.json)")
+    p.add_argument("--finetune", metavar="RECIPE",
+                   help="then fine-tune through the engine with this recipe (e.g. ibot_cifar10_finetune)")
+    p.add_argument("-o", "--override", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override of the fine-tuning recipe (repeatable)")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Feature evaluation first (a table per weights x feature kind), then the optional fine-tuning run."""
+    from tokenlab.eval.linear import evaluate_ssl_run, finetune_run
+    from tokenlab.utils.amp import amp_dtype
+
+    if args.overrides and not args.finetune:
+        raise ValueError(f"overrides {args.overrides} only apply with --finetune RECIPE")
+    device = resolve_device(args.device)
+    kinds = [k for k in args.kind.split(",") if k]
+    lrs = [float(v) for v in args.linear_lrs.split(",") if v]
+    report = evaluate_ssl_run(
+        args.run, args.data, args.train_split, args.test_split, kinds, knn=not args.no_knn,
+        linear=not args.no_linear, k=args.k, temperature=args.temperature,
+        linear_kwargs={"epochs": args.linear_epochs, "lrs": lrs, "seed": args.seed}, batch_size=args.batch_size,
+        workers=args.workers, device=device, amp_dtype=amp_dtype(args.amp, device),
+        train_subset=args.train_subset, test_subset=args.test_subset, random_init=args.random_init,
+        seed=args.seed, out=args.out,
+    )
+    print(f"{report['model']} on {report['data']} ({report['num_train']} train / {report['num_test']} test)")
+    print(f"{'weights':<11} {'features':<12} {'k-NN top-1':>10} {'linear top-1':>12}")
+    for label, by_kind in report["results"].items():
+        for kind, res in by_kind.items():
+            knn = f"{100 * res['knn']['top1']:.2f}" if res["knn"] else "-"
+            lin = f"{100 * res['linear']['top1']:.2f}" if res["linear"] else "-"
+            print(f"{label:<11} {kind:<12} {knn:>10} {lin:>12}")
+    if args.finetune:
+        result = finetune_run(args.run, args.finetune, args.overrides)
+        acc = result.val.get("acc1")
+        print(f"fine-tuned ({args.finetune}) into {result.run_dir}: top-1 {100 * acc:.2f}" if acc is not None
+              else f"fine-tuned ({args.finetune}) into {result.run_dir} (no validation split)")  # fmt: skip
+    return 0

@@ -1,0 +1,68 @@
+"""``tokenlab segment train|eval``: fine-tune a FAN segmentation model, and score an exported one (mIoU)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tokenlab.cli.common import add_runtime_flags, resolve_device, run_training
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``segment`` with its ``train`` and ``eval`` actions (``eval`` has never taken ``--workers``)."""
+    p = sub.add_parser(
+        "segment",
+        help="semantic segmentation with FAN backbones: fine-tune (train) and evaluate clean + corrupted mIoU (eval)",
+        description="`segment train` runs a segmentation recipe (e.g. seg_synthetic) through the engine; "
+        "`segment eval RUN` scores an exported segmentation run (mIoU, per-class IoU, pixel accuracy, corruptions).",
+    )
+    seg = p.add_subparsers(dest="segment_command", metavar="ACTION", required=True)
+    t = seg.add_parser("train", help="fine-tune a segmentation model from a recipe")
+    t.add_argument("--config", default="seg_synthetic", help="recipe file or shipped name, e.g. seg_cityscapes")
+    t.add_argument("--run-dir", default=None, help="output directory (same as run_dir=...)")
+    t.add_argument("--init-from", default=None, help="classification run whose backbone initialises the model")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. data.root=DIR")
+    e = seg.add_parser("eval", help="evaluate an exported segmentation run")
+    e.add_argument("run", help="run directory (or export stem) of a segmentation model")
+    e.add_argument("--data", default="synthetic", help="layout: synthetic | cityscapes | folder")
+    e.add_argument("--root", required=True, help="data root")
+    e.add_argument("--split", default="val")
+    e.add_argument("--out", default=None, help="output folder (default RUN/segmentation)")
+    e.add_argument("--corruptions", default=None, help="names or groups (common, fast, ...); omit for clean only")
+    e.add_argument("--severities", default="1-5")
+    e.add_argument("--cache-dir", default=None, help="corruption cache (default ROOT/../corruption-cache)")
+    e.add_argument("--mode", default="whole", help="whole | slide")
+    e.add_argument("--crop", type=int, default=512, help="sliding-window size")
+    e.add_argument("--stride", type=int, default=341, help="sliding-window stride")
+    add_runtime_flags(e, {"device": "cpu", "amp": "none", "batch_size": 16})
+    e.add_argument("--overlays", type=int, default=8, help="examples in overlays.png (0: none)")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``segment train`` goes through the shared training runner; ``segment eval`` prints mIoU tables."""
+    if args.segment_command == "train":
+        extra = [f"method.kwargs.init_from={args.init_from}"] if args.init_from is not None else []
+        return run_training(args, extra)  # the segmentation method's train_entry runs behind engine.train
+    return _eval(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from tokenlab.eval.segmentation import evaluate_run
+
+    out = Path(args.out) if args.out else Path(args.run) / "segmentation"
+    res = evaluate_run(
+        args.run, args.data, args.root, args.split, out, args.corruptions, args.severities, args.cache_dir,
+        args.mode, args.crop, args.stride, resolve_device(args.device), args.batch_size, args.overlays, args.amp,
+    )
+    clean = res["clean"]
+    print(f"clean: mIoU {clean['miou']:.4f}  pixel acc {clean['pixel_accuracy']:.4f}  ({res['images']} images)")
+    for name, iou in clean["iou"].items():
+        print(f"  {name:<20} IoU {iou:.4f}")
+    if "robust_miou" in res:
+        print(f"corrupted: mIoU {res['robust_miou']:.4f}  retention {res['retention']:.4f}")
+        for c, v in res["per_corruption"].items():
+            print(f"  {c:<20} mIoU {v:.4f}")
+    print(f"wrote {out / 'segmentation.json'}")
+    return 0

@@ -1,0 +1,29 @@
+"""``tokenlab train``: one recipe + ``key=value`` overrides through the engine (``torchrun`` for several processes)."""
+
+from __future__ import annotations
+
+import argparse
+
+from tokenlab.cli.common import run_training
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``train``; the device and AMP of a training are config keys, so it has no runtime flags."""
+    p = sub.add_parser(
+        "train",
+        help="train a model (supervised, STL labeler/student, iBOT, ...) from a YAML recipe",
+        description="Merge configs/default.yaml, the recipe and key=value overrides, validate, then train. "
+        "Launch with torchrun for several processes.",
+    )
+    p.add_argument("--config", default=None, help="recipe file or shipped recipe name (e.g. cifar10_stl_student)")
+    p.add_argument("--run-dir", default=None, help="output directory (same as run_dir=...)")
+    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint of the run) or a checkpoint path")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. optim.lr=1e-3")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``--resume`` is sugar for the ``checkpoint.resume`` override; the device and AMP are config keys here."""
+    extra = [f"checkpoint.resume={args.resume}"] if args.resume is not None else []
+    return run_training(args, extra)
