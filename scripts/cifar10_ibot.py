@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 from tokenlab.cli.common import add_runtime_flags, resolve_device
-from tokenlab.utils.amp import amp_dtype
 
 PRESETS: dict[str, dict] = {
     "gpu": {
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir, "cifar10", "train", "test", [k for k in args.kinds.split(",") if k],
         linear_kwargs={"epochs": args.linear_epochs or preset["linear_epochs"]},
         batch_size=256, workers=cfg.data.num_workers, device=device,
-        amp_dtype=amp_dtype(cfg.train.amp, device),
+        amp=cfg.train.amp,
         train_subset=_pick(args.eval_train_subset, "eval_train_subset"),
         test_subset=_pick(args.eval_test_subset, "eval_test_subset"), random_init=True, seed=cfg.seed,
     )
@@ -124,18 +123,18 @@ def main(argv: list[str] | None = None) -> int:
             "wall_s": round(train_s, 1), "num_local": cfg.data.transform.get("num_local"),
         },
         "eval_wall_s": round(eval_s, 1),
-        "eval": report,
+        "eval": report.to_dict(),
     }
     out = Path(args.out) if args.out else run_dir / "cifar10_ibot.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2, default=str))
-    print(f"{report['num_train']} train / {report['num_test']} test images")
+    print(f"{report.num_train} train / {report.num_test} test images")
     print("| weights | features | k-NN top-1 | linear top-1 |")
     print("|---|---|---|---|")
-    for label, by_kind in report["results"].items():
+    for label, by_kind in report.results.items():
         for kind, res in by_kind.items():
-            knn = f"{100 * res['knn']['top1']:.2f}" if res["knn"] else "-"
-            lin = f"{100 * res['linear']['top1']:.2f}" if res["linear"] else "-"
+            knn = f"{100 * res.knn.top1:.2f}" if res.knn else "-"
+            lin = f"{100 * res.linear.top1:.2f}" if res.linear else "-"
             print(f"| {label} | {kind} | {knn} | {lin} |")
     print(f"pre-training {train_s / 60:.1f} min ({steps} steps), evaluation {eval_s / 60:.1f} min; summary: {out}")
     return 0

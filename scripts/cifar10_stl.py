@@ -52,9 +52,9 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def _balanced_subset(root: Path, n: int) -> Path:
     """Hard-link the first ``n / 10`` test images of every class (sorted by name) into ``root``: a fixed subset."""
-    from tokenlab.eval.robustness import resolve_data
+    from tokenlab.data.specs import EVAL_SPLITS, parse_data_spec
 
-    src = resolve_data("cifar10").root
+    src = parse_data_spec("cifar10").resolve(EVAL_SPLITS).root
     classes = sorted(d.name for d in src.iterdir() if d.is_dir())
     per_class = n // len(classes)
     if per_class < 1:

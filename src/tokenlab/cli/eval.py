@@ -29,10 +29,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate, then print one row per prediction rule, the corruption scores and the OOD accuracies."""
-    from tokenlab.eval.robustness import evaluate_run
+    from tokenlab.eval.robustness import evaluate_classifier_run
 
     ood = args.ood or ["auto"]
-    res = evaluate_run(
+    res = evaluate_classifier_run(
         args.checkpoint, args.data, out=args.out, rules=args.rules.split(",") if args.rules else None,
         corruptions=args.corruptions, severities=args.severities, corruption_tree=args.corruption_tree,
         cache_dir=args.cache_dir, work_size=args.work_size, reference=args.reference,

@@ -37,7 +37,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Feature evaluation first (a table per weights x feature kind), then the optional fine-tuning run."""
     from tokenlab.eval.linear import evaluate_ssl_run, finetune_run
-    from tokenlab.utils.amp import amp_dtype
 
     if args.overrides and not args.finetune:
         raise ValueError(f"overrides {args.overrides} only apply with --finetune RECIPE")
@@ -48,16 +47,16 @@ def run(args: argparse.Namespace) -> int:
         args.run, args.data, args.train_split, args.test_split, kinds, knn=not args.no_knn,
         linear=not args.no_linear, k=args.k, temperature=args.temperature,
         linear_kwargs={"epochs": args.linear_epochs, "lrs": lrs, "seed": args.seed}, batch_size=args.batch_size,
-        workers=args.workers, device=device, amp_dtype=amp_dtype(args.amp, device),
+        workers=args.workers, device=device, amp=args.amp,
         train_subset=args.train_subset, test_subset=args.test_subset, random_init=args.random_init,
         seed=args.seed, out=args.out,
     )
-    print(f"{report['model']} on {report['data']} ({report['num_train']} train / {report['num_test']} test)")
+    print(f"{report.model} on {report.data} ({report.num_train} train / {report.num_test} test)")
     print(f"{'weights':<11} {'features':<12} {'k-NN top-1':>10} {'linear top-1':>12}")
-    for label, by_kind in report["results"].items():
+    for label, by_kind in report.results.items():
         for kind, res in by_kind.items():
-            knn = f"{100 * res['knn']['top1']:.2f}" if res["knn"] else "-"
-            lin = f"{100 * res['linear']['top1']:.2f}" if res["linear"] else "-"
+            knn = f"{100 * res.knn.top1:.2f}" if res.knn else "-"
+            lin = f"{100 * res.linear.top1:.2f}" if res.linear else "-"
             print(f"{label:<11} {kind:<12} {knn:>10} {lin:>12}")
     if args.finetune:
         result = finetune_run(args.run, args.finetune, args.overrides)

@@ -44,25 +44,25 @@ def run(args: argparse.Namespace) -> int:
     """``segment train`` goes through the shared training runner; ``segment eval`` prints mIoU tables."""
     if args.segment_command == "train":
         extra = [f"method.kwargs.init_from={args.init_from}"] if args.init_from is not None else []
-        return run_training(args, extra)  # the segmentation method's train_entry runs behind engine.train
+        return run_training(args, extra)  # engine.train builds the segmentation data
     return _eval(args)
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from tokenlab.eval.segmentation import evaluate_run
+    from tokenlab.eval.segmentation import evaluate_segmentation_run
 
     out = Path(args.out) if args.out else Path(args.run) / "segmentation"
-    res = evaluate_run(
+    res = evaluate_segmentation_run(
         args.run, args.data, args.root, args.split, out, args.corruptions, args.severities, args.cache_dir,
         args.mode, args.crop, args.stride, resolve_device(args.device), args.batch_size, args.overlays, args.amp,
     )
-    clean = res["clean"]
-    print(f"clean: mIoU {clean['miou']:.4f}  pixel acc {clean['pixel_accuracy']:.4f}  ({res['images']} images)")
+    clean = res.clean.to_dict()
+    print(f"clean: mIoU {clean['miou']:.4f}  pixel acc {clean['pixel_accuracy']:.4f}  ({res.images} images)")
     for name, iou in clean["iou"].items():
         print(f"  {name:<20} IoU {iou:.4f}")
-    if "robust_miou" in res:
-        print(f"corrupted: mIoU {res['robust_miou']:.4f}  retention {res['retention']:.4f}")
-        for c, v in res["per_corruption"].items():
+    if res.robustness is not None:
+        print(f"corrupted: mIoU {res.robustness.robust_miou:.4f}  retention {res.robustness.retention:.4f}")
+        for c, v in res.robustness.per_corruption.items():
             print(f"  {c:<20} mIoU {v:.4f}")
     print(f"wrote {out / 'segmentation.json'}")
     return 0

@@ -36,7 +36,7 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from tokenlab.data.images import READ_ERRORS, UnreadableImages, list_class_dirs, load_rgb, scan_class_folders
-from tokenlab.data.specs import CIFAR10_CLASSES, LIST_SUFFIXES, DataSpec, ensure_cifar10, parse_data_spec
+from tokenlab.data.specs import CIFAR10_CLASSES, DataSpec, ensure_cifar10, parse_data_spec
 
 logger = logging.getLogger(__name__)
 

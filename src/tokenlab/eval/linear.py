@@ -284,9 +284,6 @@ class SSLRunResult:
             "skipped": self.skipped,
         }  # fmt: skip
 
-    def __getitem__(self, key: str) -> Any:  # TODO(merge): remove once cli.py and scripts read attributes
-        return self.to_dict()[key]
-
 
 def evaluate_ssl_run(
     run: str | Path,
@@ -308,7 +305,6 @@ def evaluate_ssl_run(
     random_init: bool = False,
     seed: int = 0,
     out: str | Path | None = None,
-    amp_dtype: torch.dtype | None = None,
 ) -> SSLRunResult:
     """k-NN / linear probe of ``RUN/model`` (and of a random initialisation of it); writes ``RUN/eval_ssl.json``.
 
@@ -323,7 +319,6 @@ def evaluate_ssl_run(
         train_subset, test_subset: Fixed random subsets (seeded) to bound the cost on a CPU.
         random_init: Also evaluate the same architecture with random weights (``torch.manual_seed(seed)``).
         out: JSON path (default ``RUN/eval_ssl.json``; the run's folder when ``run`` is a model stem).
-        amp_dtype: The former name of ``amp`` (a dtype); kept until callers pass ``amp``.
         Other args: see ``evaluate_frozen``.
     """
     import json
@@ -334,7 +329,6 @@ def evaluate_ssl_run(
     from tokenlab.data import build_dataset, eval_transform_from_meta
     from tokenlab.models import load_exported
 
-    amp = amp if amp is not None else amp_dtype  # TODO(merge): drop amp_dtype once cli.py/scripts pass amp
     run = Path(run)
     model, meta = load_exported(run)
     run_dir = run if run.is_dir() else run.parent

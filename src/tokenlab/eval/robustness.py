@@ -23,7 +23,9 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
+
+import torch
 
 
 from tokenlab.data.images import list_class_dirs
@@ -198,10 +200,3 @@ def evaluate_classifier_run(
 def _pred_tuple(p: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor, int, float]:
     return p.logits, p.targets, p.skipped, p.seconds
 
-
-def resolve_data(spec: str | Path, split: str | None = None) -> DataSpec:
-    """``parse_data_spec(spec, split).resolve(EVAL_SPLITS)``: the evaluation split of a data spec."""
-    return parse_data_spec(spec, split).resolve(EVAL_SPLITS)
-
-
-evaluate_run = evaluate_classifier_run  # TODO(merge): remove once cli.py, demo.py and scripts/ call the new name

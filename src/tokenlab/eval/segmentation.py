@@ -268,12 +268,6 @@ class SegmentationRunResult:
             out["overlays"] = self.overlays
         return out
 
-    def __getitem__(self, key: str) -> Any:  # TODO(merge): remove once cli.py reads attributes, not keys
-        return self.to_dict()[key]
-
-    def __contains__(self, key: str) -> bool:  # TODO(merge): remove with __getitem__
-        return key in self.to_dict()
-
 
 def evaluate_segmentation_run(
     run: str | Path,
@@ -351,4 +345,3 @@ def _json_float(value: Any) -> Any:
     return float(value) if isinstance(value, (np.floating, torch.Tensor)) else str(value)
 
 
-evaluate_run = evaluate_segmentation_run  # TODO(merge): remove once cli.py and scripts call the new name

@@ -35,7 +35,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-EVAL_FILE = "eval.json"  # written by tokenlab.eval.robustness.evaluate_run into the run directory
+EVAL_FILE = "eval.json"  # written by tokenlab.eval.robustness.evaluate_classifier_run into the run directory
 TOKENS_FILE = "tokens.json"  # written by tokenlab.eval.tokens.analyze_run into the run directory
 
 
@@ -219,7 +219,7 @@ class StlStudy:
         Returns:
             Stage name -> ``EvalResult`` of the runs evaluated now (empty when all were kept).
         """
-        from tokenlab.eval.robustness import evaluate_run
+        from tokenlab.eval.robustness import evaluate_classifier_run
 
         names = list(names)
         order = [self.baseline] * (self.baseline in names) + [n for n in names if n != self.baseline]
@@ -228,7 +228,7 @@ class StlStudy:
             run_dir = self.run_dir(name)
             if keep_existing and (run_dir / EVAL_FILE).is_file():
                 continue
-            results[name] = evaluate_run(
+            results[name] = evaluate_classifier_run(
                 run_dir,
                 str(data),
                 corruptions=corruptions,
