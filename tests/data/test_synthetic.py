@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -71,11 +70,11 @@ def test_shortcut_correlation_is_p_in_train_and_chance_in_val(tmp_path: Path) ->
     assert abs(shortcut_correlation(written, "train") - 0.7) <= 0.02
 
 
-def test_small_set_is_fast(tmp_path: Path) -> None:
-    start = time.perf_counter()
+def test_small_set_writes_every_image_and_mask(tmp_path: Path) -> None:
+    # generation speed is measured in benchmarks/data.py, not asserted here
     generate(tmp_path, SynthConfig(counts={"train": 200}))
-    # target < 1 s; the bound leaves room for a busy shared machine
-    assert time.perf_counter() - start < 3.0
+    assert len(list((tmp_path / "train").rglob("*.png"))) == 200
+    assert len(list((tmp_path / "train_masks").rglob("*.png"))) == 200
 
 
 def test_other_image_size(tmp_path: Path) -> None:

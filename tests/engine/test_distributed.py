@@ -16,6 +16,8 @@ from tokenlab.engine import checkpoint as ckpt
 from tokenlab.utils import distributed as D
 from tokenlab.utils.metrics_log import read_metrics
 
+pytestmark = pytest.mark.slow  # subprocesses / whole pipelines: tens of seconds on 2 cores
+
 SCRIPT = Path(__file__).with_name("train_tiny.py")
 # 32 samples / 2 ranks / batch 4 = 4 steps per epoch
 COMMON = ["method.name=slow_stl_labeler", "schedule.epochs=2", "checkpoint.every_steps=3", "checkpoint.keep=5",

@@ -42,6 +42,7 @@ def _finish(p: subprocess.Popen) -> None:
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_sigkill_then_resume_auto_is_bitwise_exact(tmp_path):
     ref = _run(tmp_path / "ref")
     victim = _run(tmp_path / "run", sleep=0.25)

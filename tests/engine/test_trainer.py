@@ -10,14 +10,12 @@ import pytest
 import torch
 from engine_helpers import TinySet, tiny_config
 
-from tokenlab.data.sampler import ResumableSampler
 from tokenlab.engine import checkpoint as ckpt
 from tokenlab.engine.trainer import NonFiniteLossError, Trainer
 from tokenlab.methods import StepContext, register_method
 from tokenlab.methods.supervised import Supervised
 from tokenlab.models import load_exported
 from tokenlab.utils.metrics_log import read_metrics
-from tokenlab.utils.schedules import cosine_schedule
 
 
 def test_supervised_run_learns_and_writes_its_outputs(tmp_path):
@@ -120,27 +118,6 @@ def test_bf16_autocast_runs_on_cpu(tmp_path):
     cfg = tiny_config(tmp_path / "run", "method.name=stl_labeler", "train.amp=bf16", "schedule.max_steps=2",
                       "data.val_split=null", "train.channels_last=true", "train.grad_checkpointing=true")
     assert Trainer(cfg, TinySet(16), None).fit().step == 2
-
-
-def test_schedule_warmup_then_cosine():
-    s = cosine_schedule(1.0, 0.1, total_steps=10, warmup_steps=4, warmup_start=0.0, cooldown_steps=2)
-    assert len(s) == 12
-    np.testing.assert_allclose(s[:4], [0.0, 0.25, 0.5, 0.75])
-    assert s[4] == 1.0 and s[-1] == 0.1 and s[-3] > 0.1 and all(np.diff(s[4:]) <= 0)
-
-
-def test_sampler_shards_and_resumes():
-    a = ResumableSampler(10, num_replicas=2, rank=0, seed=1)
-    b = ResumableSampler(10, num_replicas=2, rank=1, seed=1)
-    a.set_epoch(3)
-    b.set_epoch(3)
-    ia, ib = list(a), list(b)
-    assert sorted(i for i, _ in ia + ib) == list(range(10))
-    assert len({s for _, s in ia + ib}) == 10  # one augmentation seed per sample
-    a.set_epoch(3, start=2)
-    assert list(a) == ia[2:] and len(a) == 3
-    a.set_epoch(4)
-    assert [i for i, _ in a] != [i for i, _ in ia]
 
 
 def test_incomplete_checkpoints_are_ignored(tmp_path):

@@ -15,6 +15,7 @@ from tokenlab.eval.tokens import analyze_run
 from tokenlab.eval.visualize import save_token_pictures
 
 
+@pytest.mark.slow
 def test_report_on_two_tiny_runs(tmp_path: Path):
     data = make_masked_set(tmp_path / "synth")
     make_tree(data / "rendition", classes=("dog",), per_class=2)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from evalhelpers import make_run, make_tree
+
 from tokenlab.data.specs import EVAL_SPLITS, parse_data_spec
 from tokenlab.eval.classify_corruptions import load_reference
 from tokenlab.eval.robustness import evaluate_classifier_run

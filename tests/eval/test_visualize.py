@@ -10,7 +10,6 @@ from evalhelpers import make_run
 from PIL import Image
 
 from tokenlab.eval.metrics import expected_calibration_error
-from tokenlab.utils.metrics_log import read_metrics
 from tokenlab.eval.visualize import (
     plot_class_attention,
     plot_corruption_bars,
@@ -19,6 +18,7 @@ from tokenlab.eval.visualize import (
     plot_token_labels,
     plot_training_curves,
 )
+from tokenlab.utils.metrics_log import read_metrics
 
 
 def _png(path: Path) -> tuple[int, int]:

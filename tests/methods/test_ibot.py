@@ -385,6 +385,7 @@ D.cleanup_distributed()
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_two_process_gloo_run(tmp_path: Path) -> None:
     script = tmp_path / "dist_ibot.py"
     script.write_text(_DIST_SCRIPT.format(here=str(Path(__file__).parent), run=str(tmp_path / "run"),

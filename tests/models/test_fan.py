@@ -135,6 +135,7 @@ def test_class_attention_maps_and_intermediates() -> None:
     assert [tuple(f.shape) for f in feats] == [(2, 128, 8, 4)] * 3
 
 
+@pytest.mark.slow
 def test_torch_compile_fan_tiny_runs() -> None:
     model = timm.create_model("fan_tiny_12_p16_224", num_classes=4, patch_size=8).eval()
     compiled = torch.compile(model)

@@ -10,6 +10,8 @@ import pytest
 from tokenlab.cli import main
 from tokenlab.studies.demo import Demo, DemoConfig
 
+pytestmark = pytest.mark.slow  # subprocesses / whole pipelines: tens of seconds on 2 cores
+
 MODELS = ("labeler", "baseline", "student")
 
 

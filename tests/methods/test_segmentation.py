@@ -14,7 +14,6 @@ from tokenlab.engine import load_config, train
 from tokenlab.methods import build_method
 from tokenlab.methods.segmentation import Segmentation
 from tokenlab.models.segmentation import FANSegFormer
-from tokenlab.utils.schedules import poly_schedule
 
 TINY = dict(backbone="fan_nano_6_p16_224", backbone_kwargs=dict(patch_size=4), decoder_dim=16)
 
@@ -53,15 +52,6 @@ def test_method_options_are_checked() -> None:
     with pytest.raises(ValueError, match="unknown option.*lr_schedule"):
         build_method("segmentation", model=model, lr_schedule="poly")
     assert load_config("seg_synthetic").schedule.kind == "poly"
-
-
-def test_poly_schedule() -> None:
-    s = poly_schedule(1.0, 0.0, 10, power=1.0, warmup_steps=2, warmup_start=0.0)
-    assert s.shape == (10,)
-    np.testing.assert_allclose(s[:2], [0.0, 0.5])
-    np.testing.assert_allclose(s[2:], 1.0 - np.arange(8) / 8)
-    s2 = poly_schedule(1.0, 0.1, 4, power=2.0)
-    np.testing.assert_allclose(s2, 0.9 * (1 - np.arange(4) / 4) ** 2 + 0.1)
 
 
 def test_two_step_run_exports_and_evaluates(synthetic_root, tmp_path) -> None:

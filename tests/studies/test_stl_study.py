@@ -11,7 +11,9 @@ import pytest
 from tokenlab.data import SynthConfig, generate
 from tokenlab.studies.stl_study import Stage, StlStudy, TrainStage, run_stages
 
-SCRIPT = Path(__file__).parents[1] / "scripts" / "cifar10_stl.py"
+pytestmark = pytest.mark.slow  # subprocesses / whole pipelines: tens of seconds on 2 cores
+
+SCRIPT = Path(__file__).parents[2] / "scripts" / "cifar10_stl.py"
 TINY = ["data.name=synthetic", "data.val_split=val", "model.kwargs.patch_size=8", "model.kwargs.depth=1",
         "model.kwargs.embed_dim=32", "model.kwargs.num_heads=2", "schedule.max_steps=2", "log.tensorboard=false",
         "train.min_free_disk_mb=0", "data.train_subset=24", "data.val_subset=8"]  # fmt: skip

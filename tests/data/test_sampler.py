@@ -57,3 +57,17 @@ def test_bad_loader_arguments(synth_dir: Path) -> None:
         build_train_loader(ds, 0, ResumableSampler(len(ds)), 0)
     with pytest.raises(ValueError, match="rank 3 outside"):
         ResumableSampler(10, num_replicas=2, rank=3)
+
+
+def test_sampler_shards_and_resumes():
+    a = ResumableSampler(10, num_replicas=2, rank=0, seed=1)
+    b = ResumableSampler(10, num_replicas=2, rank=1, seed=1)
+    a.set_epoch(3)
+    b.set_epoch(3)
+    ia, ib = list(a), list(b)
+    assert sorted(i for i, _ in ia + ib) == list(range(10))
+    assert len({s for _, s in ia + ib}) == 10  # one augmentation seed per sample
+    a.set_epoch(3, start=2)
+    assert list(a) == ia[2:] and len(a) == 3
+    a.set_epoch(4)
+    assert [i for i, _ in a] != [i for i, _ in ia]
