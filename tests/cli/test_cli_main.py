@@ -94,7 +94,7 @@ def test_device_resolution(monkeypatch) -> None:
     with pytest.raises(ValueError, match="no CUDA device"):
         resolve_device("cuda:0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_device("auto") == "cuda" and resolve_device("cuda:1") == "cuda:1"
+    assert resolve_device("auto") == "cuda:0" and resolve_device("cuda:1") == "cuda:1"
 
 
 def test_eval_ssl_fp16_on_cpu_is_one_error_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,10 +14,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from tokenlab.utils.amp import AMP_CHOICES
+from tokenlab.utils.device import DEVICE_CHOICES as _DEVICES
 
 __all__ = ["DEVICE_CHOICES", "RUNTIME_FLAGS", "add_runtime_flags", "parse_device", "resolve_device", "run_training"]
 
-DEVICE_CHOICES = "auto, cpu, cuda, cuda:N"
+DEVICE_CHOICES = ", ".join(_DEVICES)
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -58,20 +59,22 @@ def add_runtime_flags(parser: argparse.ArgumentParser, defaults: Mapping[str, An
         parser.add_argument("--" + name.replace("_", "-"), default=default, **spec)
 
 
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; other names pass through once CUDA is confirmed.
+def resolve_device(name: str, amp: str | None = None) -> str:
+    """``--device`` (and ``--amp``) checked up front: the device name for the library calls.
+
+    Args:
+        name: The ``--device`` value.
+        amp: The ``--amp`` value of commands that have it; fp16 is refused off CUDA before any work starts.
 
     Raises:
-        ValueError: a CUDA device asked for on a machine without one.
+        ValueError: CUDA asked for on a machine without one, or fp16 on a CPU.
     """
-    if name == "auto" or name.startswith("cuda"):
-        import torch
+    from tokenlab.utils.amp import amp_dtype
+    from tokenlab.utils.device import resolve_device as to_device
 
-        if name == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: no CUDA device is available; use cpu or auto")
-    return name
+    device = to_device(name, "--device")
+    amp_dtype(amp, device)
+    return str(device)
 
 
 def run_training(args: argparse.Namespace, extra_overrides: list[str]) -> int:

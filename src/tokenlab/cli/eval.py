@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint, args.data, out=args.out, rules=args.rules.split(",") if args.rules else None,
         corruptions=args.corruptions, severities=args.severities, corruption_tree=args.corruption_tree,
         cache_dir=args.cache_dir, work_size=args.work_size, reference=args.reference,
-        ood=[] if ood == ["none"] else ood, device=resolve_device(args.device), amp=args.amp,
+        ood=[] if ood == ["none"] else ood, device=resolve_device(args.device, args.amp), amp=args.amp,
         batch_size=args.batch_size, workers=args.workers,
     )
     print(f"{res.name}: {res.model} on {res.data}")

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.overrides and not args.finetune:
         raise ValueError(f"overrides {args.overrides} only apply with --finetune RECIPE")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, args.amp)
     kinds = [k for k in args.kind.split(",") if k]
     lrs = [float(v) for v in args.linear_lrs.split(",") if v]
     report = evaluate_ssl_run(

@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from tokenlab.eval.tokens import analyze_run
     from tokenlab.eval.visualize import save_token_pictures
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, args.amp)
     rows = []
     for ckpt in args.checkpoints:
         res = analyze_run(ckpt, args.data, source=args.source, threshold=args.threshold, device=device,

@@ -28,7 +28,6 @@ __all__ = [
     "build_schedules",
     "data_meta",
     "param_groups",
-    "resolve_device",
     "shard_method",
     "unsharded_copy",
 ]
@@ -36,20 +35,6 @@ __all__ = [
 #: The training data views the engine can build (the data layer's transform vocabulary, less ``eval``).
 DATA_VIEWS = ("classification", "stl_paired", "multicrop", "segmentation")
 _SEGMENTATION_DATASET_KEYS = ("ignore_index", "num_classes")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA (this process's local rank) when available, else CPU; checks that CUDA exists."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"train.device={name!r} but no CUDA device is available; use cpu or auto")
-        if name == "cuda":
-            name = f"cuda:{D.local_rank()}"
-    elif name != "cpu":
-        raise ValueError(f"unknown train.device {name!r}; valid: auto, cpu, cuda, cuda:N")
-    return torch.device(name)
 
 
 def build_model(name: str, num_classes: int, kwargs: Mapping[str, Any] | None = None) -> nn.Module:

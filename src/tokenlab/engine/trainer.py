@@ -41,6 +41,7 @@ from tokenlab.errors import NonFiniteLossError, PeerFailureError, TrainingAborte
 from tokenlab.methods import Method, StepContext, TrainPlan, get_method_class
 from tokenlab.utils import distributed as D
 from tokenlab.utils.amp import amp_dtype, autocast
+from tokenlab.utils.device import resolve_device
 from tokenlab.utils.metrics_log import MetricLogger
 
 __all__ = ["NonFiniteLossError", "PeerFailureError", "RunResult", "Trainer", "train"]
@@ -129,7 +130,7 @@ class Trainer:
     def _setup_runtime(self) -> None:
         """Device, process group, output check, seeds, determinism and mixed precision."""
         cfg = self.cfg
-        self.device = B.resolve_device(cfg.train.device)
+        self.device = resolve_device(cfg.train.device, "train.device")
         self.distributed = D.init_distributed(self.device, cfg.train.dist_timeout_s)
         self.rank, self.world = D.rank(), D.world_size()
         self.is_main = self.rank == 0
