@@ -21,8 +21,9 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import timm
 import torch
@@ -113,13 +114,21 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "data.json"))
     args = parser.parse_args()
     if args.images // args.batch_size < args.batches + 1:  # one untimed batch, then the timed ones
-        parser.error(f"--images {args.images} gives fewer than --batches {args.batches} + 1 batches of "
-                     f"{args.batch_size}; raise --images or lower --batches")
+        parser.error(
+            f"--images {args.images} gives fewer than --batches {args.batches} + 1 batches of "
+            f"{args.batch_size}; raise --images or lower --batches"
+        )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device)
     results: dict[str, Any] = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "torchvision": torchvision.__version__, "timm": timm.__version__, "device": str(device)},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "timm": timm.__version__,
+            "device": str(device),
+        },
         "args": vars(args),
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,9 +142,27 @@ def main() -> None:
         results["synthetic_breakdown_one_thread"] = _synthetic_breakdown(args.img_size)
 
         size, ra = args.img_size, args.rand_augment
-        paired = build_dataset(root, "train", build_transforms("stl_paired", size, re_prob=0.25, rand_augment=ra), verify="none", load_masks=False)
-        single = build_dataset(root, "train", build_transforms("classification", size, re_prob=0.25, rand_augment=ra), verify="none", load_masks=False)
-        ibot = build_dataset(root, "train", build_transforms("multicrop", size, patch_size=8, num_local=10), verify="none", load_masks=False)
+        paired = build_dataset(
+            root,
+            "train",
+            build_transforms("stl_paired", size, re_prob=0.25, rand_augment=ra),
+            verify="none",
+            load_masks=False,
+        )
+        single = build_dataset(
+            root,
+            "train",
+            build_transforms("classification", size, re_prob=0.25, rand_augment=ra),
+            verify="none",
+            load_masks=False,
+        )
+        ibot = build_dataset(
+            root,
+            "train",
+            build_transforms("multicrop", size, patch_size=8, num_local=10),
+            verify="none",
+            load_masks=False,
+        )
         timm_tf = create_transform(size, is_training=True, auto_augment=ra, re_prob=0.25)
         timm_ds = torchvision.datasets.ImageFolder(str(root / "train"), transform=timm_tf)
         pin = device.type == "cuda"
@@ -163,15 +190,19 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
-    print(f"\n{'pipeline':<26}{'images/s':>10}   ({args.img_size}px, batch {args.batch_size}, "
-          f"{args.workers} workers, {args.device})")
+    print(
+        f"\n{'pipeline':<26}{'images/s':>10}   ({args.img_size}px, batch {args.batch_size}, "
+        f"{args.workers} workers, {args.device})"
+    )
     print(f"{'synthetic generation':<26}{results['synthetic_images_per_s']['median']:>10.0f}")
     for part, value in results["synthetic_breakdown_one_thread"].items():
         print(f"{'  one thread: ' + part:<40}{value:>8.0f}")
     for name, value in med.items():
         print(f"{name:<26}{value:>10.0f}")
-    print(f"paired STL cost / timm single view: {results['stl_paired_cost_vs_timm_single_view']:.2f}x "
-          f"(target <= 1.3); / tokenlab single view: {results['stl_paired_cost_vs_tokenlab_single_view']:.2f}x")
+    print(
+        f"paired STL cost / timm single view: {results['stl_paired_cost_vs_timm_single_view']:.2f}x "
+        f"(target <= 1.3); / tokenlab single view: {results['stl_paired_cost_vs_tokenlab_single_view']:.2f}x"
+    )
     print(f"wrote {out}")
 
 

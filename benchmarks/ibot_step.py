@@ -156,22 +156,44 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown models {unknown}; valid: {sorted(MODELS)}")
     results = []
     for name in names:
-        cmd = [sys.executable, __file__, "--single", name, "--batch-size", str(args.batch_size), "--num-local",
-               str(args.num_local), "--device", args.device, "--amp", args.amp, "--steps", str(args.steps),
-               "--warmup", str(args.warmup)] + (["--threads", str(args.threads)] if args.threads else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--single",
+            name,
+            "--batch-size",
+            str(args.batch_size),
+            "--num-local",
+            str(args.num_local),
+            "--device",
+            args.device,
+            "--amp",
+            args.amp,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+        ] + (["--threads", str(args.threads)] if args.threads else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-        res = json.loads(lines[-1][len("RESULT "):])
+        res = json.loads(lines[-1][len("RESULT ") :])
         results.append(res)
         mem = f"{res['peak_mem_mb']:.0f} MB GPU" if "peak_mem_mb" in res else f"{res['peak_rss_mb']:.0f} MB RSS"
-        print(f"{name:<20} step {res['step_s']:.3f} s ({res['images_per_s']:.1f} img/s)  teacher "
-              f"{100 * res['teacher_share']:.0f}%  peak {mem}")
+        print(
+            f"{name:<20} step {res['step_s']:.3f} s ({res['images_per_s']:.1f} img/s)  teacher "
+            f"{100 * res['teacher_share']:.0f}%  peak {mem}"
+        )
     device = args.device if args.device == "cpu" else torch.cuda.get_device_name(torch.device(args.device))
     report = {
-        "device": device, "amp": args.amp, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "host": platform.node(), "crops": f"2 global + {args.num_local} local", "results": results,
+        "device": device,
+        "amp": args.amp,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "host": platform.node(),
+        "crops": f"2 global + {args.num_local} local",
+        "results": results,
     }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

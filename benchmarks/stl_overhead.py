@@ -27,8 +27,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import timm
 import torch
@@ -150,8 +151,9 @@ def throughput(args: argparse.Namespace, device: torch.device) -> dict[str, floa
         x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
         y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
 
-        def step(model: torch.nn.Module = model, opt: torch.optim.Optimizer = opt, x: torch.Tensor = x,
-                 y: torch.Tensor = y) -> float:
+        def step(
+            model: torch.nn.Module = model, opt: torch.optim.Optimizer = opt, x: torch.Tensor = x, y: torch.Tensor = y
+        ) -> float:
             _sync(device)
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
@@ -179,8 +181,10 @@ def main() -> None:
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=8)
-    p.add_argument("--throughput-models", default="fan_tiny_12_p16_224,deit_tiny_patch16_224,"
-                                                  "fan_small_12_p16_224,deit_small_patch16_224")
+    p.add_argument(
+        "--throughput-models",
+        default="fan_tiny_12_p16_224,deit_tiny_patch16_224,fan_small_12_p16_224,deit_small_patch16_224",
+    )
     p.add_argument("--throughput-repeats", type=int, default=4)
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -208,15 +212,20 @@ def main() -> None:
         "time_ratio": med["stl_student"] / med["supervised"],
         "peak_memory_mib": mem,
         "memory_ratio": mem["stl_student"] / mem["supervised"],
-        "memory_method": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM, reset after imports) "
-        "minus RSS after imports, one subprocess per step kind",
+        "memory_method": "cuda max_memory_allocated"
+        if device.type == "cuda"
+        else "peak RSS (VmHWM, reset after imports) minus RSS after imports, one subprocess per step kind",
     }
     if not args.skip_throughput:
         result["images_per_s"] = throughput(args, device)
     logger.info(json.dumps({k: result[k] for k in ("time_ratio", "memory_ratio", "step_time_s", "peak_memory_mib")}))
     if "images_per_s" in result:
         logger.info("images/s: %s", {k: round(v, 1) for k, v in result["images_per_s"].items()})
-    out = Path(args.out) if args.out else RESULTS / f"stl_overhead_{device.type}{'_' + args.amp if args.amp != 'none' else ''}.json"
+    out = (
+        Path(args.out)
+        if args.out
+        else RESULTS / f"stl_overhead_{device.type}{'_' + args.amp if args.amp != 'none' else ''}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     logger.info("wrote %s", out)

@@ -92,10 +92,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--val-subset", type=int, default=None, help="validate on a fixed random subset of this size")
     p.add_argument("--corruptions", default=None, help="corruption names or 'all' (default: clean accuracy only)")
     p.add_argument("--severities", default="1-5")
-    p.add_argument("--corruption-images", type=int, default=None,
-                   help="corrupt a class-balanced subset of this many test images (default: all 10k)")
-    p.add_argument("--resume", action="store_true",
-                   help="keep finished stages (OUT/results.json) and continue an interrupted stage from its checkpoint")
+    p.add_argument(
+        "--corruption-images",
+        type=int,
+        default=None,
+        help="corrupt a class-balanced subset of this many test images (default: all 10k)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep finished stages (OUT/results.json) and continue an interrupted stage from its checkpoint",
+    )
     p.add_argument("--override", nargs="*", default=[], help="extra key=value overrides for every stage")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -107,8 +114,14 @@ def main(argv: list[str] | None = None) -> None:
     stages = [TrainStage(name, recipe, tuple(_overrides(args)), labeler="labeler" if name == "student" else None)
               for name, recipe in STAGES]  # fmt: skip
     # training gets --device as given (the engine resolves auto per rank); evaluation needs a concrete device
-    study = StlStudy(out, stages, device=resolve_device(args.device), resume=args.resume, progress=False,
-                     finished=lambda name: name in results["runs"])  # a kept stage needs its results.json entry
+    study = StlStudy(
+        out,
+        stages,
+        device=resolve_device(args.device),
+        resume=args.resume,
+        progress=False,
+        finished=lambda name: name in results["runs"],
+    )  # a kept stage needs its results.json entry
 
     def on_trained(stage: TrainStage, trained: Trained | None) -> None:
         if trained is None:

@@ -139,8 +139,9 @@ def main() -> None:
         cls_runs["stl"] = Path(args.stl_run) if args.stl_run else None
         if cls_runs["stl"] is None and args.train_classifiers:
             labeler = _train_classifier(out / "cls_stl_labeler", "stl_labeler", BACKBONE + "_token", data, args, {})
-            cls_runs["stl"] = _train_classifier(out / "cls_stl_student", "stl_student", BACKBONE + "_token", data,
-                                                args, {"labeler": str(labeler)})
+            cls_runs["stl"] = _train_classifier(
+                out / "cls_stl_student", "stl_student", BACKBONE + "_token", data, args, {"labeler": str(labeler)}
+            )
     missing = [a for a in arms if a != "random" and cls_runs.get(a) is None]
     if missing:
         raise ValueError(f"no classification run for {missing}: pass --supervised-run/--stl-run or --train-classifiers")

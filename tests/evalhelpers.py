@@ -33,8 +33,15 @@ def make_run(run_dir: Path, classes: tuple[str, ...] = ("cat", "dog"), token: bo
     torch.manual_seed(seed)
     name = "fan_nano_6_p16_224_token" if token else "fan_nano_6_p16_224"
     model = timm.create_model(name, num_classes=len(classes), **TINY_KW)
-    meta = {"model": name, "model_kwargs": {**TINY_KW, "num_classes": len(classes)}, "num_classes": len(classes),
-            "classes": list(classes), "img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+    meta = {
+        "model": name,
+        "model_kwargs": {**TINY_KW, "num_classes": len(classes)},
+        "num_classes": len(classes),
+        "classes": list(classes),
+        "img_size": 32,
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+    }
     save_exported(model, run_dir / "model", meta)
     lines = []
     for step in range(1, 6):

@@ -9,8 +9,25 @@ from tokenlab.cli import main
 
 def test_synth_then_show(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "synth"
-    assert main(["data", "synth", "--out", str(out), "--train", "40", "--val", "20", "--rendition", "10",
-                 "--shortcut", "10"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "synth",
+                "--out",
+                str(out),
+                "--train",
+                "40",
+                "--val",
+                "20",
+                "--rendition",
+                "10",
+                "--shortcut",
+                "10",
+            ]
+        )
+        == 0
+    )
     assert "train" in capsys.readouterr().out and (out / "dataset.json").exists()
     png = tmp_path / "show" / "grid.png"
     assert main(["data", "show", str(out), "--out", str(png), "--count", "4", "--ibot"]) == 0

@@ -29,6 +29,7 @@ def test_an_aborted_training_is_a_message_not_a_traceback(monkeypatch, capsys: p
     from tokenlab.engine.trainer import NonFiniteLossError, PeerFailureError
 
     for err in (NonFiniteLossError("3 non-finite losses in a row"), PeerFailureError("another rank stopped answering")):
+
         def boom(cfg, _err=err):
             raise _err
 
@@ -75,8 +76,14 @@ def test_runtime_flags_are_the_same_everywhere() -> None:
     assert "data synth" in seen["--workers"]
 
 
-@pytest.mark.parametrize("argv", [["eval", "--checkpoint", "x", "--data", "y", "--device", "gpu"],
-                                  ["eval-ssl", "r", "--amp", "fp32"], ["demo", "--device", "cuda:x"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "--checkpoint", "x", "--data", "y", "--device", "gpu"],
+        ["eval-ssl", "r", "--amp", "fp32"],
+        ["demo", "--device", "cuda:x"],
+    ],
+)
 def test_bad_runtime_flag_is_a_usage_error(argv, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(argv)
@@ -111,10 +118,22 @@ def test_python_m_tokenlab_cli_help() -> None:
     import tokenlab
 
     env = dict(os.environ, PYTHONPATH=str(Path(tokenlab.__file__).parents[1]))
-    proc = subprocess.run([sys.executable, "-m", "tokenlab.cli", "--help"], capture_output=True, text=True, env=env,
-                          timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tokenlab.cli", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "eval-ssl" in proc.stdout and "demo" in proc.stdout
-    sub = subprocess.run([sys.executable, "-m", "tokenlab.cli", "tokens", "--help"], capture_output=True, text=True,
-                         env=env, timeout=300, check=False)
+    sub = subprocess.run(
+        [sys.executable, "-m", "tokenlab.cli", "tokens", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert sub.returncode == 0 and "--amp {none,bf16,fp16}" in sub.stdout

@@ -7,10 +7,21 @@ from tokenlab.data import SynthConfig, generate
 from tokenlab.models import load_exported
 from tokenlab.utils.metrics_log import read_metrics
 
-TINY = ["data.img_size=32", "data.batch_size=8", "model.name=fan_nano_6_p16_224_token", "model.kwargs.patch_size=8",
-        "model.kwargs.depth=1", "model.kwargs.embed_dim=32", "model.kwargs.num_heads=2", "schedule.max_steps=2",
-        "log.progress=false", "log.tensorboard=false", "train.min_free_disk_mb=0",
-        "data.train_subset=24", "data.val_subset=8"]
+TINY = [
+    "data.img_size=32",
+    "data.batch_size=8",
+    "model.name=fan_nano_6_p16_224_token",
+    "model.kwargs.patch_size=8",
+    "model.kwargs.depth=1",
+    "model.kwargs.embed_dim=32",
+    "model.kwargs.num_heads=2",
+    "schedule.max_steps=2",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "train.min_free_disk_mb=0",
+    "data.train_subset=24",
+    "data.val_subset=8",
+]
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +35,16 @@ def test_stage1_then_stage2_through_the_cli(synth, tmp_path, capsys):
     labeler = tmp_path / "labeler"
     assert main(["train", f"data.root={synth}", f"run_dir={labeler}", "method.name=stl_labeler", *TINY]) == 0
     student = tmp_path / "student"
-    args = ["train", "--run-dir", str(student), f"data.root={synth}", "method.name=stl_student",
-            f"method.kwargs.labeler={labeler}", "method.kwargs.mixup_alpha=0.8", *TINY]
+    args = [
+        "train",
+        "--run-dir",
+        str(student),
+        f"data.root={synth}",
+        "method.name=stl_student",
+        f"method.kwargs.labeler={labeler}",
+        "method.kwargs.mixup_alpha=0.8",
+        *TINY,
+    ]
     assert main(args) == 0
     assert "trained 2 steps" in capsys.readouterr().out
     model, meta = load_exported(student)
@@ -37,8 +56,14 @@ def test_stage1_then_stage2_through_the_cli(synth, tmp_path, capsys):
 def test_cli_errors_are_one_line(synth, tmp_path, capsys):
     assert main(["train", "optim.lrr=1"]) == 2
     assert "optim.lrr" in capsys.readouterr().err
-    args = ["train", f"data.root={synth}", f"run_dir={tmp_path / 's'}", "method.name=stl_student",
-            f"method.kwargs.labeler={tmp_path / 'missing'}", *TINY]
+    args = [
+        "train",
+        f"data.root={synth}",
+        f"run_dir={tmp_path / 's'}",
+        "method.name=stl_student",
+        f"method.kwargs.labeler={tmp_path / 'missing'}",
+        *TINY,
+    ]
     assert main(args) == 2
     assert "no exported model" in capsys.readouterr().err
     assert main(["train", "method.name=stl_studnt", f"data.root={synth}"]) == 2

@@ -78,8 +78,9 @@ def test_odd_modes_become_rgb(tmp_path: Path, mode: str) -> None:
         assert np.asarray(image).min() == 255
 
 
-def test_corrupt_and_truncated_files_are_skipped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture
-                                                                ) -> None:
+def test_corrupt_and_truncated_files_are_skipped_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     root = _folder(tmp_path)
     (root / "train" / "cat" / "junk.png").write_bytes(b"not an image")
     good = root / "train" / "dog" / "0.png"

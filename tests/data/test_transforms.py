@@ -30,9 +30,17 @@ def _coordinate_sample(size: int = 64) -> dict:
 
 
 def _strong(teacher: str, colour: bool, seed: int) -> ViewTransform:
-    return ViewTransform(64, scale=(0.3, 1.0), rand_augment="rand-m9-n3-mstd0.5-p1.0-inc1", re_prob=0.5,
-                         noise_std=0.1, color_jitter=0.4, teacher=teacher, colour=colour,
-                         generator=torch.Generator().manual_seed(seed))
+    return ViewTransform(
+        64,
+        scale=(0.3, 1.0),
+        rand_augment="rand-m9-n3-mstd0.5-p1.0-inc1",
+        re_prob=0.5,
+        noise_std=0.1,
+        color_jitter=0.4,
+        teacher=teacher,
+        colour=colour,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -60,8 +68,9 @@ def test_colour_on_geometry_still_agrees(seed: int) -> None:
 
 def test_masks_follow_the_crop(synth_dir: Path) -> None:
     ds = build_dataset(synth_dir, "train", None, verify="none")
-    transform = ViewTransform(48, scale=(0.2, 1.0), teacher="spatial", colour=False,
-                              generator=torch.Generator().manual_seed(0))
+    transform = ViewTransform(
+        48, scale=(0.2, 1.0), teacher="spatial", colour=False, generator=torch.Generator().manual_seed(0)
+    )
     for index in range(10):
         raw = ds.raw(index)
         raw_image = raw["image"].as_subclass(torch.Tensor).float()

@@ -1,6 +1,6 @@
 """Engine tests run tiny models, where one thread is faster than two on a shared 2-core machine."""
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import torch

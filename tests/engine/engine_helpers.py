@@ -40,8 +40,12 @@ class TinySet(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         img = self.images[i]
-        return {"image": img + 0.05 * torch.randn(img.shape), "teacher_image": img, "label": int(self.labels[i]),
-                "index": i}
+        return {
+            "image": img + 0.05 * torch.randn(img.shape),
+            "teacher_image": img,
+            "label": int(self.labels[i]),
+            "index": i,
+        }
 
 
 def tiny_config(run_dir: Path, *overrides: str) -> DictConfig:

@@ -72,5 +72,4 @@ def test_stl_recipes_fit_their_method_and_transform(name: str):
     kwargs = OmegaConf.to_container(cfg.method.kwargs)
     assert set(kwargs) <= set(inspect.signature(cls.__init__).parameters), kwargs
     options = cls.transform_options(kwargs)
-    build_transforms(cls.data_view, cfg.data.img_size, **options,
-                     **OmegaConf.to_container(cfg.data.transform))
+    build_transforms(cls.data_view, cfg.data.img_size, **options, **OmegaConf.to_container(cfg.data.transform))

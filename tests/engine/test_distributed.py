@@ -20,12 +20,20 @@ pytestmark = pytest.mark.slow  # subprocesses / whole pipelines: tens of seconds
 
 SCRIPT = Path(__file__).with_name("train_tiny.py")
 # 32 samples / 2 ranks / batch 4 = 4 steps per epoch
-COMMON = ["method.name=slow_stl_labeler", "schedule.epochs=2", "checkpoint.every_steps=3", "checkpoint.keep=5",
-          "train.dist_timeout_s=120", "train.device=cpu", "optim.clip_grad=1.0"]
+COMMON = [
+    "method.name=slow_stl_labeler",
+    "schedule.epochs=2",
+    "checkpoint.every_steps=3",
+    "checkpoint.keep=5",
+    "train.dist_timeout_s=120",
+    "train.device=cpu",
+    "optim.clip_grad=1.0",
+]
 
 
-def _torchrun(run_dir: Path, *overrides: str, fail: str | None = None, val: int = 8,
-             timeout: int = 200) -> subprocess.CompletedProcess:
+def _torchrun(
+    run_dir: Path, *overrides: str, fail: str | None = None, val: int = 8, timeout: int = 200
+) -> subprocess.CompletedProcess:
     torchrun = shutil.which("torchrun")
     cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     cmd += ["--standalone", "--nproc_per_node=2", str(SCRIPT), str(run_dir), "--val", str(val), *COMMON, *overrides]

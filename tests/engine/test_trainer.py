@@ -19,8 +19,15 @@ from tokenlab.utils.metrics_log import read_metrics
 
 
 def test_supervised_run_learns_and_writes_its_outputs(tmp_path):
-    cfg = tiny_config(tmp_path / "run", "method.name=supervised", "schedule.epochs=3", "optim.clip_grad=1.0",
-                      "train.ema.enabled=true", "train.ema.decay=0.5", "log.tensorboard=true")
+    cfg = tiny_config(
+        tmp_path / "run",
+        "method.name=supervised",
+        "schedule.epochs=3",
+        "optim.clip_grad=1.0",
+        "train.ema.enabled=true",
+        "train.ema.decay=0.5",
+        "log.tensorboard=true",
+    )
     trainer = Trainer(cfg, TinySet(32), TinySet(16, seed=1))
     result = trainer.fit()
     run = tmp_path / "run"
@@ -43,8 +50,16 @@ def test_gradient_accumulation_matches_the_big_batch(tmp_path):
     for name, extra in (("big", ["data.batch_size=8"]), ("acc", ["data.batch_size=4", "optim.accum_steps=2"])):
         # a ViT: no BatchNorm, so two half batches give the gradient of the whole batch exactly
         vit = ["model.name=vit_tiny_patch16_224", "model.kwargs.embed_dim=32", "model.kwargs.num_heads=2"]
-        cfg = tiny_config(tmp_path / name, *vit, "method.name=supervised", "method.kwargs.label_smoothing=0.0",
-                          "schedule.max_steps=3", "data.val_split=null", "checkpoint.export=false", *extra)
+        cfg = tiny_config(
+            tmp_path / name,
+            *vit,
+            "method.name=supervised",
+            "method.kwargs.label_smoothing=0.0",
+            "schedule.max_steps=3",
+            "data.val_split=null",
+            "checkpoint.export=false",
+            *extra,
+        )
         trainer = Trainer(cfg, TinySet(32), None)
         trainer.fit()
         outs.append(trainer.model.state_dict())
@@ -68,8 +83,13 @@ class NaNAtSteps(Supervised):
 
 
 def test_nan_loss_is_skipped_and_counted(tmp_path):
-    cfg = tiny_config(tmp_path / "run", "method.name=nan_at_steps", "method.kwargs.steps=[2,3]",
-                      "schedule.max_steps=6", "data.val_split=null")
+    cfg = tiny_config(
+        tmp_path / "run",
+        "method.name=nan_at_steps",
+        "method.kwargs.steps=[2,3]",
+        "schedule.max_steps=6",
+        "data.val_split=null",
+    )
     trainer = Trainer(cfg, TinySet(32), None)
     before = {}
 
@@ -85,8 +105,14 @@ def test_nan_loss_is_skipped_and_counted(tmp_path):
 
 
 def test_too_many_nonfinite_in_a_row_stop_the_run(tmp_path):
-    cfg = tiny_config(tmp_path / "run", "method.name=nan_at_steps", "method.kwargs.steps=[3,4,5,6]",
-                      "train.max_nonfinite=3", "checkpoint.every_steps=2", "data.val_split=null")
+    cfg = tiny_config(
+        tmp_path / "run",
+        "method.name=nan_at_steps",
+        "method.kwargs.steps=[3,4,5,6]",
+        "train.max_nonfinite=3",
+        "checkpoint.every_steps=2",
+        "data.val_split=null",
+    )
     with pytest.raises(NonFiniteLossError, match=r"3 non-finite losses in a row up to step 5.*step_000000004"):
         Trainer(cfg, TinySet(32), None).fit()
     last = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")
@@ -115,8 +141,15 @@ def test_bad_runtime_settings(tmp_path):
 
 
 def test_bf16_autocast_runs_on_cpu(tmp_path):
-    cfg = tiny_config(tmp_path / "run", "method.name=stl_labeler", "train.amp=bf16", "schedule.max_steps=2",
-                      "data.val_split=null", "train.channels_last=true", "train.grad_checkpointing=true")
+    cfg = tiny_config(
+        tmp_path / "run",
+        "method.name=stl_labeler",
+        "train.amp=bf16",
+        "schedule.max_steps=2",
+        "data.val_split=null",
+        "train.channels_last=true",
+        "train.grad_checkpointing=true",
+    )
     assert Trainer(cfg, TinySet(16), None).fit().step == 2
 
 
@@ -148,22 +181,44 @@ class RecordsContexts(Supervised):
 
 
 def test_every_micro_batch_gets_its_own_context(tmp_path):
-    cfg = tiny_config(tmp_path / "run", "method.name=records_contexts", "data.batch_size=2", "optim.accum_steps=3",
-                      "schedule.max_steps=2", "data.val_split=null", "checkpoint.export=false")
+    cfg = tiny_config(
+        tmp_path / "run",
+        "method.name=records_contexts",
+        "data.batch_size=2",
+        "optim.accum_steps=3",
+        "schedule.max_steps=2",
+        "data.val_split=null",
+        "checkpoint.export=false",
+    )
     trainer = Trainer(cfg, TinySet(32), None)
     trainer.fit()
-    assert trainer.method.seen == [(0, 0, 3, False), (0, 1, 3, False), (0, 2, 3, True),
-                                   (1, 0, 3, False), (1, 1, 3, False), (1, 2, 3, True)]
+    assert trainer.method.seen == [
+        (0, 0, 3, False),
+        (0, 1, 3, False),
+        (0, 2, 3, True),
+        (1, 0, 3, False),
+        (1, 1, 3, False),
+        (1, 2, 3, True),
+    ]
     assert trainer.method.after == [(0, True), (1, True)]  # step hooks see the step's last micro-batch
 
 
 def test_schedule_kind_poly_is_built_by_the_trainer(tmp_path):
-    cfg = tiny_config(tmp_path / "run", "schedule.kind=poly", "schedule.poly_power=2.0", "schedule.epochs=2",
-                      "schedule.warmup_epochs=1", "optim.min_lr=0.0", "optim.warmup_lr=0.0", "data.val_split=null")
+    cfg = tiny_config(
+        tmp_path / "run",
+        "schedule.kind=poly",
+        "schedule.poly_power=2.0",
+        "schedule.epochs=2",
+        "schedule.warmup_epochs=1",
+        "optim.min_lr=0.0",
+        "optim.warmup_lr=0.0",
+        "data.val_split=null",
+    )
     trainer = Trainer(cfg, TinySet(32), None)
     steps = trainer.steps_per_epoch  # 8: 32 samples / batch 4
-    expected = np.concatenate([np.linspace(0.0, 0.002, steps, endpoint=False),
-                               0.002 * (1 - np.arange(steps) / steps) ** 2])
+    expected = np.concatenate(
+        [np.linspace(0.0, 0.002, steps, endpoint=False), 0.002 * (1 - np.arange(steps) / steps) ** 2]
+    )
     np.testing.assert_allclose(trainer.lr_schedule, expected)
     with pytest.raises(AttributeError):
         trainer.lr_schedule = np.zeros(16)  # the schedule comes from the config only

@@ -74,8 +74,9 @@ def test_knn_errors() -> None:
 @pytest.fixture(scope="module")
 def tiny_vit() -> nn.Module:
     torch.manual_seed(0)
-    return timm.create_model("ibot_vit_tiny_patch4_32", num_classes=0, img_size=16, embed_dim=32, depth=4,
-                             num_heads=2).eval()
+    return timm.create_model(
+        "ibot_vit_tiny_patch4_32", num_classes=0, img_size=16, embed_dim=32, depth=4, num_heads=2
+    ).eval()
 
 
 def test_feature_kinds(tiny_vit: nn.Module) -> None:

@@ -68,14 +68,14 @@ def test_evaluate_frozen_uses_the_cache(tmp_path) -> None:
     import tokenlab.models  # noqa: F401
     from tokenlab.eval.linear import evaluate_frozen
 
-    model = timm.create_model("ibot_vit_tiny_patch4_32", num_classes=0, img_size=16, embed_dim=32, depth=1,
-                              num_heads=2)
+    model = timm.create_model("ibot_vit_tiny_patch4_32", num_classes=0, img_size=16, embed_dim=32, depth=1, num_heads=2)
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(12) % 2
     images = torch.randn(12, 3, 16, 16, generator=g) + labels.view(-1, 1, 1, 1) * 2.0
     loader = [{"image": images[i : i + 6], "label": labels[i : i + 6]} for i in (0, 6)]
-    res = evaluate_frozen(model, loader, loader, kind="cls", k=3, linear_kwargs={"lrs": (0.1,), "epochs": 5},
-                          cache_dir=tmp_path)
+    res = evaluate_frozen(
+        model, loader, loader, kind="cls", k=3, linear_kwargs={"lrs": (0.1,), "epochs": 5}, cache_dir=tmp_path
+    )
     assert (tmp_path / "train_cls.safetensors").is_file() and (tmp_path / "test_cls.safetensors").is_file()
     assert res.knn is not None and res.knn.top1 == 1.0 and res.linear is not None and res.feature_dim == 32
     assert res.to_dict()["knn"]["k"] == 3
@@ -93,10 +93,28 @@ def test_eval_ssl_cli_with_random_baseline(tmp_path, capsys) -> None:
     _image_tree(tmp_path / "data")
     kwargs = {"img_size": 16, "embed_dim": 32, "depth": 4, "num_heads": 2, "num_classes": 0}
     model = timm.create_model("ibot_vit_tiny_patch4_32", **kwargs)
-    save_exported(model, tmp_path / "run" / "model", {"model": "ibot_vit_tiny_patch4_32", "model_kwargs": kwargs,
-                                                      "img_size": 16, "num_classes": 0})
-    rc = main(["eval-ssl", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--random-init", "--k", "3",
-               "--kind", "cls,last4_cls", "--linear-epochs", "3", "--linear-lrs", "0.1"])
+    save_exported(
+        model,
+        tmp_path / "run" / "model",
+        {"model": "ibot_vit_tiny_patch4_32", "model_kwargs": kwargs, "img_size": 16, "num_classes": 0},
+    )
+    rc = main(
+        [
+            "eval-ssl",
+            str(tmp_path / "run"),
+            "--data",
+            str(tmp_path / "data"),
+            "--random-init",
+            "--k",
+            "3",
+            "--kind",
+            "cls,last4_cls",
+            "--linear-epochs",
+            "3",
+            "--linear-lrs",
+            "0.1",
+        ]
+    )
     assert rc == 0
     report = json.loads((tmp_path / "run" / "eval_ssl.json").read_text())
     assert set(report["results"]) == {"pretrained", "random"} and report["num_train"] == 12

@@ -48,9 +48,9 @@ def test_evaluate_run_writes_eval_json(tmp_path: Path, synth: Path):
     s = res2.corruptions.scores["official"]
     ref = load_reference(run, 2)
     assert s.reference == "run" and ref is not None
-    expected = sum(
-        sum(1 - s.accuracy[c][k] for k in (1, 2)) / sum(ref.table[c][k] for k in (1, 2)) for c in s.accuracy
-    ) / 2
+    expected = (
+        sum(sum(1 - s.accuracy[c][k] for k in (1, 2)) / sum(ref.table[c][k] for k in (1, 2)) for c in s.accuracy) / 2
+    )
     assert s.mce == pytest.approx(expected)
 
 

@@ -173,8 +173,13 @@ def test_teacher_gets_no_gradient_and_moves_only_by_ema() -> None:
 
 
 def test_schedules_follow_their_definitions() -> None:
-    method = tiny_ibot(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=2,
-                       teacher_momentum=0.996, teacher_momentum_end=1.0)
+    method = tiny_ibot(
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.07,
+        warmup_teacher_temp_epochs=2,
+        teacher_momentum=0.996,
+        teacher_momentum_end=1.0,
+    )
     plan = TrainPlan(total_steps=40, steps_per_epoch=10, epochs=4)
     method.on_train_start(plan)
     # linear warm-up over 2 epochs = 20 steps: 0.04 + 0.03 * s / 20, then 0.07
@@ -253,13 +258,22 @@ def test_exported_backbone_loads_through_timm_overlay_at_another_resolution(tmp_
     meta = json.loads(stem.with_suffix(".json").read_text())
     assert meta["backbone"] == "teacher" and meta["num_classes"] == 0
     assert not any(k.startswith("head.") for k in load_file(stem.with_suffix(".safetensors")))
-    same = timm.create_model("ibot_vit_tiny_patch4_32", pretrained=True, num_classes=5,
-                             pretrained_cfg_overlay=dict(file=str(stem.with_suffix(".safetensors"))), **MODEL_KW)
+    same = timm.create_model(
+        "ibot_vit_tiny_patch4_32",
+        pretrained=True,
+        num_classes=5,
+        pretrained_cfg_overlay=dict(file=str(stem.with_suffix(".safetensors"))),
+        **MODEL_KW,
+    )
     assert torch.equal(same.blocks[0].attn.qkv.weight, method.teacher["backbone"].blocks[0].attn.qkv.weight)
     assert same.head.out_features == 5
-    bigger = timm.create_model("ibot_vit_tiny_patch4_32", pretrained=True, num_classes=5,
-                               pretrained_cfg_overlay=dict(file=str(stem.with_suffix(".safetensors"))),
-                               **(MODEL_KW | dict(img_size=32)))
+    bigger = timm.create_model(
+        "ibot_vit_tiny_patch4_32",
+        pretrained=True,
+        num_classes=5,
+        pretrained_cfg_overlay=dict(file=str(stem.with_suffix(".safetensors"))),
+        **(MODEL_KW | dict(img_size=32)),
+    )
     assert bigger.pos_embed.shape == (1, 1 + 64, 32)  # 4x4 grid resampled to 8x8 (+ the class token)
     assert torch.equal(bigger.pos_embed[:, 0], method.teacher["backbone"].pos_embed[:, 0])
     model, _ = load_exported(stem)
@@ -270,13 +284,16 @@ def _fake_official(path: Path, source: torch.nn.Module) -> None:
     backbone = {k: v.clone() for k, v in source.state_dict().items() if not k.startswith("head.")}
     backbone["masked_embed"] = backbone.pop("mask_token").reshape(-1)
     head = {"head.mlp.0.weight": torch.zeros(2, 2), "head.last_layer.weight_g": torch.ones(3, 1)}
-    torch.save({
-        "student": {f"module.backbone.{k}": v + 1 for k, v in backbone.items()}
-        | {f"module.{k}": v for k, v in head.items()},
-        "teacher": {f"backbone.{k}": v for k, v in backbone.items()} | head,
-        "epoch": 100,
-        "args": argparse.Namespace(arch="vit_small", patch_size=16),
-    }, path)
+    torch.save(
+        {
+            "student": {f"module.backbone.{k}": v + 1 for k, v in backbone.items()}
+            | {f"module.{k}": v for k, v in head.items()},
+            "teacher": {f"backbone.{k}": v for k, v in backbone.items()} | head,
+            "epoch": 100,
+            "args": argparse.Namespace(arch="vit_small", patch_size=16),
+        },
+        path,
+    )
 
 
 def test_import_official_checkpoint(tmp_path: Path) -> None:
@@ -307,13 +324,22 @@ def test_official_checkpoint_through_timm_keeps_the_mask_token(tmp_path: Path) -
     _fake_official(tmp_path / "ibot.pth", source)
     obj = torch.load(tmp_path / "ibot.pth", weights_only=False)
     torch.save({"teacher": obj["teacher"]}, tmp_path / "teacher.pth")
-    loaded = timm.create_model("ibot_vit_tiny_patch4_32", pretrained=True, num_classes=4,
-                               pretrained_cfg_overlay=dict(file=str(tmp_path / "teacher.pth")), **MODEL_KW)
+    loaded = timm.create_model(
+        "ibot_vit_tiny_patch4_32",
+        pretrained=True,
+        num_classes=4,
+        pretrained_cfg_overlay=dict(file=str(tmp_path / "teacher.pth")),
+        **MODEL_KW,
+    )
     assert torch.equal(loaded.mask_token, source.mask_token)
     assert torch.equal(loaded.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
-    bigger = timm.create_model("ibot_vit_tiny_patch4_32", pretrained=True, num_classes=4,
-                               pretrained_cfg_overlay=dict(file=str(tmp_path / "teacher.pth")),
-                               **(MODEL_KW | dict(img_size=32)))
+    bigger = timm.create_model(
+        "ibot_vit_tiny_patch4_32",
+        pretrained=True,
+        num_classes=4,
+        pretrained_cfg_overlay=dict(file=str(tmp_path / "teacher.pth")),
+        **(MODEL_KW | dict(img_size=32)),
+    )
     assert torch.equal(bigger.mask_token, source.mask_token) and bigger.pos_embed.shape == (1, 1 + 64, 32)
 
 
@@ -329,16 +355,33 @@ def test_import_errors(tmp_path: Path) -> None:
 
 # ---- through the engine --------------------------------------------------------------------------------------------
 def _cfg(run_dir: Path, *extra: str):
-    return load_config(None, [
-        f"run_dir={run_dir}", "model.name=ibot_vit_tiny_patch4_32", "model.num_classes=4",
-        *[f"model.kwargs.{k}={v}" for k, v in MODEL_KW.items()],
-        "method.name=ibot", *[f"method.kwargs.{k}={v}" for k, v in HEAD_KW.items()],
-        "method.kwargs.teacher_momentum=0.9", "method.kwargs.warmup_teacher_temp_epochs=1",
-        "data.batch_size=4", "data.val_split=null", "optim.lr=0.001", "optim.weight_decay=0.04",
-        "optim.weight_decay_end=0.4", "schedule.epochs=2", "train.deterministic=true", "train.max_nonfinite=1",
-        "log.every_steps=1", "log.progress=false", "log.tensorboard=false", "train.min_free_disk_mb=0", "seed=1",
-        *extra,
-    ])
+    return load_config(
+        None,
+        [
+            f"run_dir={run_dir}",
+            "model.name=ibot_vit_tiny_patch4_32",
+            "model.num_classes=4",
+            *[f"model.kwargs.{k}={v}" for k, v in MODEL_KW.items()],
+            "method.name=ibot",
+            *[f"method.kwargs.{k}={v}" for k, v in HEAD_KW.items()],
+            "method.kwargs.teacher_momentum=0.9",
+            "method.kwargs.warmup_teacher_temp_epochs=1",
+            "data.batch_size=4",
+            "data.val_split=null",
+            "optim.lr=0.001",
+            "optim.weight_decay=0.04",
+            "optim.weight_decay_end=0.4",
+            "schedule.epochs=2",
+            "train.deterministic=true",
+            "train.max_nonfinite=1",
+            "log.every_steps=1",
+            "log.progress=false",
+            "log.tensorboard=false",
+            "train.min_free_disk_mb=0",
+            "seed=1",
+            *extra,
+        ],
+    )
 
 
 @pytest.mark.timeout(120)
@@ -388,8 +431,9 @@ D.cleanup_distributed()
 @pytest.mark.slow
 def test_two_process_gloo_run(tmp_path: Path) -> None:
     script = tmp_path / "dist_ibot.py"
-    script.write_text(_DIST_SCRIPT.format(here=str(Path(__file__).parent), run=str(tmp_path / "run"),
-                                          out=str(tmp_path)))
+    script.write_text(
+        _DIST_SCRIPT.format(here=str(Path(__file__).parent), run=str(tmp_path / "run"), out=str(tmp_path))
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=220)
@@ -413,8 +457,9 @@ def test_ibot_recipes_fit_their_method_and_transform(name: str) -> None:
     cls = get_method_class(cfg.method.name)
     kwargs = OmegaConf.to_container(cfg.method.kwargs)
     assert set(kwargs) <= set(inspect.signature(cls.__init__).parameters), kwargs
-    tf = build_transforms(cls.data_view, cfg.data.img_size, **cls.transform_options(kwargs),
-                          **OmegaConf.to_container(cfg.data.transform))
+    tf = build_transforms(
+        cls.data_view, cfg.data.img_size, **cls.transform_options(kwargs), **OmegaConf.to_container(cfg.data.transform)
+    )
     if cls is IBOT:
         assert cfg.data.val_split is None and cfg.train.max_nonfinite == 1
         assert cfg.optim.weight_decay == 0.04 and cfg.optim.weight_decay_end == 0.4

@@ -74,8 +74,25 @@ def test_two_step_run_exports_and_evaluates(synthetic_root, tmp_path) -> None:
     np.testing.assert_allclose([lr for lr in lrs if lr is not None], [expected], rtol=1e-6)
 
     out = tmp_path / "eval"
-    rc = main(["segment", "eval", str(run), "--root", str(synthetic_root), "--out", str(out), "--overlays", "2",
-               "--corruptions", "brightness", "--severities", "1", "--cache-dir", str(tmp_path / "cache")])
+    rc = main(
+        [
+            "segment",
+            "eval",
+            str(run),
+            "--root",
+            str(synthetic_root),
+            "--out",
+            str(out),
+            "--overlays",
+            "2",
+            "--corruptions",
+            "brightness",
+            "--severities",
+            "1",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     assert rc == 0
     res = json.loads((out / "segmentation.json").read_text())
     assert 0.0 <= res["clean"]["miou"] <= 1.0 and set(res["miou"]) == {"brightness"}

@@ -22,8 +22,11 @@ def _token_model(k: int = 3, patch: int = 4) -> nn.Module:
 
 
 def _batch(b: int = 4) -> dict:
-    return {"image": torch.randn(b, 3, 16, 16), "teacher_image": torch.randn(b, 3, 16, 16),
-            "label": torch.arange(b) % 3}
+    return {
+        "image": torch.randn(b, 3, 16, 16),
+        "teacher_image": torch.randn(b, 3, 16, 16),
+        "label": torch.arange(b) % 3,
+    }
 
 
 def test_labeler_loss_equals_formula():
@@ -40,8 +43,15 @@ def test_labeler_loss_equals_formula():
 
 def test_student_loss_equals_formula_with_argmax_labels():
     student, teacher = _token_model().eval(), _token_model().eval()
-    method = build_method("stl_student", model=student, labeler=teacher, label_type="argmax", token_smoothing=0.1,
-                          token_loss_weight=0.7, label_smoothing=0.0)
+    method = build_method(
+        "stl_student",
+        model=student,
+        labeler=teacher,
+        label_type="argmax",
+        token_smoothing=0.1,
+        token_loss_weight=0.7,
+        label_smoothing=0.0,
+    )
     batch = _batch()
     out = method.training_step(batch, _ctx())
     t = teacher.forward_tokens(batch["teacher_image"]).token_logits
@@ -92,8 +102,11 @@ def test_teacher_view_comes_from_the_paired_transform():
 
 def test_labeler_loaded_from_run_dir(tmp_path):
     teacher = _token_model()
-    save_exported(teacher, tmp_path / "model", {"model": "fan_nano_6_p16_224_token",
-                                                "model_kwargs": dict(KW, num_classes=3, patch_size=4)})
+    save_exported(
+        teacher,
+        tmp_path / "model",
+        {"model": "fan_nano_6_p16_224_token", "model_kwargs": dict(KW, num_classes=3, patch_size=4)},
+    )
     method = build_method("stl_student", model=_token_model(), labeler=str(tmp_path))
     torch.testing.assert_close(method.teacher.head.weight, teacher.head.weight)
     assert not method.teacher.training

@@ -71,7 +71,11 @@ def test_arbitrary_objects_are_never_unpickled(tmp_path: Path) -> None:
 
 def test_export_round_trip(tmp_path: Path) -> None:
     a = _model()
-    meta = {"model": "fan_nano_6_p16_224_token", "model_kwargs": {"num_classes": 4, "patch_size": 8}, "classes": list("abcd")}
+    meta = {
+        "model": "fan_nano_6_p16_224_token",
+        "model_kwargs": {"num_classes": 4, "patch_size": 8},
+        "classes": list("abcd"),
+    }
     save_exported(a, tmp_path / "run" / "model", meta)
     b, got = load_exported(tmp_path / "run")
     assert got["classes"] == list("abcd")

@@ -23,7 +23,9 @@ def test_poly_schedule() -> None:
 
 
 def test_build_schedule_by_kind_and_cooldown() -> None:
-    np.testing.assert_array_equal(build_schedule("cosine", 1.0, 0.1, 10, 4, 0.0, 2), cosine_schedule(1.0, 0.1, 10, 4, 0.0, 2))
+    np.testing.assert_array_equal(
+        build_schedule("cosine", 1.0, 0.1, 10, 4, 0.0, 2), cosine_schedule(1.0, 0.1, 10, 4, 0.0, 2)
+    )
     p = build_schedule("poly", 1.0, 0.0, 10, 2, 0.0, cooldown_steps=3, power=1.0)
     assert len(p) == 13 and p[-1] == 0.0
     np.testing.assert_allclose(p[:10], poly_schedule(1.0, 0.0, 10, 1.0, 2, 0.0))

@@ -22,7 +22,6 @@ DEVICE_CHOICES = ", ".join(_DEVICES)
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
-
 def parse_device(value: str) -> str:
     """Argparse type of ``--device``: the syntax check shared by every sub-command (CUDA is checked at run time)."""
     if not _DEVICE_RE.fullmatch(value):
@@ -32,8 +31,11 @@ def parse_device(value: str) -> str:
 
 # flag -> argparse keyword arguments except the default: the one declaration of each runtime flag
 RUNTIME_FLAGS: dict[str, dict[str, Any]] = {
-    "device": {"type": parse_device, "metavar": "DEVICE",
-               "help": f"where to run: {DEVICE_CHOICES} (auto: cuda when available)"},
+    "device": {
+        "type": parse_device,
+        "metavar": "DEVICE",
+        "help": f"where to run: {DEVICE_CHOICES} (auto: cuda when available)",
+    },
     "amp": {"choices": AMP_CHOICES, "help": "autocast dtype (fp16 needs CUDA)"},
     "batch_size": {"type": int, "metavar": "N", "help": "images per batch"},
     "workers": {"type": int, "metavar": "N", "help": "data-loading (or rendering / corruption) worker processes"},

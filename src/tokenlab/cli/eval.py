@@ -11,7 +11,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``eval`` with every runtime flag (default batch 128, workers chosen by the evaluator)."""
     p = sub.add_parser("eval", help="clean / corruption / OOD evaluation of a trained model, written to eval.json")
     p.add_argument("--checkpoint", required=True, help="run directory or exported model (<stem>[.safetensors|.json])")
-    p.add_argument("--data", required=True, help="image tree DIR/<class>/<img>, or a data set DIR[:split] (default val)")
+    p.add_argument(
+        "--data", required=True, help="image tree DIR/<class>/<img>, or a data set DIR[:split] (default val)"
+    )
     p.add_argument("--out", help="eval.json path (default: RUN/eval.json)")
     p.add_argument("--rules", help="prediction rules: official,cls (default: both for token models)")
     p.add_argument("--corruptions", help="generate + evaluate: all, common, extra, fast, noise, blur, ... or names")
@@ -33,11 +35,21 @@ def run(args: argparse.Namespace) -> int:
 
     ood = args.ood or ["auto"]
     res = evaluate_classifier_run(
-        args.checkpoint, args.data, out=args.out, rules=args.rules.split(",") if args.rules else None,
-        corruptions=args.corruptions, severities=args.severities, corruption_tree=args.corruption_tree,
-        cache_dir=args.cache_dir, work_size=args.work_size, reference=args.reference,
-        ood=[] if ood == ["none"] else ood, device=resolve_device(args.device, args.amp), amp=args.amp,
-        batch_size=args.batch_size, workers=args.workers,
+        args.checkpoint,
+        args.data,
+        out=args.out,
+        rules=args.rules.split(",") if args.rules else None,
+        corruptions=args.corruptions,
+        severities=args.severities,
+        corruption_tree=args.corruption_tree,
+        cache_dir=args.cache_dir,
+        work_size=args.work_size,
+        reference=args.reference,
+        ood=[] if ood == ["none"] else ood,
+        device=resolve_device(args.device, args.amp),
+        amp=args.amp,
+        batch_size=args.batch_size,
+        workers=args.workers,
     )
     print(f"{res.name}: {res.model} on {res.data}")
     print(f"{'rule':<9} {'top-1':>6} {'top-5':>6} {'NLL':>6} {'ECE':>6} {'img/s':>8}")

@@ -27,10 +27,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_runtime_flags(p, {"batch_size": 256, "workers": 0, "device": "cpu", "amp": "none"})
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON path (default RUN/eval_ssl.json)")
-    p.add_argument("--finetune", metavar="RECIPE",
-                   help="then fine-tune through the engine with this recipe (e.g. ibot_cifar10_finetune)")
-    p.add_argument("-o", "--override", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override of the fine-tuning recipe (repeatable)")
+    p.add_argument(
+        "--finetune",
+        metavar="RECIPE",
+        help="then fine-tune through the engine with this recipe (e.g. ibot_cifar10_finetune)",
+    )
+    p.add_argument(
+        "-o",
+        "--override",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override of the fine-tuning recipe (repeatable)",
+    )
     p.set_defaults(handler=run)
 
 
@@ -44,12 +54,25 @@ def run(args: argparse.Namespace) -> int:
     kinds = [k for k in args.kind.split(",") if k]
     lrs = [float(v) for v in args.linear_lrs.split(",") if v]
     report = evaluate_ssl_run(
-        args.run, args.data, args.train_split, args.test_split, kinds, knn=not args.no_knn,
-        linear=not args.no_linear, k=args.k, temperature=args.temperature,
-        linear_kwargs={"epochs": args.linear_epochs, "lrs": lrs, "seed": args.seed}, batch_size=args.batch_size,
-        workers=args.workers, device=device, amp=args.amp,
-        train_subset=args.train_subset, test_subset=args.test_subset, random_init=args.random_init,
-        seed=args.seed, out=args.out,
+        args.run,
+        args.data,
+        args.train_split,
+        args.test_split,
+        kinds,
+        knn=not args.no_knn,
+        linear=not args.no_linear,
+        k=args.k,
+        temperature=args.temperature,
+        linear_kwargs={"epochs": args.linear_epochs, "lrs": lrs, "seed": args.seed},
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=device,
+        amp=args.amp,
+        train_subset=args.train_subset,
+        test_subset=args.test_subset,
+        random_init=args.random_init,
+        seed=args.seed,
+        out=args.out,
     )
     print(f"{report.model} on {report.data} ({report.num_train} train / {report.num_test} test)")
     print(f"{'weights':<11} {'features':<12} {'k-NN top-1':>10} {'linear top-1':>12}")

@@ -53,8 +53,21 @@ def _eval(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else Path(args.run) / "segmentation"
     res = evaluate_segmentation_run(
-        args.run, args.data, args.root, args.split, out, args.corruptions, args.severities, args.cache_dir,
-        args.mode, args.crop, args.stride, resolve_device(args.device, args.amp), args.batch_size, args.overlays, args.amp,
+        args.run,
+        args.data,
+        args.root,
+        args.split,
+        out,
+        args.corruptions,
+        args.severities,
+        args.cache_dir,
+        args.mode,
+        args.crop,
+        args.stride,
+        resolve_device(args.device, args.amp),
+        args.batch_size,
+        args.overlays,
+        args.amp,
     )
     clean = res.clean.to_dict()
     print(f"clean: mIoU {clean['miou']:.4f}  pixel acc {clean['pixel_accuracy']:.4f}  ({res.images} images)")

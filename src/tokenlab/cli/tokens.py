@@ -13,8 +13,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tokens", help="token-label analysis of labelers/students on a data set with masks")
     p.add_argument("checkpoints", nargs="+", help="run directories or exported models to compare")
     p.add_argument("--data", required=True, help="data set with masks, DIR[:split] (e.g. the synthetic set)")
-    p.add_argument("--source", default="auto", choices=["auto", "aux", "head"],
-                   help="token logits: aux head, or the class head on every patch token (auto: aux when present)")
+    p.add_argument(
+        "--source",
+        default="auto",
+        choices=["auto", "aux", "head"],
+        help="token logits: aux head, or the class head on every patch token (auto: aux when present)",
+    )
     p.add_argument("--threshold", type=float, default=0.5, help="object fraction above which a token is object")
     p.add_argument("--examples", type=int, default=6, help="images drawn in token_labels.png / class_attention.png")
     add_runtime_flags(p, {"device": "cpu", "amp": "none", "batch_size": 64, "workers": 0})

@@ -15,8 +15,8 @@ from tokenlab.data.images import (
     scan_class_folders,
     to_rgb,
 )
-from tokenlab.data.sampler import ResumableSampler, SeededDataset, build_train_loader, sample_seed
 from tokenlab.data.masking import BlockMaskGenerator
+from tokenlab.data.sampler import ResumableSampler, SeededDataset, build_train_loader, sample_seed
 from tokenlab.data.specs import CIFAR10_CLASSES, DataSpec, ensure_cifar10, parse_data_spec
 from tokenlab.data.synthetic import SHAPES, TEXTURES, SynthConfig, generate
 from tokenlab.data.transforms import (

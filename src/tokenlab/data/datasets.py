@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,8 +41,15 @@ from tokenlab.data.specs import CIFAR10_CLASSES, DataSpec, ensure_cifar10, parse
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CIFAR10_CLASSES", "VERIFY_MODES", "ImageDataset", "build_dataset", "ensure_cifar10", "load_mask",
-           "read_list"]
+__all__ = [
+    "CIFAR10_CLASSES",
+    "VERIFY_MODES",
+    "ImageDataset",
+    "build_dataset",
+    "ensure_cifar10",
+    "load_mask",
+    "read_list",
+]
 
 VERIFY_MODES = ("header", "none")
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
@@ -133,8 +141,10 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.mask_paths is not None:
             mask = torch.from_numpy(load_mask(self.mask_paths[index]).copy())
             if tuple(mask.shape) != tuple(sample["image"].shape[-2:]):
-                raise ValueError(f"mask {self.mask_paths[index]} is {tuple(mask.shape)}, image {path} is "
-                                 f"{tuple(sample['image'].shape[-2:])}")
+                raise ValueError(
+                    f"mask {self.mask_paths[index]} is {tuple(mask.shape)}, image {path} is "
+                    f"{tuple(sample['image'].shape[-2:])}"
+                )
             sample["mask"] = tv_tensors.Mask(mask)
         return sample
 
@@ -178,9 +188,7 @@ def _finish(sample: dict[str, Any]) -> dict[str, Any]:
 # Lists
 
 
-def read_list(
-    path: Path, classes: list[str] | None = None
-) -> tuple[list[tuple[Path, int]], list[str]]:
+def read_list(path: Path, classes: list[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
     """Read a ``path,label`` CSV/TSV list; labels are class names or integer ids; paths are relative to the list.
 
     Raises:
@@ -260,12 +268,21 @@ def build_dataset(
         return ImageDataset(samples, classes, transform, name=name, **options)
     if classes is None:
         classes = data.classes
-    if classes is None and data.kind == "folder" and data.split not in (None, "train") and (data.path / "train").is_dir():
+    if (
+        classes is None
+        and data.kind == "folder"
+        and data.split not in (None, "train")
+        and (data.path / "train").is_dir()
+    ):
         classes = list_class_dirs(data.path / "train")  # every split shares the training split's class list
     folder = data.root
     samples, classes = scan_class_folders(folder, classes, allow_missing_classes)
     masks = None
     if load_masks and data.kind == "splits" and data.masks is not None:
         masks = [data.masks / p.relative_to(folder) for p, _ in samples]
-    name = f"cifar10/{data.split}" if data.kind == "cifar10" else (f"{data.path}/{data.split}" if data.split else str(folder))
+    name = (
+        f"cifar10/{data.split}"
+        if data.kind == "cifar10"
+        else (f"{data.path}/{data.split}" if data.split else str(folder))
+    )
     return ImageDataset(samples, classes, transform, mask_paths=masks, name=name, **options)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -244,4 +244,3 @@ def scan_class_folders(
         raise ValueError(f"classes {missing} have no images in {root}; every split must hold every class "
                          f"(pass allow_missing_classes=True for subsets)")  # fmt: skip
     return samples, classes
-

@@ -15,7 +15,8 @@ from ``r``. ``start`` skips the samples of this rank already consumed before a r
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate

@@ -52,8 +52,7 @@ def _save(fig: Any, out: Path) -> Path:
     return out
 
 
-def samples_grid(spec: str | Path, split: str, out: Path, count: int = 16, seed: int = 0, img_size: int = 64
-                 ) -> Path:
+def samples_grid(spec: str | Path, split: str, out: Path, count: int = 16, seed: int = 0, img_size: int = 64) -> Path:
     """Rows of image / image with mask overlay (masks when the data set has them)."""
     dataset = build_dataset(spec, split, build_transforms("eval", img_size), verify="none")
     picks = _pick(len(dataset), count, seed)
@@ -90,8 +89,7 @@ def pairs_grid(
         for row, index in enumerate(picks):
             raw = dataset.raw(index)
             views = paired(raw)
-            tiles = [raw["image"].permute(1, 2, 0).numpy(), _picture(views["teacher_image"]),
-                     _picture(views["image"])]
+            tiles = [raw["image"].permute(1, 2, 0).numpy(), _picture(views["teacher_image"]), _picture(views["image"])]
             if dataset.has_masks:
                 tiles.append(mask_overlay(_picture(views["teacher_image"]), views["mask"].long().numpy()))
             for col, tile in enumerate(tiles):
@@ -105,8 +103,16 @@ def pairs_grid(
     return _save(fig, out)
 
 
-def crops_grid(spec: str | Path, split: str, out: Path, count: int = 4, seed: int = 0, img_size: int = 64,
-               patch_size: int = 8, num_local: int = 6) -> Path:
+def crops_grid(
+    spec: str | Path,
+    split: str,
+    out: Path,
+    count: int = 4,
+    seed: int = 0,
+    img_size: int = 64,
+    patch_size: int = 8,
+    num_local: int = 6,
+) -> Path:
     """Rows of iBOT crops: 2 global crops with their token masks shaded, then the local crops."""
     dataset = build_dataset(spec, split, None, verify="none")
     multi = build_transforms("multicrop", img_size, patch_size=patch_size, num_local=num_local)

@@ -20,9 +20,10 @@ import logging
 import os
 import shutil
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from tokenlab.data.images import list_class_dirs
 from tokenlab.data.synthetic import FORMAT as SYNTHETIC_FORMAT

@@ -36,10 +36,11 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -353,7 +354,9 @@ def render_chunk(
         outline = torch.where(_col(torch.rand(n, generator=gen) < 0.5), thin, thick)
         dashes = torch.sin(_col(_rand(n, gen, 10, 18)) * torch.atan2(v, u) + phase) > -0.3
         ink_dark = plain | (torch.rand(n, generator=gen) < 0.5)
-        ink = torch.where(ink_dark[:, None], 0.25 * torch.rand(n, 3, generator=gen), 1 - 0.1 * torch.rand(n, 3, generator=gen))
+        ink = torch.where(
+            ink_dark[:, None], 0.25 * torch.rand(n, 3, generator=gen), 1 - 0.1 * torch.rand(n, 3, generator=gen)
+        )
         strokes = torch.where(_col(styles == 0), outline, torch.where(_col(styles == 1), outline & dashes, inside))
         image = _paint(image, strokes, ink)
     else:

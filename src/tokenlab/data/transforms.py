@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -102,8 +103,14 @@ class RandAugmentSpec:
         parts = text.split("-")
         if parts[0] != "rand":
             raise ValueError(f"RandAugment string must start with 'rand', got {text!r}")
-        keys = {"m": "magnitude", "n": "num_ops", "mstd": "magnitude_std", "mmax": "max_magnitude", "p": "prob",
-                "inc": "increasing"}
+        keys = {
+            "m": "magnitude",
+            "n": "num_ops",
+            "mstd": "magnitude_std",
+            "mmax": "max_magnitude",
+            "p": "prob",
+            "inc": "increasing",
+        }
         values: dict[str, Any] = {}
         for part in parts[1:]:
             key = next((k for k in sorted(keys, key=len, reverse=True) if part.startswith(k)), None)
@@ -125,8 +132,9 @@ class Op:
     level: float  # op-specific argument: degrees, pixels, factor, bits, threshold or offset
 
 
-def _op_level(name: str, magnitude: float, spec: RandAugmentSpec, size: tuple[int, int], gen: torch.Generator | None
-              ) -> float:
+def _op_level(
+    name: str, magnitude: float, spec: RandAugmentSpec, size: tuple[int, int], gen: torch.Generator | None
+) -> float:
     frac = magnitude / _LEVEL_DENOM  # timm's convention: levels scale by 10; mmax only clips the magnitude
     if name == "Rotate":
         return _sign(gen) * 30.0 * frac
@@ -216,7 +224,8 @@ def sample_crop_box(
     gen: torch.Generator | None,
 ) -> tuple[int, int, int, int]:
     """A RandomResizedCrop box ``(top, left, height, width)``: area fraction in ``scale``, log-uniform aspect in
-    ``ratio``; after 10 misses, the largest centred box with an aspect inside ``ratio``."""
+    ``ratio``; after 10 misses, the largest centred box with an aspect inside ``ratio``.
+    """
     height, width = size
     area = height * width
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
@@ -280,8 +289,11 @@ def _image_size(image: torch.Tensor) -> tuple[int, int]:
     return int(height), int(width)
 
 
-INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC,
-                  "nearest": v2.InterpolationMode.NEAREST}
+INTERPOLATIONS = {
+    "bilinear": v2.InterpolationMode.BILINEAR,
+    "bicubic": v2.InterpolationMode.BICUBIC,
+    "nearest": v2.InterpolationMode.NEAREST,
+}
 #: Evaluation preprocessing keys stored in every exported ``model.json`` (``eval_transform_from_meta`` reads them).
 EVAL_META_KEYS = ("img_size", "mean", "std", "crop_pct", "interpolation")
 
@@ -322,8 +334,13 @@ class EvalTransform(v2.Transform):
 
     def meta(self) -> dict[str, Any]:
         """The ``EVAL_META_KEYS`` that rebuild this transform (written into an exported ``model.json``)."""
-        return {"img_size": self.img_size, "mean": self.mean, "std": self.std, "crop_pct": self.crop_pct,
-                "interpolation": self.interpolation}
+        return {
+            "img_size": self.img_size,
+            "mean": self.mean,
+            "std": self.std,
+            "crop_pct": self.crop_pct,
+            "interpolation": self.interpolation,
+        }
 
 
 def eval_transform_from_meta(meta: Mapping[str, Any], img_size: int | None = None) -> EvalTransform:
@@ -454,8 +471,9 @@ class ViewTransform(v2.Transform):
                 image = apply_colour_op(image, op)
             if params["jitter"] is not None:
                 brightness, contrast, saturation = params["jitter"]
-                image = F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(image, brightness), contrast),
-                                            saturation)
+                image = F.adjust_saturation(
+                    F.adjust_contrast(F.adjust_brightness(image, brightness), contrast), saturation
+                )
         out = self._normalise(image)
         if self.colour and (params["erase"] is not None or self.noise_std > 0):
             noise_gen = torch.Generator().manual_seed(params["seed"])
@@ -530,11 +548,13 @@ class MultiCropTransform(v2.Transform):
         sigma = blur_sigma or (0.1, max(0.1, 2.0 * global_size / 224))
         self.global_views = [
             self._view(global_size, global_scale, blur_probs[0], 0.0, jitter_prob, gray_prob, sigma, mean, std),
-            self._view(global_size, global_scale, blur_probs[1], solarize_prob, jitter_prob, gray_prob, sigma, mean,
-                       std),
+            self._view(
+                global_size, global_scale, blur_probs[1], solarize_prob, jitter_prob, gray_prob, sigma, mean, std
+            ),
         ]
-        self.local_view = self._view(local_size, local_scale, blur_probs[2], 0.0, jitter_prob, gray_prob, sigma, mean,
-                                     std)
+        self.local_view = self._view(
+            local_size, local_scale, blur_probs[2], 0.0, jitter_prob, gray_prob, sigma, mean, std
+        )
         self.num_local = num_local
         self.mask_generator = mask_generator
 

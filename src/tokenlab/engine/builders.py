@@ -7,7 +7,8 @@ per-method entry point. The engine still knows methods only by their protocol (`
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,7 +51,8 @@ def build_model(name: str, num_classes: int, kwargs: Mapping[str, Any] | None = 
 
 def build_method_from_config(cfg: DictConfig, meta: Mapping[str, Any]) -> Method:
     """The model of ``cfg.model`` (classes from the data when ``model.num_classes`` is null) inside the method of
-    ``cfg.method``; the method's ``data_kwargs(meta)`` are defaults that ``method.kwargs`` override."""
+    ``cfg.method``; the method's ``data_kwargs(meta)`` are defaults that ``method.kwargs`` override.
+    """
     num_classes = cfg.model.num_classes
     if num_classes is None:
         num_classes = meta.get("num_classes") or len(meta.get("classes", ())) or None
@@ -81,7 +83,8 @@ def shard_method(method: Method, ema_enabled: bool = False) -> None:
 
 def unsharded_copy(cfg: DictConfig, method: Method, target: nn.Module, is_main: bool) -> nn.Module | None:
     """FSDP2: an unsharded CPU copy of ``target`` (a submodule of ``method``) rebuilt from ``cfg.model`` on rank 0,
-    ``None`` elsewhere; a collective, every rank must call it."""
+    ``None`` elsewhere; a collective, every rank must call it.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(method, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -91,7 +94,7 @@ def unsharded_copy(cfg: DictConfig, method: Method, target: nn.Module, is_main: 
     prefix = f"{prefix}." if prefix else ""
     num_classes = int(getattr(target, "num_classes", cfg.model.num_classes or 0))
     model = build_model(cfg.model.name, num_classes, OmegaConf.to_container(cfg.model.kwargs))
-    model.load_state_dict({k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}, strict=True)
+    model.load_state_dict({k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}, strict=True)
     return model
 
 
@@ -152,7 +155,8 @@ def _image_datasets(
 
 def _segmentation_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset | None, dict[str, Any]]:
     """``SegmentationDataset``s: ``data.dataset`` may hold ``ignore_index`` / ``num_classes``, ``data.transform``
-    the augmentation options of the ``segmentation`` view."""
+    the augmentation options of the ``segmentation`` view.
+    """
     from tokenlab.data import build_transforms
     from tokenlab.data.segmentation import build_segmentation_dataset
 
@@ -193,7 +197,8 @@ def _subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
 
 class _Subset(Dataset):
     """Samples ``indices`` of ``dataset``. Unlike ``torch.utils.data.Subset`` it has no batched ``__getitems__``,
-    which would bypass the per-sample seeding of ``SeededDataset`` (it forwards unknown attributes)."""
+    which would bypass the per-sample seeding of ``SeededDataset`` (it forwards unknown attributes).
+    """
 
     def __init__(self, dataset: Dataset, indices: list[int]) -> None:
         self.dataset, self.indices = dataset, indices
@@ -230,7 +235,8 @@ def _no_decay_names(module: nn.Module) -> set[str]:
 
 def param_groups(module: nn.Module, weight_decay: float, layer_decay: float | None) -> list[dict[str, Any]]:
     """Parameter groups with and without weight decay (1-d tensors, biases, ``no_weight_decay()``), or timm's
-    layer-decay groups (``lr_scale``) when ``layer_decay`` is set; every group gets ``lr_scale`` and ``wd_scale``."""
+    layer-decay groups (``lr_scale``) when ``layer_decay`` is set; every group gets ``lr_scale`` and ``wd_scale``.
+    """
     skip = _no_decay_names(module)
     if layer_decay is not None:
         if not hasattr(module, "group_matcher"):
@@ -256,7 +262,7 @@ def param_groups(module: nn.Module, weight_decay: float, layer_decay: float | No
 
 
 def build_optimizer(cfg: DictConfig, module: nn.Module) -> torch.optim.Optimizer:
-    """timm ``create_optimizer_v2`` over ``param_groups(module)`` with the ``optim`` settings."""
+    """Timm ``create_optimizer_v2`` over ``param_groups(module)`` with the ``optim`` settings."""
     from timm.optim import create_optimizer_v2
 
     o = cfg.optim
@@ -267,7 +273,8 @@ def build_optimizer(cfg: DictConfig, module: nn.Module) -> torch.optim.Optimizer
 
 def build_schedules(cfg: DictConfig, steps_per_epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-step learning rate (``schedule.kind``: warm-up + cosine or poly, then cool-down at ``min_lr``) and weight
-    decay (cosine from ``weight_decay`` to ``weight_decay_end``), one value per optimizer step of the run."""
+    decay (cosine from ``weight_decay`` to ``weight_decay_end``), one value per optimizer step of the run.
+    """
     o, s = cfg.optim, cfg.schedule
     main_steps = steps_per_epoch * s.epochs
     warmup = int(round(s.warmup_epochs * steps_per_epoch))

@@ -19,8 +19,9 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,7 +72,9 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     """Inverse of ``capture_rng_state``."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
@@ -235,7 +238,8 @@ def load_method_and_optimizer(
 
 def resume_path(resume: str | None, run_dir: Path) -> Path | None:
     """The checkpoint directory ``checkpoint.resume`` names: None, ``auto`` (the newest in ``RUN/checkpoints``, or
-    None), a checkpoint directory, or a run / checkpoints directory (its newest complete checkpoint)."""
+    None), a checkpoint directory, or a run / checkpoints directory (its newest complete checkpoint).
+    """
     if resume is None:
         return None
     if resume == "auto":

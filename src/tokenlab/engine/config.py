@@ -11,9 +11,10 @@ is accepted where a float is expected) and a sensible value. Every failure is on
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -211,9 +212,7 @@ def validate_config(cfg: DictConfig) -> None:
                 raise ValueError(f"config key {key!r} must be a list, got {value!r} ({_type_name(value)})")
             continue
         if not _type_ok(value, expected):
-            raise ValueError(
-                f"config key {key!r} must be {expected.__name__}, got {value!r} ({_type_name(value)})"
-            )
+            raise ValueError(f"config key {key!r} must be {expected.__name__}, got {value!r} ({_type_name(value)})")
         if key in _CHOICES and value not in _CHOICES[key]:
             raise ValueError(f"config key {key!r} is {value!r}; valid: {', '.join(_CHOICES[key])}")
         if key in _LOWER:

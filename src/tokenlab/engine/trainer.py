@@ -24,9 +24,10 @@ import logging
 import os
 import random
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -298,7 +299,6 @@ class Trainer:
         ckpt.restore_rng_state(rngs[self.rank % len(rngs)])
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.batches_done)
 
-
     # ---- the loop -----------------------------------------------------------------------------------------------
     def _set_schedules(self) -> float:
         i = min(self.step, len(self._lr_schedule) - 1)
@@ -311,8 +311,15 @@ class Trainer:
     def _context(self, lr: float, micro: int, accum: int) -> StepContext:
         wd = float(self._wd_schedule[min(self.step, len(self._wd_schedule) - 1)])
         return StepContext(
-            step=self.step, epoch=self.epoch, plan=self.plan, device=self.device, amp_dtype=self.amp_dtype, lr=lr,
-            values={"weight_decay": wd}, micro_batch=micro, accum_steps=accum,
+            step=self.step,
+            epoch=self.epoch,
+            plan=self.plan,
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+            lr=lr,
+            values={"weight_decay": wd},
+            micro_batch=micro,
+            accum_steps=accum,
         )
 
     def _micro_context(self, micro: int) -> contextlib.AbstractContextManager:
@@ -365,7 +372,10 @@ class Trainer:
             shown = {k: float(v) for k, v in terms.items()}
             logger.warning(
                 "non-finite loss at step %d (terms %s): step skipped (%d in a row, %d in total)",
-                self.step, shown, self.nonfinite_streak, self.nonfinite_total,
+                self.step,
+                shown,
+                self.nonfinite_streak,
+                self.nonfinite_total,
             )
         return {k: float(v) for k, v in terms.items()} | {"lr": lr}, applied
 
@@ -378,8 +388,12 @@ class Trainer:
         if self.is_main:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         log = MetricLogger(
-            self.run_dir, enabled=self.is_main, tensorboard=cfg.log.tensorboard, progress=cfg.log.progress,
-            total_steps=self.stop_step, initial_step=self.step,
+            self.run_dir,
+            enabled=self.is_main,
+            tensorboard=cfg.log.tensorboard,
+            progress=cfg.log.progress,
+            total_steps=self.stop_step,
+            initial_step=self.step,
         )
         if self.is_main:
             log.log("event", self.step, self.epoch, {"event": "resume" if resume else "start", "plan": vars(self.plan)})
@@ -470,8 +484,10 @@ class Trainer:
         was_training = model.training
         model.eval()
         loader = DataLoader(
-            self.val_set, batch_size=self.cfg.data.val_batch_size or self.cfg.data.batch_size,
-            sampler=ShardSampler(len(self.val_set), self.world, self.rank), num_workers=self.cfg.data.num_workers,
+            self.val_set,
+            batch_size=self.cfg.data.val_batch_size or self.cfg.data.batch_size,
+            sampler=ShardSampler(len(self.val_set), self.world, self.rank),
+            num_workers=self.cfg.data.num_workers,
             collate_fn=default_collate,
         )
         sums: dict[str, torch.Tensor] = {}

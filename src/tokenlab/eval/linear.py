@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -234,10 +235,12 @@ def evaluate_frozen(
         cache_dir: Folder of ``train_<kind>.safetensors`` / ``test_<kind>.safetensors`` caches.
     """
     cache = Path(cache_dir) if cache_dir is not None else None
-    train = extract_features(model, train_loader, kind, device, amp,
-                             cache / f"train_{kind}.safetensors" if cache else None)
-    test = extract_features(model, test_loader, kind, device, amp,
-                            cache / f"test_{kind}.safetensors" if cache else None)
+    train = extract_features(
+        model, train_loader, kind, device, amp, cache / f"train_{kind}.safetensors" if cache else None
+    )
+    test = extract_features(
+        model, test_loader, kind, device, amp, cache / f"test_{kind}.safetensors" if cache else None
+    )
     result = FrozenEvalResult(kind, int(train.features.shape[1]))
     if knn:
         result.knn = knn_classify(train, test, k=min(k, len(train)), temperature=temperature)
@@ -354,8 +357,18 @@ def evaluate_ssl_run(
         result.results[label] = {}
         for kind in kinds:
             result.results[label][kind] = evaluate_frozen(
-                backbone, loaders["train"], loaders["test"], kind, knn, k, temperature, linear, linear_kwargs,
-                device, amp, run_dir / "ssl_features" / f"{label}_{tag}",
+                backbone,
+                loaders["train"],
+                loaders["test"],
+                kind,
+                knn,
+                k,
+                temperature,
+                linear,
+                linear_kwargs,
+                device,
+                amp,
+                run_dir / "ssl_features" / f"{label}_{tag}",
             )
     out = Path(out) if out is not None else run_dir / "eval_ssl.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -379,7 +392,8 @@ def finetune_run(run: str | Path, recipe: str | Path, overrides: Sequence[str] =
     _, meta = load_exported(run)
     stem = export_stem(run)
     arch = [f"model.name={meta['model']}"] + [
-        f"model.kwargs.{key}={value}" for key, value in meta.get("model_kwargs", {}).items()
+        f"model.kwargs.{key}={value}"
+        for key, value in meta.get("model_kwargs", {}).items()
         if key not in ("num_classes", "pretrained", "pretrained_cfg_overlay")
     ]
     weights = ["model.kwargs.pretrained=true", f"model.kwargs.pretrained_cfg_overlay.file={stem}.safetensors"]

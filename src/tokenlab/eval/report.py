@@ -15,9 +15,10 @@ import logging
 import math
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from tokenlab.eval import visualize as vis
 from tokenlab.utils.runs import METRICS_FILE
@@ -227,9 +228,13 @@ def write_report(
                 for r in tok_runs]  # fmt: skip
         md += _table(["run", "source", "fg acc.", "fg conf.", "bg = image label", "bg conf.", "IoU(agree, mask)",
                       "view stability"], rows)  # fmt: skip
-        md += ["", "In %. *fg acc.*: object tokens labelled with the image class; *bg = image label*: background "
-               "tokens given the image class; *IoU*: tokens agreeing with the image label vs the object mask; "
-               "*view stability*: same token label in the teacher and the student view.", ""]
+        md += [
+            "",
+            "In %. *fg acc.*: object tokens labelled with the image class; *bg = image label*: background "
+            "tokens given the image class; *IoU*: tokens agreeing with the image label vs the object mask; "
+            "*view stability*: same token label in the teacher and the student view.",
+            "",
+        ]
         for r in tok_runs:
             for f, cap in RUN_PICTURES.items():
                 if f in r.pictures:

@@ -21,12 +21,12 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-
 
 from tokenlab.data.images import list_class_dirs
 from tokenlab.data.specs import EVAL_SPLITS, DataSpec, parse_data_spec
@@ -199,4 +199,3 @@ def evaluate_classifier_run(
 
 def _pred_tuple(p: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor, int, float]:
     return p.logits, p.targets, p.skipped, p.seconds
-

@@ -15,8 +15,9 @@ severity) cell gets its mIoU; the robust mIoU is their mean and ``retention = ro
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -215,8 +216,13 @@ def evaluate_corruptions(
 
 @torch.no_grad()
 def overlay_examples(
-    model: nn.Module, dataset: Any, path: str | Path, count: int = 8, device: str | torch.device = "cpu",
-    scale: int = 1, **predict_kwargs: Any,
+    model: nn.Module,
+    dataset: Any,
+    path: str | Path,
+    count: int = 8,
+    device: str | torch.device = "cpu",
+    scale: int = 1,
+    **predict_kwargs: Any,
 ) -> Path:
     """Write ``count`` evenly spaced examples of ``dataset`` as image | ground truth | prediction rows (PNG)."""
     if count < 1:
@@ -343,5 +349,3 @@ def evaluate_segmentation_run(
 
 def _json_float(value: Any) -> Any:
     return float(value) if isinstance(value, (np.floating, torch.Tensor)) else str(value)
-
-

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -198,7 +199,8 @@ class TokenExamples:
 @dataclass
 class TokenResult:
     """Token-label analysis of one model; ``metrics`` holds :meth:`TokenStats.summary`, ``skipped`` the number
-    of unreadable images left out."""
+    of unreadable images left out.
+    """
 
     name: str
     source: str

@@ -19,7 +19,7 @@ resolutions), the teacher logits are resized to the student grid by bilinear int
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -132,7 +132,9 @@ class STLTokenLoss(nn.Module):
                 f"{student_logits.shape[-1]}; train the labeler on the same data set (same classes)"
             )
         if student_logits.shape[0] != teacher_logits.shape[0]:
-            raise ValueError(f"batch sizes differ: student {student_logits.shape[0]}, teacher {teacher_logits.shape[0]}")
+            raise ValueError(
+                f"batch sizes differ: student {student_logits.shape[0]}, teacher {teacher_logits.shape[0]}"
+            )
         y = self.labels(teacher_logits, teacher_grid, student_grid)
         return token_soft_ce(student_logits, y)
 

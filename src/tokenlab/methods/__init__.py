@@ -31,8 +31,9 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -50,9 +51,14 @@ __all__ = [
 
 # Modules that register built-in methods when imported; loaded lazily so importing the registry stays cheap and
 # free of import cycles. A module that is not there yet (another engineer's work in progress) is skipped.
-_BUILTIN_MODULES = ("tokenlab.methods.supervised", "tokenlab.methods.stl", "tokenlab.methods.ibot", "tokenlab.methods.segmentation")
+_BUILTIN_MODULES = (
+    "tokenlab.methods.supervised",
+    "tokenlab.methods.stl",
+    "tokenlab.methods.ibot",
+    "tokenlab.methods.segmentation",
+)
 
-_REGISTRY: dict[str, type["Method"]] = {}
+_REGISTRY: dict[str, type[Method]] = {}
 M = TypeVar("M", bound=type["Method"])
 
 

@@ -175,8 +175,15 @@ class IBOT(Method):
             logger.info("iBOT: removing the %d-class classifier of %s", model.num_classes, type(model).__name__)
             model.reset_classifier(0)
         self.head = IBOTHead(
-            model.num_features, out_dim, patch_out_dim, shared_head, hidden_dim=hidden_dim,
-            bottleneck_dim=bottleneck_dim, num_layers=head_layers, use_bn=use_bn, norm_last_layer=norm_last_layer,
+            model.num_features,
+            out_dim,
+            patch_out_dim,
+            shared_head,
+            hidden_dim=hidden_dim,
+            bottleneck_dim=bottleneck_dim,
+            num_layers=head_layers,
+            use_bn=use_bn,
+            norm_last_layer=norm_last_layer,
         )
         self.teacher = nn.ModuleDict({"backbone": copy.deepcopy(model), "head": copy.deepcopy(self.head)})
         self.teacher.requires_grad_(False)
@@ -195,7 +202,7 @@ class IBOT(Method):
         self.momentum_schedule = np.zeros(0)
 
     # ---- the engine's hooks -------------------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "IBOT":
+    def train(self, mode: bool = True) -> IBOT:
         """Put the student in ``mode``; the teacher always stays in eval mode."""
         super().train(mode)
         self.teacher.eval()
@@ -223,7 +230,9 @@ class IBOT(Method):
         if plan.global_batch_size < 256 and self.teacher_momentum <= 0.996 and plan.total_steps > 10_000:
             logger.warning(
                 "iBOT: global batch %d with teacher_momentum %.4f; DINO/iBOT advise a higher start (e.g. 0.9995) "
-                "for small batches", plan.global_batch_size, self.teacher_momentum,
+                "for small batches",
+                plan.global_batch_size,
+                self.teacher_momentum,
             )
 
     def _ensure_schedules(self, ctx: StepContext) -> None:

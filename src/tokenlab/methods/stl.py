@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -138,7 +139,9 @@ class STLStudent(Method):
         super().__init__(model)
         _require_token_model(model, "stl_student model")
         if labeler is None:
-            raise ValueError("stl_student needs method.kwargs.labeler: the run directory of a stage-1 (stl_labeler) run")
+            raise ValueError(
+                "stl_student needs method.kwargs.labeler: the run directory of a stage-1 (stl_labeler) run"
+            )
         if teacher_aug not in TEACHER_AUGS:
             raise ValueError(f"unknown teacher_aug {teacher_aug!r}; valid: {', '.join(TEACHER_AUGS)}")
         if teacher_dtype not in _DTYPES:
@@ -178,7 +181,7 @@ class STLStudent(Method):
         """The frozen labeler."""
         return self._teacher[0]
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any) -> "STLStudent":
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any) -> STLStudent:
         super()._apply(fn, *args, **kwargs)
         self._teacher[0]._apply(fn, *args, **kwargs)  # follow .to(device) / .float() of the method
         return self

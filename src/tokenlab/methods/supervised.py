@@ -66,8 +66,12 @@ class ClassTargets:
         self.mixup: Mixup | None = None
         if (mixup_alpha > 0 or cutmix_alpha > 0) and mix_prob > 0:
             self.mixup = Mixup(
-                mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=mix_prob, switch_prob=switch_prob,
-                label_smoothing=label_smoothing, num_classes=num_classes,
+                mixup_alpha=mixup_alpha,
+                cutmix_alpha=cutmix_alpha,
+                prob=mix_prob,
+                switch_prob=switch_prob,
+                label_smoothing=label_smoothing,
+                num_classes=num_classes,
             )
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import timm
 import torch
@@ -49,7 +50,7 @@ def unwrap_state_dict(obj: Mapping[str, Any], prefer: str | None = None) -> dict
     for k, v in obj.items():
         for p in _PREFIXES:
             while k.startswith(p):
-                k = k[len(p):]
+                k = k[len(p) :]
         out[k] = v
     return out
 

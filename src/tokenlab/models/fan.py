@@ -14,9 +14,10 @@ on every patch token. The official token-model prediction is ``cls_logits + 0.5 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from timm.layers import trunc_normal_
@@ -124,7 +125,14 @@ class FAN(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if use_mask_token else None
         self.blocks = nn.ModuleList(
             FANBlock(
-                embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, drop_path_rate, eta,
+                embed_dim,
+                num_heads,
+                mlp_ratio,
+                qkv_bias,
+                drop_rate,
+                attn_drop_rate,
+                drop_path_rate,
+                eta,
                 norm_layer=norm_layer,
             )
             for _ in range(depth)
@@ -132,8 +140,15 @@ class FAN(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.cls_attn_blocks = nn.ModuleList(
             ClassAttentionBlock(
-                embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate, attn_drop=attn_drop_rate,
-                norm_layer=norm_layer, eta=eta, tokens_norm=True,
+                embed_dim,
+                num_heads,
+                mlp_ratio,
+                qkv_bias=qkv_bias,
+                proj_drop=drop_rate,
+                attn_drop=attn_drop_rate,
+                norm_layer=norm_layer,
+                eta=eta,
+                tokens_norm=True,
             )
             for _ in range(cls_attn_layers)
         )
@@ -192,7 +207,9 @@ class FAN(nn.Module):
         if x.ndim != 4:
             raise ValueError(f"expected an image batch of shape (B, C, H, W), got shape {tuple(x.shape)}")
         if x.shape[1] != self.in_chans:
-            raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})")
+            raise ValueError(
+                f"expected {self.in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})"
+            )
         h, w = x.shape[-2:]
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(

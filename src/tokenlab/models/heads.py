@@ -18,7 +18,7 @@ are thin subclasses that only choose the blocks and add what is special to them.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

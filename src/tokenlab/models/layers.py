@@ -15,7 +15,7 @@ positional encoding, the class-attention block, ConvNeXt stages) comes from timm
 
 from __future__ import annotations
 
-from typing import Callable, Type
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,7 @@ class TokenMixing(nn.Module):
 class DWConv(nn.Module):
     """Depthwise 3x3 conv -> activation -> BatchNorm -> depthwise 3x3 conv, applied on the token grid."""
 
-    def __init__(self, dim: int, act_layer: Type[nn.Module] = nn.GELU) -> None:
+    def __init__(self, dim: int, act_layer: type[nn.Module] = nn.GELU) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.act = act_layer()
@@ -78,9 +78,7 @@ class DWConv(nn.Module):
 class DWConvMlp(nn.Module):
     """``fc1 -> h + gamma * DWConv(h) -> fc2``; there is no activation after ``fc1`` in the published model."""
 
-    def __init__(
-        self, dim: int, hidden_dim: int, act_layer: Type[nn.Module] = nn.GELU, drop: float = 0.0
-    ) -> None:
+    def __init__(self, dim: int, hidden_dim: int, act_layer: type[nn.Module] = nn.GELU, drop: float = 0.0) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.dwconv = DWConv(hidden_dim, act_layer)
@@ -117,7 +115,7 @@ class ChannelProcessing(nn.Module):
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         drop: float = 0.0,
-        act_layer: Type[nn.Module] = nn.GELU,
+        act_layer: type[nn.Module] = nn.GELU,
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
     ) -> None:
         super().__init__()
@@ -171,7 +169,7 @@ class FANBlock(nn.Module):
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
         eta: float = 1.0,
-        act_layer: Type[nn.Module] = nn.GELU,
+        act_layer: type[nn.Module] = nn.GELU,
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
     ) -> None:
         super().__init__()

@@ -30,8 +30,9 @@ blocks, class token, heads) are dropped: only ``forward_intermediates`` is used.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import timm
 import torch
@@ -73,7 +74,9 @@ class SimplePyramidNeck(nn.Module):
         if levels != 4:
             raise ValueError(f"the pyramid neck needs exactly 4 feature levels, got {levels}; use neck='none'")
         self.up4 = nn.Sequential(
-            nn.ConvTranspose2d(dim, dim, 2, stride=2), nn.BatchNorm2d(dim), nn.GELU(),
+            nn.ConvTranspose2d(dim, dim, 2, stride=2),
+            nn.BatchNorm2d(dim),
+            nn.GELU(),
             nn.ConvTranspose2d(dim, dim, 2, stride=2),
         )
         self.up2 = nn.ConvTranspose2d(dim, dim, 2, stride=2)

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from timm.layers import resample_abs_pos_embed
@@ -82,7 +82,7 @@ class MaskedViT(VisionTransformer):
         else:
             x = self.blocks(x)
         x = self.norm(x)
-        return x[:, 0], x[:, self.num_prefix_tokens:]
+        return x[:, 0], x[:, self.num_prefix_tokens :]
 
     def forward_head(  # type: ignore[override]
         self, features: tuple[torch.Tensor, torch.Tensor], pre_logits: bool = False
@@ -148,7 +148,7 @@ def checkpoint_filter_fn(
     for key, value in state_dict.items():
         name = key
         for prefix in ("module.", "backbone."):
-            name = name[len(prefix):] if name.startswith(prefix) else name
+            name = name[len(prefix) :] if name.startswith(prefix) else name
         if name == "masked_embed" and "mask_token" in own:
             name, value = "mask_token", value.reshape(own["mask_token"].shape)
         if name not in own:

@@ -233,16 +233,27 @@ class Demo:
             overrides.append(f"schedule.max_steps={self.cfg.max_steps}")
         self.study.train(TrainStage("ibot", IBOT_RECIPE, tuple(overrides)))  # None when trained earlier
         evaluate_ssl_run(
-            run_dir, str(self.data_dir), train_split="train", test_split="val", linear=False, random_init=True,
-            device=self.cfg.device, seed=self.cfg.seed, out=result_file,
+            run_dir,
+            str(self.data_dir),
+            train_split="train",
+            test_split="val",
+            linear=False,
+            random_init=True,
+            device=self.cfg.device,
+            seed=self.cfg.seed,
+            out=result_file,
         )
         return True
 
     def evaluate(self) -> bool:
         """Clean val, the generated corruptions (mCE against the baseline), rendition and shortcut splits."""
         done = self.study.evaluate(
-            self.study.names, self.data_dir, self.cfg.corruptions, self.cfg.severities,
-            corruption_seed=self.cfg.seed, workers=0,
+            self.study.names,
+            self.data_dir,
+            self.cfg.corruptions,
+            self.cfg.severities,
+            corruption_seed=self.cfg.seed,
+            workers=0,
         )
         return bool(done)
 

@@ -318,7 +318,9 @@ class StlStudy:
             lines.append(f"- The STL student {word} the baseline on {what}: {100 * s[key]:.1f} % vs "
                          f"{100 * b[key]:.1f} % ({diff:+.1f} points).")  # fmt: skip
         if s.get("mce_vs_baseline") is not None:
-            lines.append(f"- Student mCE relative to the baseline (100 % = baseline): {100 * s['mce_vs_baseline']:.1f} %.")
+            lines.append(
+                f"- Student mCE relative to the baseline (100 % = baseline): {100 * s['mce_vs_baseline']:.1f} %."
+            )
         return lines
 
 

@@ -55,19 +55,28 @@ def cosine_schedule(
     return np.concatenate([warm, cos, np.full(cooldown_steps, final, dtype=np.float64)])
 
 
-def linear_warmup_then_constant(base: float, total_steps: int, warmup_steps: int, warmup_start: float = 0.0) -> np.ndarray:
+def linear_warmup_then_constant(
+    base: float, total_steps: int, warmup_steps: int, warmup_start: float = 0.0
+) -> np.ndarray:
     """Linear warm-up from ``warmup_start`` to ``base`` over ``warmup_steps``, then ``base``."""
     warm = np.linspace(warmup_start, base, warmup_steps, endpoint=False) if warmup_steps else np.zeros(0)
     return np.concatenate([warm, np.full(max(0, total_steps - warmup_steps), base, dtype=np.float64)])
 
 
 def poly_schedule(
-    base: float, final: float, total_steps: int, power: float = 1.0, warmup_steps: int = 0, warmup_start: float = 0.0,
+    base: float,
+    final: float,
+    total_steps: int,
+    power: float = 1.0,
+    warmup_steps: int = 0,
+    warmup_start: float = 0.0,
     cooldown_steps: int = 0,
 ) -> np.ndarray:
     """``v(s) = (base - final) * (1 - (s - W) / (T - W)) ** power + final`` after a linear warm-up of W steps."""
     if total_steps < 1 or cooldown_steps < 0 or not 0 <= warmup_steps < max(total_steps, 2):
-        raise ValueError(f"bad poly schedule lengths: total={total_steps}, warmup={warmup_steps}, cooldown={cooldown_steps}")
+        raise ValueError(
+            f"bad poly schedule lengths: total={total_steps}, warmup={warmup_steps}, cooldown={cooldown_steps}"
+        )
     warm = np.linspace(warmup_start, base, warmup_steps, endpoint=False) if warmup_steps else np.zeros(0)
     n = total_steps - warmup_steps
     t = np.arange(n, dtype=np.float64) / max(1, n)
