@@ -64,9 +64,9 @@ def test_accumulate_then_apply_is_one_update() -> None:
     accumulated.accumulate(x[:2])
     accumulated.accumulate(x[2:])
     assert torch.equal(accumulated.center, torch.zeros(5))  # nothing moves before apply
-    accumulated.apply()
+    accumulated.apply_pending()
     torch.testing.assert_close(accumulated.center, once.center, atol=1e-6, rtol=0)
-    accumulated.apply()  # the pending rows were consumed: an empty step only decays the center
+    accumulated.apply_pending()  # the pending rows were consumed: an empty step only decays the center
     torch.testing.assert_close(accumulated.center, 0.7 * once.center, atol=1e-6, rtol=0)
 
 
@@ -99,3 +99,10 @@ def test_two_micro_batches_give_the_centre_of_one_big_batch(loss_name: str) -> N
     fresh.center.center.copy_(torch.linspace(-1, 1, k))
     second_alone = fresh(*args(slice(b, 2 * b)), teacher_temp=0.05, update_center=False)
     assert torch.isfinite(first) and torch.equal(second, second_alone)  # same pre-step centre for both halves
+
+
+def test_module_apply_reaches_the_center() -> None:
+    """``nn.Module.apply(fn)`` recurses into every submodule: the center must not shadow it."""
+    seen: list[type] = []
+    torch.nn.Sequential(Center(3)).apply(lambda m: seen.append(type(m)))
+    assert Center in seen

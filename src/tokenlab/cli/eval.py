@@ -61,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
             mce = f"{100 * s.mce:.2f}" if s.mce is not None else "- (no reference)"
             print(f"corruptions [{rule}]: robust acc {100 * s.robust_accuracy:.2f}  retention "
                   f"{100 * s.retention:.2f}  mCE {mce} vs {s.reference or '-'}")  # fmt: skip
-            for c, a in s.per_corruption.items():
-                print(f"  {c:<18} {100 * a:6.2f}")
+            for corruption, acc in s.per_corruption.items():
+                print(f"  {corruption:<18} {100 * acc:6.2f}")
         if res.corruptions.skipped:
             print(f"unreadable images skipped: {res.corruptions.skipped}")
     for name, d in res.ood.items():

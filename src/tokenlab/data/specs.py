@@ -68,7 +68,7 @@ class DataSpec:
     @property
     def synthetic(self) -> bool:
         """A set written by the synthetic generator (``dataset.json`` with its format tag)."""
-        return bool(self.meta) and self.meta.get("format") == SYNTHETIC_FORMAT
+        return (self.meta or {}).get("format") == SYNTHETIC_FORMAT
 
     @property
     def classes(self) -> list[str] | None:

@@ -7,15 +7,16 @@ per-method entry point. The engine still knows methods only by their protocol (`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sized
+from typing import Any, cast
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import Dataset
 
+from tokenlab.engine.config import cfg_dict
 from tokenlab.methods import Method, build_method, get_method_class
 from tokenlab.utils import distributed as D
 from tokenlab.utils.schedules import build_schedule, cosine_schedule
@@ -28,6 +29,7 @@ __all__ = [
     "build_optimizer",
     "build_schedules",
     "data_meta",
+    "dataset_len",
     "param_groups",
     "shard_method",
     "unsharded_copy",
@@ -50,17 +52,19 @@ def build_model(name: str, num_classes: int, kwargs: Mapping[str, Any] | None = 
 
 
 def build_method_from_config(cfg: DictConfig, meta: Mapping[str, Any]) -> Method:
-    """The model of ``cfg.model`` (classes from the data when ``model.num_classes`` is null) inside the method of
-    ``cfg.method``; the method's ``data_kwargs(meta)`` are defaults that ``method.kwargs`` override.
+    """The model of ``cfg.model`` inside the method of ``cfg.method``.
+
+    The classes come from the data when ``model.num_classes`` is null; the method's ``data_kwargs(meta)`` are
+    defaults that ``method.kwargs`` override.
     """
     num_classes = cfg.model.num_classes
     if num_classes is None:
         num_classes = meta.get("num_classes") or len(meta.get("classes", ())) or None
     if num_classes is None:
         raise ValueError("model.num_classes is not set and the data set does not say how many classes it has")
-    model = build_model(cfg.model.name, int(num_classes), OmegaConf.to_container(cfg.model.kwargs))
+    model = build_model(cfg.model.name, int(num_classes), cfg_dict(cfg.model.kwargs))
     cls = get_method_class(cfg.method.name)
-    kwargs = cls.data_kwargs(dict(meta)) | dict(OmegaConf.to_container(cfg.method.kwargs))
+    kwargs = cls.data_kwargs(dict(meta)) | cfg_dict(cfg.method.kwargs)
     return build_method(cfg.method.name, model=model, **kwargs)
 
 
@@ -82,8 +86,9 @@ def shard_method(method: Method, ema_enabled: bool = False) -> None:
 
 
 def unsharded_copy(cfg: DictConfig, method: Method, target: nn.Module, is_main: bool) -> nn.Module | None:
-    """FSDP2: an unsharded CPU copy of ``target`` (a submodule of ``method``) rebuilt from ``cfg.model`` on rank 0,
-    ``None`` elsewhere; a collective, every rank must call it.
+    """FSDP2: an unsharded CPU copy of ``target`` (a submodule of ``method``) on rank 0, ``None`` elsewhere.
+
+    The copy is rebuilt from ``cfg.model``. A collective: every rank must call it.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -93,7 +98,7 @@ def unsharded_copy(cfg: DictConfig, method: Method, target: nn.Module, is_main: 
     prefix = next(name for name, m in method.named_modules() if m is target)
     prefix = f"{prefix}." if prefix else ""
     num_classes = int(getattr(target, "num_classes", cfg.model.num_classes or 0))
-    model = build_model(cfg.model.name, num_classes, OmegaConf.to_container(cfg.model.kwargs))
+    model = build_model(cfg.model.name, num_classes, cfg_dict(cfg.model.kwargs))
     model.load_state_dict({k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}, strict=True)
     return model
 
@@ -135,9 +140,9 @@ def _image_datasets(
 
     d = cfg.data
     spec = d.root if d.root is not None else d.name
-    extra_t = dict(OmegaConf.to_container(d.transform))
+    extra_t = cfg_dict(d.transform)
     train_tf = build_transforms(data_view, d.img_size, **dict(transform_options or {}), **extra_t)
-    dataset_kwargs = OmegaConf.to_container(d.dataset)
+    dataset_kwargs = cfg_dict(d.dataset)
     train_set = build_dataset(spec, split=d.train_split, transform=train_tf, **dataset_kwargs)
     val_set = None
     norm = {k: extra_t[k] for k in ("mean", "std") if k in extra_t}
@@ -145,7 +150,7 @@ def _image_datasets(
     meta.setdefault("mean", [float(v) for v in norm.get("mean", IMAGENET_DEFAULT_MEAN)])
     meta.setdefault("std", [float(v) for v in norm.get("std", IMAGENET_DEFAULT_STD)])
     # the one evaluation preprocessing: validation runs it, and the export stores its keys for every later evaluation
-    val_tf = build_transforms("eval", d.img_size, mean=meta["mean"], std=meta["std"], **OmegaConf.to_container(d.eval))
+    val_tf = build_transforms("eval", d.img_size, mean=meta["mean"], std=meta["std"], **cfg_dict(d.eval))
     meta.update(val_tf.meta())
     if d.val_split is not None:
         val_set = build_dataset(spec, split=d.val_split, transform=val_tf, classes=list(train_set.classes),
@@ -154,8 +159,10 @@ def _image_datasets(
 
 
 def _segmentation_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset | None, dict[str, Any]]:
-    """``SegmentationDataset``s: ``data.dataset`` may hold ``ignore_index`` / ``num_classes``, ``data.transform``
-    the augmentation options of the ``segmentation`` view.
+    """The ``SegmentationDataset``s of ``cfg.data``.
+
+    ``data.dataset`` may hold ``ignore_index`` / ``num_classes``, ``data.transform`` the augmentation options of the
+    ``segmentation`` view.
     """
     from tokenlab.data import build_transforms
     from tokenlab.data.segmentation import build_segmentation_dataset
@@ -164,19 +171,23 @@ def _segmentation_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset | None, di
     if d.root is None:
         raise ValueError(f"data.root is not set: point it at the {d.name!r} segmentation data (for the synthetic set, "
                          f"create one with `tokenlab data synth --out DIR`)")  # fmt: skip
-    extra = dict(OmegaConf.to_container(d.dataset))
+    extra = cfg_dict(d.dataset)
     unknown = sorted(set(extra) - set(_SEGMENTATION_DATASET_KEYS))
     if unknown:
         raise ValueError(f"unknown data.dataset option(s) {unknown} for segmentation; valid: ignore_index, num_classes")
     ignore = int(extra.get("ignore_index", 255))
-    tf = dict(OmegaConf.to_container(d.transform), ignore_index=ignore)
-    kw = dict(ignore_index=ignore, num_classes=extra.get("num_classes"))
+    tf = cfg_dict(d.transform) | {"ignore_index": ignore}
+    num_classes = extra.get("num_classes")
     train_tf = build_transforms("segmentation", d.img_size, train=True, **tf)
-    train_set = build_segmentation_dataset(d.name, d.root, d.train_split, train_tf, **kw)
+    train_set = build_segmentation_dataset(
+        d.name, d.root, d.train_split, train_tf, ignore_index=ignore, num_classes=num_classes
+    )
     val_set = None
     if d.val_split is not None:
         val_tf = build_transforms("segmentation", d.img_size, train=False, **tf)
-        val_set = build_segmentation_dataset(d.name, d.root, d.val_split, val_tf, **kw)
+        val_set = build_segmentation_dataset(
+            d.name, d.root, d.val_split, val_tf, ignore_index=ignore, num_classes=num_classes
+        )
     if cfg.model.num_classes is not None and cfg.model.num_classes != train_set.num_classes:
         raise ValueError(f"model.num_classes={cfg.model.num_classes} but the data set has {train_set.num_classes} "
                          f"classes")  # fmt: skip
@@ -189,15 +200,17 @@ def _segmentation_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset | None, di
 
 def _subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
     """A fixed random subset of ``size`` samples (the whole set when ``size`` is None or not smaller)."""
-    if size is None or size >= len(dataset):
+    if size is None or size >= dataset_len(dataset):
         return dataset
-    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size].sort().values
+    keep = torch.randperm(dataset_len(dataset), generator=torch.Generator().manual_seed(seed))[:size].sort().values
     return _Subset(dataset, keep.tolist())
 
 
 class _Subset(Dataset):
-    """Samples ``indices`` of ``dataset``. Unlike ``torch.utils.data.Subset`` it has no batched ``__getitems__``,
-    which would bypass the per-sample seeding of ``SeededDataset`` (it forwards unknown attributes).
+    """Samples ``indices`` of ``dataset``.
+
+    Unlike ``torch.utils.data.Subset`` it has no batched ``__getitems__``, which would bypass the per-sample seeding
+    of ``SeededDataset`` (it forwards unknown attributes).
     """
 
     def __init__(self, dataset: Dataset, indices: list[int]) -> None:
@@ -208,6 +221,11 @@ class _Subset(Dataset):
 
     def __getitem__(self, i: int) -> Any:
         return self.dataset[self.indices[i]]
+
+
+def dataset_len(dataset: Dataset) -> int:
+    """``len(dataset)``: torch's ``Dataset`` declares no ``__len__``, but every data set the engine builds has one."""
+    return len(cast(Sized, dataset))
 
 
 def data_meta(dataset: Dataset) -> dict[str, Any]:
@@ -234,8 +252,10 @@ def _no_decay_names(module: nn.Module) -> set[str]:
 
 
 def param_groups(module: nn.Module, weight_decay: float, layer_decay: float | None) -> list[dict[str, Any]]:
-    """Parameter groups with and without weight decay (1-d tensors, biases, ``no_weight_decay()``), or timm's
-    layer-decay groups (``lr_scale``) when ``layer_decay`` is set; every group gets ``lr_scale`` and ``wd_scale``.
+    """Optimizer parameter groups: with and without weight decay, or timm's layer-decay groups.
+
+    Without decay: 1-d tensors, biases and ``no_weight_decay()``. With ``layer_decay`` set, timm's layer-decay
+    groups (``lr_scale``); every group gets ``lr_scale`` and ``wd_scale``.
     """
     skip = _no_decay_names(module)
     if layer_decay is not None:
@@ -272,8 +292,10 @@ def build_optimizer(cfg: DictConfig, module: nn.Module) -> torch.optim.Optimizer
 
 
 def build_schedules(cfg: DictConfig, steps_per_epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-step learning rate (``schedule.kind``: warm-up + cosine or poly, then cool-down at ``min_lr``) and weight
-    decay (cosine from ``weight_decay`` to ``weight_decay_end``), one value per optimizer step of the run.
+    """Per-step learning rate and weight decay, one value per optimizer step of the run.
+
+    Learning rate by ``schedule.kind``: warm-up + cosine or poly, then cool-down at ``min_lr``. Weight decay: cosine
+    from ``weight_decay`` to ``weight_decay_end``.
     """
     o, s = cfg.optim, cfg.schedule
     main_steps = steps_per_epoch * s.epochs

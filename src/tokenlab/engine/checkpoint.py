@@ -21,7 +21,7 @@ import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -51,7 +51,8 @@ STATE_FILE = "state.pt"
 
 def capture_rng_state() -> dict[str, Any]:
     """The RNG states of this process as tensors and plain values (safe for ``weights_only`` loading)."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # legacy: ("MT19937", keys, pos, has_gauss, cached_gaussian)
     py_version, py_state, py_gauss = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -203,7 +204,8 @@ def method_state(method: torch.nn.Module, fsdp: bool) -> dict[str, torch.Tensor]
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(method, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = get_model_state_dict(method, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return cast(dict[str, torch.Tensor], full)  # a model's state dict holds tensors only
     return method.state_dict()
 
 
@@ -237,8 +239,10 @@ def load_method_and_optimizer(
 
 
 def resume_path(resume: str | None, run_dir: Path) -> Path | None:
-    """The checkpoint directory ``checkpoint.resume`` names: None, ``auto`` (the newest in ``RUN/checkpoints``, or
-    None), a checkpoint directory, or a run / checkpoints directory (its newest complete checkpoint).
+    """The checkpoint directory that ``checkpoint.resume`` names.
+
+    ``resume`` is None, ``auto`` (the newest in ``RUN/checkpoints``, or None), a checkpoint directory, or a run /
+    checkpoints directory (its newest complete checkpoint).
     """
     if resume is None:
         return None

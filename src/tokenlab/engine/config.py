@@ -14,14 +14,14 @@ import difflib
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tokenlab.utils.amp import AMP_CHOICES
 
-__all__ = ["FREE_SECTIONS", "find_recipe", "list_recipes", "load_config", "validate_config"]
+__all__ = ["FREE_SECTIONS", "cfg_dict", "find_recipe", "list_recipes", "load_config", "validate_config"]
 
 FREE_SECTIONS = ("model.kwargs", "method.kwargs", "data.dataset", "data.transform")
 
@@ -79,6 +79,20 @@ _LOWER: dict[str, tuple[float, bool]] = {
     "checkpoint.every_steps": (0, False),
     "checkpoint.keep": (0, True),
 }
+
+
+def cfg_dict(node: Any) -> dict[str, Any]:
+    """A mapping section of a config (``DictConfig``) as a plain ``dict``, interpolations left as they are.
+
+    The one place that narrows ``OmegaConf.to_container``'s wide return type for the free-form sections.
+
+    Raises:
+        TypeError: ``node`` is not a mapping section.
+    """
+    out = OmegaConf.to_container(node)
+    if not isinstance(out, dict):
+        raise TypeError(f"expected a mapping config section, got {type(out).__name__}")
+    return cast(dict[str, Any], out)
 
 
 def _packaged(name: str) -> Path:

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tokenlab.data.sampler import ResumableSampler, ShardSampler, build_train_loader
 from tokenlab.engine import builders as B
 from tokenlab.engine import checkpoint as ckpt
+from tokenlab.engine.config import cfg_dict
 from tokenlab.errors import NonFiniteLossError, PeerFailureError, TrainingAborted
 from tokenlab.methods import Method, StepContext, TrainPlan, get_method_class
 from tokenlab.utils import distributed as D
@@ -155,9 +156,10 @@ class Trainer:
         self.method = method if method is not None else B.build_method_from_config(cfg, self.data_meta)
         self.model = self.method.model
         if cfg.train.grad_checkpointing:
-            if not hasattr(self.model, "set_grad_checkpointing"):
+            set_grad_checkpointing = getattr(self.model, "set_grad_checkpointing", None)
+            if set_grad_checkpointing is None:
                 raise ValueError(f"train.grad_checkpointing: {type(self.model).__name__} has no set_grad_checkpointing")
-            self.model.set_grad_checkpointing(True)
+            set_grad_checkpointing(True)
         self.method.to(self.device)
         if cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -166,7 +168,9 @@ class Trainer:
         """Sampler, optimizer steps per epoch from this rank's share of the data, and the per-step schedules."""
         cfg = self.cfg
         bs, accum = cfg.data.batch_size, cfg.optim.accum_steps
-        self.sampler = ResumableSampler(len(self.train_set), self.world, self.rank, shuffle=True, seed=cfg.seed)
+        self.sampler = ResumableSampler(
+            B.dataset_len(self.train_set), self.world, self.rank, shuffle=True, seed=cfg.seed
+        )
         self.steps_per_epoch = self.sampler.per_rank // (bs * accum)
         if self.steps_per_epoch < 1:
             raise ValueError(
@@ -226,11 +230,15 @@ class Trainer:
         if not self.fsdp:
             yield
             return
-        self.method.unshard()
+        from torch.distributed.fsdp import FSDPModule
+
+        root = self.method
+        assert isinstance(root, FSDPModule)  # fully_shard made the method's class an FSDPModule
+        root.unshard()
         try:
             yield
         finally:
-            self.method.reshard()
+            root.reshard()
 
     def _loader(self, epoch: int) -> DataLoader:
         return build_train_loader(
@@ -324,8 +332,9 @@ class Trainer:
 
     def _micro_context(self, micro: int) -> contextlib.AbstractContextManager:
         last = micro == self.cfg.optim.accum_steps - 1
-        if not last and hasattr(self.runner, "no_sync"):
-            return self.runner.no_sync()
+        no_sync = getattr(self.runner, "no_sync", None)
+        if not last and no_sync is not None:
+            return no_sync()
         return contextlib.nullcontext()
 
     def _train_step(self, batches: Sequence[Mapping[str, Any]]) -> tuple[dict[str, float], bool]:
@@ -464,7 +473,7 @@ class Trainer:
         names = sorted(window)
         vals = torch.tensor([window[k] / max(1, steps) for k in names], dtype=torch.float64)
         vals = D.all_reduce_mean(vals)
-        metrics = dict(zip(names, vals.tolist()))
+        metrics = dict(zip(names, vals.tolist(), strict=True))
         metrics["images_per_s"] = images / max(secs, 1e-9)
         metrics["nonfinite_total"] = self.nonfinite_total
         if self.is_main:
@@ -483,10 +492,12 @@ class Trainer:
         D.broadcast_module(model, parameters=False)  # rank 0's BatchNorm statistics: validate what rank 0 exports
         was_training = model.training
         model.eval()
+        batch_size = int(self.cfg.data.val_batch_size or self.cfg.data.batch_size)
+        num_val = B.dataset_len(self.val_set)
         loader = DataLoader(
             self.val_set,
-            batch_size=self.cfg.data.val_batch_size or self.cfg.data.batch_size,
-            sampler=ShardSampler(len(self.val_set), self.world, self.rank),
+            batch_size=batch_size,
+            sampler=ShardSampler(num_val, self.world, self.rank),
             num_workers=self.cfg.data.num_workers,
             collate_fn=default_collate,
         )
@@ -499,14 +510,14 @@ class Trainer:
                 for k, v in out.items():
                     sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=self.device)) + v.double()
             if self.fsdp:  # sharded blocks gather in every forward: every rank must run as many as rank 0 (the most)
-                most = -(-len(range(0, len(self.val_set), self.world)) // loader.batch_size)
+                most = -(-len(range(0, num_val, self.world)) // batch_size)
                 pad = _to_device(default_collate([self.val_set[0]]), self.device, self.cfg.train.channels_last)
                 for _ in range(most - len(loader)):
                     with autocast(self.device, self.amp_dtype):
                         self.method.validation_step(model, pad)  # result discarded
         names = sorted(sums)
         total = D.all_reduce_sum(torch.stack([sums[k] for k in names])) if names else torch.zeros(0)
-        stats = dict(zip(names, total.tolist()))
+        stats = dict(zip(names, total.tolist(), strict=True))
         count = stats.pop("count", 0.0) or 1.0
         metrics = {("acc1" if k == "correct" else k): v / count for k, v in stats.items()}
         model.train(was_training)
@@ -518,14 +529,15 @@ class Trainer:
 
     def export(self) -> Path | None:
         """Write ``RUN/model.safetensors`` + ``.json`` (rank 0) through ``tokenlab.models.save_exported``."""
-        model = self.eval_module()
-        if self.fsdp:  # a collective: every rank gathers, rank 0 gets an unsharded CPU copy
-            model = B.unsharded_copy(self.cfg, self.method, model, self.is_main)
+        target = self.eval_module()
+        # under FSDP a collective: every rank gathers, rank 0 gets an unsharded CPU copy
+        model = B.unsharded_copy(self.cfg, self.method, target, self.is_main) if self.fsdp else target
         if not self.is_main:
             return None
+        assert model is not None  # rank 0 always gets the copy
         from tokenlab.models import save_exported
 
-        model_kwargs = dict(OmegaConf.to_container(self.cfg.model.kwargs))
+        model_kwargs = cfg_dict(self.cfg.model.kwargs)
         model_kwargs["num_classes"] = int(getattr(model, "num_classes", self.cfg.model.num_classes or 0))
         name = getattr(model, "pretrained_cfg", {}).get("architecture") or self.cfg.model.name
         meta = {
@@ -551,7 +563,7 @@ def train(cfg: DictConfig) -> RunResult:
     ``data_view`` names, and the ``Trainer`` builds the model, method, optimizer and schedules.
     """
     cls = get_method_class(cfg.method.name)  # an unknown method fails here, before any data is read
-    options = cls.transform_options(dict(OmegaConf.to_container(cfg.method.kwargs)))
+    options = cls.transform_options(cfg_dict(cfg.method.kwargs))
     train_set, val_set, meta = B.build_datasets(cfg, cls.data_view, options)
     try:
         return Trainer(cfg, train_set, val_set, data_meta=meta).fit()

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from tokenlab.eval.metrics import Reliability, expected_calibration_error, nll, topk_accuracy
+from tokenlab.models.contract import as_backbone
 from tokenlab.utils.amp import autocast
 
 logger = logging.getLogger(__name__)
@@ -70,9 +71,11 @@ class ClassifyResult:
 
     @property
     def images_per_s(self) -> float:
+        """Evaluation throughput (NaN when no time was measured)."""
         return self.n / self.seconds if self.seconds > 0 else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
+        """This result as plain JSON-ready data."""
         return {
             "n": self.n, "skipped": self.skipped, "top1": self.top1, "top5": self.top5, "nll": self.nll,
             "ece": self.ece, "rule": self.rule, "num_classes": self.num_classes, "seconds": self.seconds,
@@ -86,7 +89,7 @@ def _rule_logits(model: nn.Module, x: torch.Tensor, rule: str) -> torch.Tensor:
     elif rule == "cls":
         if not hasattr(model, "forward_tokens"):
             raise ValueError(f"rule 'cls' needs a model with forward_tokens; {type(model).__name__} has none")
-        return model.forward_tokens(x).cls_logits
+        return as_backbone(model).forward_tokens(x).cls_logits
     else:
         raise ValueError(f"unknown prediction rule {rule!r}; valid: {', '.join(RULES)}")
 
@@ -145,7 +148,7 @@ def predict(
                 continue
             x = x.to(device, non_blocking=True)
             if both:
-                tok = model.forward_tokens(x)  # one forward pass serves both rules
+                tok = as_backbone(model).forward_tokens(x)  # one forward pass serves both rules
                 outs["official"].append(tok.combined().float().cpu())
                 outs["cls"].append(tok.cls_logits.float().cpu())
             else:
@@ -204,7 +207,8 @@ def evaluate_classifier(
     Args:
         model: A classifier; token models also support the ``"cls"`` rule.
         loader: Yields ``{"image", "label"[, "valid"]}`` batches; labels index the model's classes.
-        device, amp: Where and with which autocast dtype to run.
+        device: Where to run.
+        amp: Autocast dtype (``tokenlab.utils.amp``: a name or a dtype; None for full precision).
         rules: Subset of :data:`RULES`.
         subset: Restrict the logits to these model classes before every metric (OOD sets).
         n_bins: Bins of the reliability diagram.

@@ -56,6 +56,7 @@ class CorruptionResult:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
+        """This result as plain JSON-ready data."""
         out: dict[str, Any] = {"source": self.source, "skipped": self.skipped, "num_images": self.num_images,
                                "seconds": self.seconds}  # fmt: skip
         for rule, s in self.scores.items():
@@ -140,17 +141,24 @@ def evaluate_corruptions(
         class_to_idx: Folder -> model class index.
         meta: Exported-model metadata (its ``EVAL_META_KEYS`` build the preprocessing).
         clean_accuracy: ``{rule: clean top-1}`` for retention and relative mCE.
-        corruptions, severities: Restrict the cells (default: all present).
+        corruptions: Restrict the cells to these corruptions (default: all present).
+        severities: Restrict the cells to these severities (default: all present).
         reference: mCE reference (None: no mCE).
-        rules, device, amp, batch_size, workers: As in :func:`tokenlab.eval.classify.evaluate_classifier`.
+        rules: Prediction rules, as in :func:`tokenlab.eval.classify.evaluate_classifier`.
+        device: Where the model runs.
+        amp: Autocast dtype, as in :func:`tokenlab.eval.classify.evaluate_classifier`.
+        batch_size: Evaluation batch size.
+        workers: DataLoader workers (default: up to 4).
     """
     cells = read_corruption_tree(tree, corruptions, severities)
     tf = eval_transform_from_meta(meta)
     keys = [(c, s) for c, sev in cells.items() for s in sev]
     parts = [_Grouped(ImageTreeDataset(cells[c][s], class_to_idx, tf), g) for g, (c, s) in enumerate(keys)]
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
-    loader = DataLoader(ConcatDataset(parts), batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=torch.cuda.is_available())  # fmt: skip
+    loader: DataLoader[dict[str, Any]] = DataLoader(
+        ConcatDataset(parts), batch_size=batch_size, shuffle=False, num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+    )  # fmt: skip
     pred = predict(model, loader, device, amp, rules)
     assert pred.groups is not None
     skipped: dict[str, int] = {}

@@ -33,6 +33,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -168,7 +169,7 @@ def corrupt_image(
     else:
         size = (w, h)
     if size != (w, h):
-        pil = pil.resize(size, Image.BICUBIC)
+        pil = pil.resize(size, Image.Resampling.BICUBIC)
     fn = _corruption_fn(corruption)
     kwargs = {"seed": seed} if "seed" in inspect.signature(fn).parameters else {}
     state = np.random.get_state()
@@ -176,13 +177,13 @@ def corrupt_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the library emits deprecation warnings from scikit-image / numpy
-            out = np.uint8(np.clip(fn(pil, severity, **kwargs), 0, 255))
+            out = np.clip(fn(pil, severity, **kwargs), 0, 255).astype(np.uint8)
     finally:
         np.random.set_state(state)
     if out.ndim == 2:
         out = np.stack([out] * 3, axis=-1)
     if out.shape[:2] != (h, w):
-        out = np.asarray(Image.fromarray(out).resize((w, h), Image.BICUBIC))
+        out = np.asarray(Image.fromarray(out).resize((w, h), Image.Resampling.BICUBIC))
     return out
 
 
@@ -292,7 +293,7 @@ def generate_corruptions(
     root = Path(cache_dir) / f"{source.name}-{key}"
     root.mkdir(parents=True, exist_ok=True)
     manifest_file = root / "manifest.json"
-    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {
+    manifest: dict[str, Any] = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {
         "source": str(source.resolve()), "seed": seed, "work_size": work_size, "format": fmt,
         "num_images": len(items), "complete": [], "unreadable": [],
     }  # fmt: skip
@@ -338,7 +339,7 @@ def generate_corruptions(
                 for c, s in todo:
                     chunks = tasks_for(c, s)
                     futs = [pool.submit(_work, chunk, c, s, seed, work_size, fmt) for chunk in chunks]
-                    pending[(c, s)] = (futs, {id(f): len(ch) for f, ch in zip(futs, chunks)})
+                    pending[(c, s)] = (futs, {id(f): len(ch) for f, ch in zip(futs, chunks, strict=True)})
                 for (c, s), (futs, sizes) in pending.items():
                     for f in as_completed(futs):
                         _, bad = f.result()

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tokenlab.models.contract import as_backbone
 from tokenlab.utils.amp import autocast
 
 __all__ = ["FEATURE_KINDS", "FeatureSet", "KNNResult", "extract_features", "features_of", "knn_classify"]
@@ -87,7 +88,8 @@ def features_of(model: nn.Module, images: torch.Tensor, kind: str = "cls") -> to
     """Features (B, D) of a backbone following the tokenlab contract (``forward_features -> (cls, patches)``)."""
     _check_kind(kind)
     if kind == "last4_cls":
-        if not hasattr(model, "forward_intermediates") or not getattr(model, "num_prefix_tokens", 0):
+        forward_intermediates = getattr(model, "forward_intermediates", None)
+        if forward_intermediates is None or not getattr(model, "num_prefix_tokens", 0):
             raise ValueError(
                 f"feature kind 'last4_cls' needs a ViT whose blocks carry the class token; {type(model).__name__} "
                 f"has none (use 'cls' or 'cls_avgpool')"
@@ -95,11 +97,11 @@ def features_of(model: nn.Module, images: torch.Tensor, kind: str = "cls") -> to
         depth = len(getattr(model, "blocks", ()))
         if depth < 4:
             raise ValueError(f"feature kind 'last4_cls' needs at least 4 blocks; {type(model).__name__} has {depth}")
-        inter = model.forward_intermediates(
+        inter = forward_intermediates(
             images, indices=4, return_prefix_tokens=True, norm=True, output_fmt="NLC", intermediates_only=True
         )
         return torch.cat([prefix[:, 0] for _, prefix in inter], dim=-1)  # 4 x (B, C) -> (B, 4C)
-    cls, patches = model.forward_features(images)
+    cls, patches = as_backbone(model).forward_features(images)
     if kind == "cls":
         return cls
     if kind == "avgpool":

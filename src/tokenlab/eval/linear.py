@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenlab.eval.knn import FeatureSet, KNNResult, extract_features, knn_classify
+from tokenlab.models.contract import as_backbone
 from tokenlab.utils.runs import export_stem
 
 __all__ = [
@@ -119,6 +120,9 @@ def train_linear(
 
 
 class _Standardised(nn.Module):
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, linear: nn.Linear) -> None:
         super().__init__()
         self.register_buffer("mean", mean)
@@ -204,6 +208,7 @@ class FrozenEvalResult:
     linear: LinearResult | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """This result as plain JSON-ready data."""
         return asdict(self)
 
 
@@ -228,8 +233,11 @@ def evaluate_frozen(
         train_loader: Batches of the split searched by the k-NN / fitted by the probe.
         test_loader: Batches of the split reported.
         kind: Feature kind (``tokenlab.eval.knn.FEATURE_KINDS``).
-        knn: Run the weighted k-NN (``k``, ``temperature``).
-        linear: Run the linear probe (``linear_kwargs`` go to ``linear_probe``).
+        knn: Run the weighted k-NN.
+        k: Neighbours of the k-NN.
+        temperature: Temperature of the k-NN vote weights.
+        linear: Run the linear probe.
+        linear_kwargs: Extra kwargs of ``linear_probe``.
         device: Where the backbone runs.
         amp: Autocast for feature extraction (``tokenlab.utils.amp``: a name or a dtype).
         cache_dir: Folder of ``train_<kind>.safetensors`` / ``test_<kind>.safetensors`` caches.
@@ -279,6 +287,7 @@ class SSLRunResult:
     skipped: int = 0
 
     def to_dict(self) -> dict[str, Any]:
+        """This result as plain JSON-ready data."""
         return {
             "run": self.run, "data": self.data, "model": self.model, "train_split": self.train_split,
             "test_split": self.test_split, "num_train": self.num_train, "num_test": self.num_test,
@@ -316,13 +325,23 @@ def evaluate_ssl_run(
     Args:
         run: Run directory or exported model stem.
         data: Data-set spec for ``tokenlab.data.build_dataset`` (``cifar10``, a folder, a synthetic set, ...).
-        train_split, test_split: Splits for the feature bank / probe fit and for the report.
+        train_split: Split of the feature bank / probe fit.
+        test_split: Split reported.
         kinds: Feature kinds to evaluate.
         amp: Autocast for feature extraction (``none``/``bf16``/``fp16`` or a dtype).
-        train_subset, test_subset: Fixed random subsets (seeded) to bound the cost on a CPU.
+        train_subset: Fixed random subset (seeded) of the train split, to bound the cost on a CPU.
+        test_subset: Likewise for the test split.
         random_init: Also evaluate the same architecture with random weights (``torch.manual_seed(seed)``).
         out: JSON path (default ``RUN/eval_ssl.json``; the run's folder when ``run`` is a model stem).
-        Other args: see ``evaluate_frozen``.
+        knn: Run the weighted k-NN.
+        k: Neighbours of the k-NN.
+        temperature: Temperature of the k-NN vote weights.
+        linear: Run the linear probe.
+        linear_kwargs: Extra kwargs of ``linear_probe``.
+        batch_size: Feature-extraction batch size.
+        workers: DataLoader workers.
+        device: Where the backbone runs.
+        seed: Seed of the subsets and of ``random_init``.
     """
     import json
 
@@ -335,7 +354,9 @@ def evaluate_ssl_run(
     run = Path(run)
     model, meta = load_exported(run)
     run_dir = run if run.is_dir() else run.parent
-    fallback = None if meta.get("img_size") else int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    fallback = (
+        None if meta.get("img_size") else int(as_backbone(model).pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    )
     transform = eval_transform_from_meta(meta, img_size=fallback)
     splits, skipped = {}, 0
     for name, split, size, offset in (("train", train_split, train_subset, 0), ("test", test_split, test_subset, 1)):

@@ -143,7 +143,7 @@ def write_report(
     """
     if not run_dirs:
         raise ValueError("no run directory given")
-    runs = [load_run(p, n) for p, n in zip(run_dirs, _unique_names(run_dirs, names))]
+    runs = [load_run(p, n) for p, n in zip(run_dirs, _unique_names(run_dirs, names), strict=True)]
     out = Path(out_dir)
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -197,7 +197,7 @@ def write_report(
         figure(vis.plot_severity_curves(per_sev, img_dir / "severity_curves.png", clean), "accuracy against severity")
 
     # ---- OOD ----------------------------------------------------------------------------------------------------
-    ood_names = sorted({o for r in evald for o in (r.eval.get("ood") or {})})
+    ood_names = sorted({o for r in evald for o in ((r.eval or {}).get("ood") or {})})
     if ood_names:
         md += ["## Distribution shift (OOD sets)", ""]
         rows = []
@@ -222,10 +222,12 @@ def write_report(
     tok_runs = [r for r in runs if r.tokens]
     if tok_runs:
         md += ["## Token labels", ""]
-        rows = [[r.name, str(r.tokens.get("source", "–")), _pct(r.tokens.get("fg_accuracy")),
-                 _pct(r.tokens.get("fg_confidence")), _pct(r.tokens.get("bg_agree_with_image_label")),
-                 _pct(r.tokens.get("bg_confidence")), _pct(r.tokens.get("iou")), _pct(r.tokens.get("stability"))]
-                for r in tok_runs]  # fmt: skip
+        rows = []
+        for r in tok_runs:
+            t = r.tokens or {}
+            rows.append([r.name, str(t.get("source", "–")), _pct(t.get("fg_accuracy")), _pct(t.get("fg_confidence")),
+                         _pct(t.get("bg_agree_with_image_label")), _pct(t.get("bg_confidence")), _pct(t.get("iou")),
+                         _pct(t.get("stability"))])  # fmt: skip
         md += _table(["run", "source", "fg acc.", "fg conf.", "bg = image label", "bg conf.", "IoU(agree, mask)",
                       "view stability"], rows)  # fmt: skip
         md += [

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenlab.models.contract import as_backbone
 from tokenlab.utils.amp import autocast
 
 logger = logging.getLogger(__name__)
@@ -118,12 +119,14 @@ class TokenStats:
         self.bg_hist += torch.bincount(pred[bg].flatten(), minlength=self.num_classes)[: self.num_classes]
         inter = (agree & fg).flatten(1).sum(1)
         union = (agree | fg).flatten(1).sum(1)
-        self.ious += [i / u for i, u in zip(inter.tolist(), union.tolist()) if u > 0]
+        self.ious += [i / u for i, u in zip(inter.tolist(), union.tolist(), strict=True) if u > 0]
         if pred_other_view is not None:
             self.stable += int((pred == pred_other_view).sum())
             self.stable_total += pred.numel()
 
     def summary(self) -> dict[str, Any]:
+        """The accumulated statistics as ratios (NaN where nothing was counted)."""
+
         def ratio(a: float, b: float) -> float:
             return a / b if b else math.nan
 
@@ -156,11 +159,13 @@ def token_predictions(model: nn.Module, x: torch.Tensor, source: str = "auto") -
     """Per-token logits ``(B, N, K)`` and the grid, from ``aux_head`` or the class head on the patch tokens."""
     source = _token_source(model, source)
     if source == "aux":
-        out = model.forward_tokens(x)
+        out = as_backbone(model).forward_tokens(x)
+        assert out.token_logits is not None  # _token_source checked the aux_head
         return out.token_logits, out.grid
     elif source == "head":
-        _, patches = model.forward_features(x)
-        return model.get_classifier()(patches), model.grid_size(x.shape[-2:])
+        backbone = as_backbone(model)
+        _, patches = backbone.forward_features(x)
+        return backbone.get_classifier()(patches), backbone.grid_size(x.shape[-2:])
     else:
         raise ValueError(f"unknown token-label source {source!r}; valid: {', '.join(SOURCES)}")
 
@@ -198,8 +203,9 @@ class TokenExamples:
 
 @dataclass
 class TokenResult:
-    """Token-label analysis of one model; ``metrics`` holds :meth:`TokenStats.summary`, ``skipped`` the number
-    of unreadable images left out.
+    """Token-label analysis of one model.
+
+    ``metrics`` holds :meth:`TokenStats.summary`, ``skipped`` the number of unreadable images left out.
     """
 
     name: str
@@ -212,7 +218,7 @@ class TokenResult:
     def to_dict(self) -> dict[str, Any]:
         """The ``tokens.json`` record (``skipped``: unreadable images left out)."""
         m = dict(self.metrics)
-        m["bg_distribution"] = dict(zip(self.classes, m["bg_distribution"]))
+        m["bg_distribution"] = dict(zip(self.classes, m["bg_distribution"], strict=True))
         return {"name": self.name, "source": self.source, "classes": self.classes, **m, "skipped": self.skipped}
 
 
@@ -237,10 +243,12 @@ def analyze_tokens(
         loader: Batches ``{"image": (B,3,S,S), "label": (B,), "mask": (B,S,S)}``; with ``"teacher_image"``, stability
             compares that view with ``image``; without it, with :func:`photometric_view` of ``image``.
         classes: Class names (for the background distribution).
-        mean, std: The normalisation of the images (to build the jittered view and the example pictures).
+        mean: The normalisation mean of the images (to build the jittered view and the example pictures).
+        std: The normalisation std, likewise.
         source: ``auto`` (aux head when present), ``aux`` or ``head``.
         threshold: Object fraction above which a token counts as object.
-        device, amp: Inference settings.
+        device: Where the model runs.
+        amp: Autocast dtype (``tokenlab.utils.amp``).
         num_examples: Images kept for pictures.
         seed: Seed of the photometric student view.
         name: Label of this model in reports.
@@ -248,6 +256,7 @@ def analyze_tokens(
     src = _token_source(model, source)
     device = torch.device(device)
     model.eval().to(device)
+    class_attention_maps = getattr(model, "class_attention_maps", None)
     stats = TokenStats(len(classes))
     gen = torch.Generator().manual_seed(seed)
     ex: dict[str, list[torch.Tensor]] = {"images": [], "labels": [], "pred": [], "conf": [], "masks": [], "attn": []}
@@ -285,15 +294,19 @@ def analyze_tokens(
                 ex["pred"].append(pred[:n])
                 ex["conf"].append(conf[:n])
                 ex["masks"].append(masks[:n])
-                if hasattr(model, "class_attention_maps"):
-                    ex["attn"].append(model.class_attention_maps(x[:n]).float().cpu())
+                if class_attention_maps is not None:
+                    ex["attn"].append(class_attention_maps(x[:n]).float().cpu())
                 kept += n
     if stats.images == 0:
         raise ValueError("no image analysed: the loader was empty")
     examples = None
     if kept:
         examples = TokenExamples(
-            *(torch.cat(ex[k]) for k in ("images", "labels", "pred", "conf", "masks")),
+            images=torch.cat(ex["images"]),
+            labels=torch.cat(ex["labels"]),
+            pred=torch.cat(ex["pred"]),
+            conf=torch.cat(ex["conf"]),
+            masks=torch.cat(ex["masks"]),
             attention=torch.cat(ex["attn"]) if ex["attn"] else None,
         )
     if skipped:

@@ -1,5 +1,7 @@
-"""Pictures (matplotlib, Agg backend, PNG): token-label maps, class-attention maps, corruption bars and severity
-curves comparing runs, reliability diagrams, and training curves from ``metrics.jsonl``.
+"""Pictures (matplotlib, Agg backend, PNG) of evaluations and training runs.
+
+Token-label maps, class-attention maps, corruption bars and severity curves comparing runs, reliability diagrams,
+and training curves from ``metrics.jsonl``.
 
 Every function takes plain data (tensors, dicts read from ``eval.json`` / ``tokens.json`` / ``metrics.jsonl``),
 writes one PNG and returns its path; nothing here computes a metric.
@@ -70,13 +72,16 @@ def plot_token_labels(
     masks: torch.Tensor | None = None,
     title: str | None = None,
 ) -> Path:
-    """Per image: the image (with the object contour), the token-label map (colour = class, opacity = confidence),
-    and the agreement map (green: token label = image label, red: other class). Opacity of the label map
+    """One row per image: the image, its token-label map and its agreement map.
+
+    The image carries the object contour; the token-label map shows colour = class, opacity = confidence; the
+    agreement map is green where token label = image label, red for another class. Opacity of the label map
     grows from 0.3 at chance confidence (1/K) to 0.9 at confidence 1.
 
     Args:
         images: (n, 3, S, S) in [0, 1].
-        pred, conf: (n, H, W) token labels and confidences.
+        pred: (n, H, W) token labels.
+        conf: (n, H, W) token-label confidences.
         labels: (n,) image labels.
         classes: Class names.
         path: Output PNG.
@@ -84,7 +89,7 @@ def plot_token_labels(
         title: Figure title.
     """
     n = images.shape[0]
-    size = tuple(images.shape[-2:])
+    size = (images.shape[-2], images.shape[-1])
     colors = _class_colors(len(classes))
     fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n), squeeze=False)
     for i in range(n):
@@ -129,6 +134,9 @@ def plot_class_attention(
     Args:
         images: (n, 3, S, S) in [0, 1].
         attention: (n, heads, H, W) class-token attention over the patch tokens.
+        path: Output PNG.
+        max_heads: Single heads drawn per image.
+        title: Figure title.
     """
     n, heads = attention.shape[:2]
     size = tuple(images.shape[-2:])
@@ -163,6 +171,8 @@ def plot_corruption_bars(
     Args:
         per_corruption: ``{run: {corruption: accuracy}}``.
         clean: ``{run: clean accuracy}``, drawn as a dashed line per run.
+        path: Output PNG.
+        title: Figure title.
     """
     runs = list(per_corruption)
     names = sorted({c for v in per_corruption.values() for c in v})
@@ -198,6 +208,8 @@ def plot_severity_curves(
     Args:
         per_severity: ``{run: {severity: accuracy}}``.
         clean: ``{run: clean accuracy}``.
+        path: Output PNG.
+        title: Figure title.
     """
     if not per_severity:
         raise ValueError("nothing to plot: no severity results")
@@ -223,6 +235,7 @@ def plot_reliability(reliability: Mapping[str, Mapping[str, Any]], path: str | P
 
     Args:
         reliability: ``{run: Reliability.to_dict()}`` (``edges``, ``counts``, ``accuracy``, ``confidence``, ``ece``).
+        path: Output PNG.
     """
     if not reliability:
         raise ValueError("nothing to plot: no reliability data")
@@ -260,6 +273,7 @@ def plot_training_curves(runs: Mapping[str, str | Path], path: str | Path, smoot
 
     Args:
         runs: ``{name: run dir}`` (each with ``metrics.jsonl``).
+        path: Output PNG.
         smooth: Moving-average window of the step loss.
     """
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.8))

@@ -10,8 +10,8 @@ its definition exactly:
 where ``t_r`` are all teacher output rows of the optimizer step (every view, image and, for patches, token, of
 every micro-batch) over every process, and ``m`` is the center momentum (iBOT: 0.9). With gradient accumulation the
 rows of each micro-batch are summed (``accumulate``) and the EMA is applied once, at the step's last micro-batch
-(``apply``), so k micro-batches of B give the center of one batch of k B. iBOT keeps separate centers for [CLS] and
-patch outputs; each loss owns one ``Center``.
+(``apply_pending``), so k micro-batches of B give the center of one batch of k B. iBOT keeps separate centers for
+[CLS] and patch outputs; each loss owns one ``Center``.
 
 Reductions over processes go through ``tokenlab.utils.distributed`` and are no-ops in one process.
 
@@ -50,6 +50,8 @@ class Center(nn.Module):
         [0.5, 0.5, 0.5, 0.5]
     """
 
+    center: torch.Tensor
+
     def __init__(self, dim: int, momentum: float = 0.9) -> None:
         super().__init__()
         if dim < 1:
@@ -65,6 +67,7 @@ class Center(nn.Module):
         self._pending: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
+        """The settings shown by ``repr``."""
         return f"dim={self.dim}, momentum={self.momentum}"
 
     def forward(self, teacher_out: torch.Tensor) -> torch.Tensor:
@@ -85,7 +88,7 @@ class Center(nn.Module):
         self._pending = sums if self._pending is None else self._pending + sums.to(self._pending.device)
 
     @torch.no_grad()
-    def apply(self) -> None:
+    def apply_pending(self) -> None:
         """``c <- m c + (1 - m) mean(pending rows over every process)``, then clear the pending rows.
 
         A collective under ``torch.distributed``: every rank calls it once per optimizer step.
@@ -98,9 +101,9 @@ class Center(nn.Module):
 
     @torch.no_grad()
     def update(self, teacher_out: torch.Tensor) -> None:
-        """``c <- m c + (1 - m) mean(teacher_out)`` (in place): ``accumulate`` then ``apply``."""
+        """``c <- m c + (1 - m) mean(teacher_out)`` (in place): ``accumulate`` then ``apply_pending``."""
         self.accumulate(teacher_out)
-        self.apply()
+        self.apply_pending()
 
     def _row_sums(self, teacher_out: torch.Tensor) -> torch.Tensor:
         """(K + 1,): the sum of the rows of ``teacher_out`` and their count, float32."""
@@ -140,7 +143,7 @@ class CenteredTeacherLoss(nn.Module):
         """
         self.center.accumulate(teacher_out)
         if apply:
-            self.center.apply()
+            self.center.apply_pending()
 
     @torch.no_grad()
     def teacher_probs(self, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:

@@ -60,6 +60,7 @@ from torch import nn
 from tokenlab.losses.dino_cls import DINOClsLoss
 from tokenlab.losses.ibot_patch import IBOTPatchLoss
 from tokenlab.methods import Method, StepContext, TrainPlan, register_method
+from tokenlab.models.contract import as_backbone
 from tokenlab.models.heads import IBOTHead
 from tokenlab.utils.schedules import cosine_schedule, linear_warmup_then_constant
 
@@ -171,11 +172,12 @@ class IBOT(Method):
             raise ValueError(f"clip_grad_per_param must be > 0 or None, got {clip_grad_per_param}")
         if warmup_teacher_temp_epochs < 0 or freeze_last_layer_epochs < 0:
             raise ValueError("warmup_teacher_temp_epochs and freeze_last_layer_epochs must be >= 0")
+        backbone = as_backbone(model)
         if getattr(model, "num_classes", 0):
-            logger.info("iBOT: removing the %d-class classifier of %s", model.num_classes, type(model).__name__)
-            model.reset_classifier(0)
+            logger.info("iBOT: removing the %d-class classifier of %s", backbone.num_classes, type(model).__name__)
+            backbone.reset_classifier(0)
         self.head = IBOTHead(
-            model.num_features,
+            backbone.num_features,
             out_dim,
             patch_out_dim,
             shared_head,
@@ -213,6 +215,7 @@ class IBOT(Method):
         return nn.ModuleDict({"backbone": self.model, "head": self.head})
 
     def export_module(self) -> nn.Module:
+        """The exported backbone: the EMA teacher's (``export='teacher'``) or the student."""
         return self.teacher["backbone"] if self.export == "teacher" else self.model
 
     def export_meta(self) -> dict[str, Any]:
@@ -240,12 +243,15 @@ class IBOT(Method):
             self.on_train_start(ctx.plan)
 
     def current_teacher_temp(self, step: int) -> float:
+        """The teacher temperature at optimizer step ``step`` (the last value past the schedule)."""
         return float(self.teacher_temp_schedule[min(step, len(self.teacher_temp_schedule) - 1)])
 
     def current_momentum(self, step: int) -> float:
+        """The teacher EMA momentum at optimizer step ``step`` (the last value past the schedule)."""
         return float(self.momentum_schedule[min(step, len(self.momentum_schedule) - 1)])
 
     def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        """The iBOT losses of one micro-batch (see the class docstring)."""
         self._ensure_schedules(ctx)
         crops: list[torch.Tensor] = list(batch["crops"])
         n_global = _count_global(crops, batch.get("masks"))
@@ -255,14 +261,14 @@ class IBOT(Method):
         temp = self.current_teacher_temp(ctx.step)
 
         with torch.no_grad():
-            t_feat, t_patch_feat = self.teacher["backbone"].forward_features(globals_)
+            t_feat, t_patch_feat = as_backbone(self.teacher["backbone"]).forward_features(globals_)
             t_cls, t_patch = self.teacher["head"](t_feat, t_patch_feat)
 
-        s_feat, s_patch_feat = self.model.forward_features(globals_, mask)
+        s_feat, s_patch_feat = as_backbone(self.model).forward_features(globals_, mask)
         s_cls, s_patch = self.head(s_feat, s_patch_feat)
         student_cls = [s_cls]
         if len(crops) > n_global:
-            local_feat, _ = self.model.forward_features(torch.cat(crops[n_global:]))
+            local_feat, _ = as_backbone(self.model).forward_features(torch.cat(crops[n_global:]))
             student_cls.append(self.head(local_feat)[0])
         student_cls_views = torch.cat(student_cls).reshape(len(crops), b, -1)  # (V B, K) -> (V, B, K)
         teacher_cls_views = t_cls.reshape(n_global, b, -1)
@@ -304,7 +310,7 @@ class IBOT(Method):
         if not grads:
             return
         norms = torch._foreach_norm(grads)
-        for g, n in zip(grads, norms):
+        for g, n in zip(grads, norms, strict=True):
             g.mul_((max_norm / (n + 1e-6)).clamp(max=1.0))
 
     @torch.no_grad()
@@ -317,11 +323,11 @@ class IBOT(Method):
     def update_teacher(self, momentum: float) -> None:
         """``theta_t <- m theta_t + (1 - m) theta_s`` for backbone and head."""
         student = nn.ModuleDict({"backbone": self.model, "head": self.head})
-        t_params = [p for p in self.teacher.parameters()]
+        t_params: list[torch.Tensor] = [p for p in self.teacher.parameters()]
         s_params = [p for p in student.parameters()]
         torch._foreach_mul_(t_params, momentum)
         torch._foreach_add_(t_params, [p.detach() for p in s_params], alpha=1.0 - momentum)
-        for t_buf, s_buf in zip(self.teacher.buffers(), student.buffers()):
+        for t_buf, s_buf in zip(self.teacher.buffers(), student.buffers(), strict=True):  # the teacher is a copy
             t_buf.copy_(s_buf)
 
     @torch.no_grad()
@@ -344,9 +350,10 @@ def _count_global(crops: list[torch.Tensor], masks: Any) -> int:
 
 def _global_mask(masks: Any, model: nn.Module, globals_: torch.Tensor, n_global: int) -> torch.Tensor:
     b = globals_.shape[0] // n_global
-    grid = model.grid_size(tuple(globals_.shape[-2:])) if hasattr(model, "grid_size") else None
+    backbone = as_backbone(model)
+    grid = backbone.grid_size(tuple(globals_.shape[-2:])) if hasattr(model, "grid_size") else None
     if masks is None:
-        n = math.prod(grid) if grid is not None else model.forward_features(globals_[:1])[1].shape[1]
+        n = math.prod(grid) if grid is not None else backbone.forward_features(globals_[:1])[1].shape[1]
         return torch.zeros(globals_.shape[0], n, dtype=torch.bool, device=globals_.device)
     mask = torch.cat([torch.as_tensor(m) for m in masks]).to(globals_.device)  # G x (B, H, W) -> (G B, H, W)
     if grid is not None and tuple(mask.shape[1:]) != tuple(grid):

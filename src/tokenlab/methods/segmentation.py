@@ -57,9 +57,9 @@ class Segmentation(Method):
         self.init_from = None if init_from is None else str(init_from)
         self.init_meta: dict[str, Any] | None = None
         if init_from:
-            from tokenlab.models.segmentation import load_backbone_weights
+            from tokenlab.models.segmentation import FANSegFormer, load_backbone_weights
 
-            if not hasattr(model, "backbone"):
+            if not isinstance(model, FANSegFormer):
                 raise ValueError(f"init_from needs a segmentation model with a .backbone, got {type(model).__name__}")
             self.init_meta = load_backbone_weights(model, init_from)
 
@@ -85,6 +85,7 @@ class Segmentation(Method):
         )
 
     def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        """Per-pixel cross-entropy of one micro-batch."""
         logits = self.model(batch["image"])  # (B, K, H, W)
         ce = self._loss(logits, batch["mask"])
         return {"loss": ce, "ce": ce.detach()}

@@ -33,6 +33,7 @@ from torch import nn
 from tokenlab.losses.stl_token import STLTokenLoss
 from tokenlab.methods import Method, StepContext, register_method
 from tokenlab.methods.supervised import ClassTargets, soft_cross_entropy
+from tokenlab.models.contract import as_backbone
 
 __all__ = ["STLLabeler", "STLStudent", "TEACHER_AUGS"]
 
@@ -77,14 +78,18 @@ class STLLabeler(Method):
         if aux_loss_weight < 0:
             raise ValueError(f"aux_loss_weight must be >= 0, got {aux_loss_weight}")
         self.aux_loss_weight = aux_loss_weight
-        k = int(num_classes or model.num_classes)
+        k = int(num_classes or as_backbone(model).num_classes)
         self.targets = ClassTargets(k, label_smoothing, mixup_alpha, cutmix_alpha, mix_prob, switch_prob)
 
     def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        """STL losses of one micro-batch (see the class docstring)."""
         images, targets = self.targets(batch["image"], batch["label"])
-        cls, patches = self.model.forward_features(images)
-        cls_loss = soft_cross_entropy(self.model.forward_head((cls, patches)), targets)
-        aux_loss = soft_cross_entropy(self.model.aux_head(patches.mean(dim=1)), targets)  # (B, N, C) -> (B, C)
+        model = as_backbone(self.model)
+        cls, patches = model.forward_features(images)
+        cls_loss = soft_cross_entropy(model.forward_head((cls, patches)), targets)
+        aux_loss = soft_cross_entropy(
+            self.model.get_submodule("aux_head")(patches.mean(dim=1)), targets
+        )  # (B, N, C) -> (B, C)
         loss = cls_loss + self.aux_loss_weight * aux_loss
         return {"loss": loss, "cls": cls_loss.detach(), "aux": aux_loss.detach()}
 
@@ -148,7 +153,7 @@ class STLStudent(Method):
             raise ValueError(f"unknown teacher_dtype {teacher_dtype!r}; valid: {', '.join(_DTYPES)}")
         if token_loss_weight < 0:
             raise ValueError(f"token_loss_weight must be >= 0, got {token_loss_weight}")
-        k = int(num_classes or model.num_classes)
+        k = int(num_classes or as_backbone(model).num_classes)
         teacher = self._load_labeler(labeler)
         _require_token_model(teacher, "labeler")
         if teacher.num_classes != k:
@@ -209,13 +214,15 @@ class STLStudent(Method):
         )
         self.teacher.eval()
         with torch.inference_mode(), amp:
-            out = self.teacher.forward_tokens(images)
+            out = as_backbone(self.teacher).forward_tokens(images)
+        assert out.token_logits is not None  # the labeler was checked for an aux_head
         return out.token_logits.float().clone(), out.grid  # clone: inference tensors cannot enter autograd
 
     def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        """STL losses of one micro-batch (see the class docstring)."""
         t_logits, t_grid = self.teacher_logits(self._teacher_input(batch), ctx.amp_dtype)
         images, targets = self.targets(batch["image"], batch["label"])
-        out = self.model.forward_tokens(images)
+        out = as_backbone(self.model).forward_tokens(images)
         cls_loss = soft_cross_entropy(out.cls_logits, targets)
         token_loss = self.token_loss(out.token_logits, t_logits, out.grid, t_grid)
         loss = cls_loss + self.token_loss_weight * token_loss

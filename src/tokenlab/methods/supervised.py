@@ -107,10 +107,11 @@ class Supervised(Method):
         switch_prob: float = 0.5,
     ) -> None:
         super().__init__(model)
-        k = int(num_classes or getattr(model, "num_classes", 0))
+        k = num_classes or int(getattr(model, "num_classes", 0))
         self.targets = ClassTargets(k, label_smoothing, mixup_alpha, cutmix_alpha, mix_prob, switch_prob)
 
     def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        """Soft-target cross-entropy of one micro-batch (after mixup / cutmix)."""
         images, targets = self.targets(batch["image"], batch["label"])
         loss = soft_cross_entropy(self.model(images), targets)
         return {"loss": loss, "ce": loss.detach()}

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.xcit import ClassAttentionBlock, PositionalEncodingFourier
+from timm.models.xcit import ClassAttentionBlock, ClassAttn, PositionalEncodingFourier
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -32,6 +32,10 @@ from tokenlab.models.layers import ConvPatchEmbed, FANBlock, HybridPatchEmbed
 __all__ = ["FAN", "TokenOutput"]
 
 AUX_WEIGHT = 0.5  # weight of the max-over-tokens aux logits in the official STL evaluation rule
+
+
+#: FAN's default norm layer (one shared module-level default rather than a call in the signature).
+_LAYER_NORM = partial(nn.LayerNorm, eps=1e-6)
 
 
 @dataclass
@@ -101,7 +105,7 @@ class FAN(nn.Module):
         eta: float = 1.0,
         aux_head: bool = False,
         use_mask_token: bool = False,
-        norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+        norm_layer: Callable[[int], nn.Module] = _LAYER_NORM,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -115,7 +119,9 @@ class FAN(nn.Module):
         elif stem == "hybrid":
             if patch_size != 16:
                 raise ValueError(f"the hybrid stem has a fixed token stride of 16, got patch_size={patch_size}")
-            self.patch_embed = HybridPatchEmbed(in_chans, embed_dim, tuple(hybrid_depths))
+            if len(hybrid_depths) != 2:
+                raise ValueError(f"hybrid_depths holds the depths of the 2 ConvNeXt stages, got {hybrid_depths}")
+            self.patch_embed = HybridPatchEmbed(in_chans, embed_dim, (hybrid_depths[0], hybrid_depths[1]))
         else:
             raise ValueError(f"unknown FAN stem {stem!r}; expected 'vit' or 'hybrid'")
         self.patch_size = patch_size
@@ -146,7 +152,7 @@ class FAN(nn.Module):
                 qkv_bias=qkv_bias,
                 proj_drop=drop_rate,
                 attn_drop=attn_drop_rate,
-                norm_layer=norm_layer,
+                norm_layer=norm_layer,  # type: ignore[arg-type]  # timm says type[Module]; it only calls it with dim
                 eta=eta,
                 tokens_norm=True,
             )
@@ -174,10 +180,12 @@ class FAN(nn.Module):
     # ---- timm model API -------------------------------------------------------------------------------------
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
+        """Parameters excluded from weight decay (timm API)."""
         return {"pos_embed", "cls_token", "mask_token"}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for layer-wise lr decay: stem, then blocks, then the class-attention blocks."""
         return dict(
             stem=r"^cls_token|^mask_token|^pos_embed|^patch_embed",
             blocks=r"^blocks\.(\d+)" if coarse else [(r"^blocks\.(\d+)", None), (r"^cls_attn_blocks\.(\d+)", (99999,))],
@@ -185,13 +193,16 @@ class FAN(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the FAN blocks in the backward pass to save memory (timm API)."""
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
+        """The class head (timm API)."""
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the class head (and the aux head when present) by fresh ones with ``num_classes`` outputs."""
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if self.has_aux_head:
@@ -256,6 +267,7 @@ class FAN(nn.Module):
         return x[:, 0], x[:, 1:]
 
     def forward_head(self, features: tuple[torch.Tensor, torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
+        """Class logits (B, K) from ``forward_features``' output; ``pre_logits`` returns the class token."""
         cls = self.head_drop(features[0])
         return cls if pre_logits else self.head(cls)
 
@@ -300,6 +312,7 @@ class FAN(nn.Module):
         for blk in self.cls_attn_blocks[:-1]:
             x = blk(x)
         last = self.cls_attn_blocks[-1]
+        assert isinstance(last, ClassAttentionBlock) and isinstance(last.attn, ClassAttn)
         xn = last.norm1(x)
         B, N, C = xn.shape
         h = last.attn.num_heads

@@ -42,6 +42,7 @@ from torch import nn
 
 from tokenlab.models._loading import check_state_dict, read_state_dict
 from tokenlab.models._registry import list_tokenlab_models
+from tokenlab.models.fan import FAN
 from tokenlab.utils.runs import export_stem, read_model_meta
 
 __all__ = ["FANSegFormer", "SegFormerHead", "SimplePyramidNeck", "default_indices", "load_backbone_weights"]
@@ -83,6 +84,7 @@ class SimplePyramidNeck(nn.Module):
         self.down2 = nn.MaxPool2d(2, ceil_mode=True)
 
     def forward(self, maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Resample the maps to strides s/4, s/2, s, 2s."""
         return [self.up4(maps[0]), self.up2(maps[1]), maps[2], self.down2(maps[3])]
 
 
@@ -120,7 +122,7 @@ class SegFormerHead(nn.Module):
         size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
         feats = [
             F.interpolate(p(m), size=size, mode="bilinear", align_corners=False) if m.shape[-2:] != size else p(m)
-            for p, m in zip(self.proj, maps)
+            for p, m in zip(self.proj, maps, strict=True)
         ]
         return self.classifier(self.dropout(self.fuse(torch.cat(feats, dim=1))))
 
@@ -163,7 +165,10 @@ class FANSegFormer(nn.Module):
         if img_size is not None:
             bkw.setdefault("img_size", img_size)
         self.backbone_name = backbone
-        self.backbone = timm.create_model(backbone, num_classes=0, **bkw)
+        model = timm.create_model(backbone, num_classes=0, **bkw)
+        if not isinstance(model, FAN):
+            raise ValueError(f"backbone {backbone!r} is not a FAN model ({type(model).__name__})")
+        self.backbone: FAN = model
         for name in _CLASSIFICATION_ONLY:
             if hasattr(self.backbone, name):
                 delattr(self.backbone, name)
@@ -184,6 +189,7 @@ class FANSegFormer(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
+        """Backbone parameters excluded from weight decay (timm API)."""
         return {f"backbone.{n}" for n in ("pos_embed", "mask_token")}
 
     @torch.jit.ignore
@@ -196,6 +202,7 @@ class FANSegFormer(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the backbone blocks in the backward pass to save memory (timm API)."""
         self.backbone.set_grad_checkpointing(enable)
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -49,9 +49,11 @@ class MaskedViT(VisionTransformer):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
+        """Parameters excluded from weight decay (timm API), the mask token included."""
         return super().no_weight_decay() | {"mask_token"}
 
     def grid_size(self, img_size: int | Sequence[int]) -> tuple[int, int]:
+        """The (H, W) token grid for an input of ``img_size``."""
         h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         return h // self.patch_size, w // self.patch_size
 
@@ -87,16 +89,21 @@ class MaskedViT(VisionTransformer):
     def forward_head(  # type: ignore[override]
         self, features: tuple[torch.Tensor, torch.Tensor], pre_logits: bool = False
     ) -> torch.Tensor:
+        """Class logits (B, K) from ``forward_features``' output; ``pre_logits`` returns the features."""
         cls, patches = features
         x = patches.mean(dim=1) if self.global_pool == "avg" else cls
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
 
     def forward_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> TokenOutput:
+        """Class logits and the token grid (no token head: ``token_logits`` is None)."""
         grid = self.grid_size(x.shape[-2:])
         return TokenOutput(self.forward_head(self.forward_features(x, mask)), None, grid)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        """Class logits (B, K) of whole images (timm's attention-mask arguments are not supported)."""
+        if attn_mask is not None or is_causal:
+            raise ValueError("MaskedViT.forward takes images only: attn_mask / is_causal are not supported")
         return self.forward_head(self.forward_features(x))
 
 

@@ -1,5 +1,7 @@
-"""The STL study, written once: token labeler -> supervised baseline -> STL student, then evaluation, token
-analysis, a report and a verdict. ``tokenlab demo`` (synthetic set) and ``scripts/cifar10_stl.py`` (CIFAR-10) run it.
+"""The STL study, written once: token labeler -> supervised baseline -> STL student, then evaluation.
+
+After the trainings come evaluation, token analysis, a report and a verdict. ``tokenlab demo`` (synthetic set) and
+``scripts/cifar10_stl.py`` (CIFAR-10) run it.
 
 A study lives in one directory of runs, ``RUNS/<stage name>``. Its trainings are data (:class:`TrainStage`: name,
 recipe, overrides, and for a student the stage whose run labels it), so the callers only choose recipes and
@@ -311,16 +313,16 @@ class StlStudy:
             ("rendition_top1", "accuracy on the rendition split"),
             ("shortcut_top1", "accuracy on the shortcut (texture cue-conflict) split"),
         ):
-            if b.get(key) is None or s.get(key) is None:
+            base, student = b.get(key), s.get(key)
+            if base is None or student is None:
                 continue
-            diff = 100 * (s[key] - b[key])
+            diff = 100 * (student - base)
             word = "beat" if diff > 0 else ("tied with" if diff == 0 else "did not beat")
-            lines.append(f"- The STL student {word} the baseline on {what}: {100 * s[key]:.1f} % vs "
-                         f"{100 * b[key]:.1f} % ({diff:+.1f} points).")  # fmt: skip
-        if s.get("mce_vs_baseline") is not None:
-            lines.append(
-                f"- Student mCE relative to the baseline (100 % = baseline): {100 * s['mce_vs_baseline']:.1f} %."
-            )
+            lines.append(f"- The STL student {word} the baseline on {what}: {100 * student:.1f} % vs "
+                         f"{100 * base:.1f} % ({diff:+.1f} points).")  # fmt: skip
+        mce = s.get("mce_vs_baseline")
+        if mce is not None:
+            lines.append(f"- Student mCE relative to the baseline (100 % = baseline): {100 * mce:.1f} %.")
         return lines
 
 
@@ -331,6 +333,11 @@ def noise_note(seed: int, epochs: int, n_train: int, n_val: int, advice: str) ->
         f"\nOne seed ({seed}) at a {epochs}-epoch budget on {n_train} images: differences below about {2 * se:.0f} "
         f"points (two binomial standard errors on {n_val} val images) are within noise. {advice}"
     )
+
+
+def _percent_cell(value: float | None) -> str:
+    """One cell of ``format_table``: ``value`` in percent, or a dash when unevaluated."""
+    return f"{100 * value:>9.1f}%" if value is not None else f"{'-':>10}"
 
 
 def format_table(rows: dict[str, dict[str, float | None]]) -> str:
@@ -347,6 +354,6 @@ def format_table(rows: dict[str, dict[str, float | None]]) -> str:
     head = f"{'model':<10}" + "".join(f"{title:>10}" for _, title in cols)
     lines = [head, "-" * len(head)]
     for name, r in rows.items():
-        cells = "".join(f"{100 * r[k]:>9.1f}%" if r.get(k) is not None else f"{'-':>10}" for k, _ in cols)
+        cells = "".join(_percent_cell(r.get(k)) for k, _ in cols)
         lines.append(f"{name:<10}{cells}")
     return "\n".join(lines)

@@ -16,7 +16,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 try:
-    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard import SummaryWriter as _SummaryWriter
+
+    SummaryWriter: type[_SummaryWriter] | None = _SummaryWriter
 except ImportError:  # tensorboard missing: JSONL only, said once at start-up
     SummaryWriter = None
 
@@ -84,6 +86,7 @@ class MetricLogger:
         self._bar.refresh()
 
     def close(self) -> None:
+        """Flush and close the progress bar, TensorBoard writer and JSONL file."""
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:
