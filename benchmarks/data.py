@@ -3,9 +3,10 @@
 The tokenlab pipelines run through the one training loader the Trainer uses (``data.sampler.build_train_loader``:
 ``ResumableSampler`` + per-sample seeding), with the data views of ``data.transforms.build_transforms``.
 
-Every loader pipeline reads the same synthetic ``train`` split (images only, no masks, like timm's ImageFolder) with the same image size, batch size and workers;
-the pipelines are measured in alternating rounds within one run (shared machines are noisy) and the median round
-is reported. The headline number is the cost ratio ``paired STL / timm single view`` (target <= 1.3).
+Every loader pipeline reads the same synthetic ``train`` split (images only, no masks, like timm's ImageFolder)
+with the same image size, batch size and workers; the pipelines are measured in alternating rounds within one run
+(shared machines are noisy) and the median round is reported. The headline number is the cost ratio
+``paired STL / timm single view`` (target <= 1.3).
 
     python benchmarks/data.py                       # CPU, writes benchmarks/results/data.json
     python benchmarks/data.py --device cuda --workers 8 --batch-size 256 --images 20000

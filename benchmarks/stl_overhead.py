@@ -12,7 +12,7 @@
 
 Usage::
 
-    python benchmarks/stl_overhead.py                                   # CPU defaults, writes results/stl_overhead_cpu.json
+    python benchmarks/stl_overhead.py               # CPU defaults, writes results/stl_overhead_cpu.json
     python benchmarks/stl_overhead.py --device cuda --amp bf16 --img-size 224 --batch-size 128
 """
 

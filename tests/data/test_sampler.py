@@ -48,7 +48,7 @@ def test_resume_mid_epoch_continues_the_same_batches(synth_dir: Path) -> None:
     full = list(build_train_loader(ds, 4, sampler, 1))
     resumed = list(build_train_loader(ds, 4, sampler, 1, start=8))
     assert len(resumed) == len(full) - 2
-    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(full[2:], resumed))
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(full[2:], resumed, strict=True))
 
 
 def test_bad_loader_arguments(synth_dir: Path) -> None:

@@ -40,7 +40,7 @@ def test_folders_lists_and_missing_paths(tmp_path: Path) -> None:
     listed = parse_data_spec(tmp_path / "tree" / "val.csv")
     assert listed.kind == "list" and listed.list_file() == tmp_path / "tree" / "val.csv"
     with pytest.raises(ValueError, match="needs an image-folder tree"):
-        listed.root
+        _ = listed.root
     (tmp_path / "notes.md").write_text("x")
     with pytest.raises(ValueError, match="not a list file"):
         parse_data_spec(tmp_path / "notes.md")

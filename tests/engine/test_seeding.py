@@ -64,9 +64,9 @@ def test_same_seed_epoch_index_same_sample_next_epoch_differs(view: str, synthet
     first = _epoch(train_set, cfg.seed, 0)
     torch.manual_seed(1)  # the global RNG state does not matter, only (seed, epoch, index)
     again = _epoch(train_set, cfg.seed, 0)
-    assert len(first) == len(again) and all(torch.equal(a, b) for a, b in zip(first, again))
+    assert len(first) == len(again) and all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     nxt = _epoch(train_set, cfg.seed, 1)
-    images = [(a, b) for a, b in zip(first, nxt) if a.is_floating_point()]
+    images = [(a, b) for a, b in zip(first, nxt, strict=True) if a.is_floating_point()]
     assert images and any(not torch.equal(a, b) for a, b in images), f"{view}: epoch 1 repeats epoch 0"
     other_seed = _epoch(train_set, cfg.seed + 1, 0)
-    assert any(not torch.equal(a, b) for a, b in zip(first, other_seed) if a.is_floating_point())
+    assert any(not torch.equal(a, b) for a, b in zip(first, other_seed, strict=True) if a.is_floating_point())

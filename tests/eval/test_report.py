@@ -20,10 +20,9 @@ def test_report_on_two_tiny_runs(tmp_path: Path):
     data = make_masked_set(tmp_path / "synth")
     make_tree(data / "rendition", classes=("dog",), per_class=2)
     runs = [make_run(tmp_path / "baseline", token=False), make_run(tmp_path / "stl", seed=1)]
-    evaluate_classifier_run(runs[0], data, corruptions="contrast,fog", severities="1,2", cache_dir=tmp_path / "c", workers=0,
-                 progress=False)  # fmt: skip
-    evaluate_classifier_run(runs[1], data, corruptions="contrast,fog", severities="1,2", cache_dir=tmp_path / "c", workers=0,
-                 reference=runs[0], progress=False)  # fmt: skip
+    corr = dict(corruptions="contrast,fog", severities="1,2", cache_dir=tmp_path / "c", workers=0, progress=False)
+    evaluate_classifier_run(runs[0], data, **corr)
+    evaluate_classifier_run(runs[1], data, reference=runs[0], **corr)
     for r in runs:
         save_token_pictures(analyze_run(r, data, num_examples=2), r)
     files = write_report(runs, tmp_path / "report")

@@ -73,7 +73,7 @@ def test_grad_checkpointing_same_outputs_and_grads(name: str) -> None:
     model.set_grad_checkpointing(True)
     y1, g1 = run()
     assert torch.allclose(y0, y1, atol=1e-6)
-    assert len(g0) == len(g1) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g0, g1))
+    assert len(g0) == len(g1) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g0, g1, strict=True))
 
 
 @pytest.mark.parametrize("name", ["fan_nano_6_p16_224_token", "fan_tiny_8_p4_hybrid_token"])

@@ -1,9 +1,10 @@
 """Data: the built-in synthetic set, real image folders / lists / CIFAR-10, STL paired views, iBOT crops and masks.
 
-``parse_data_spec(spec, split)`` reads a data-spec string, ``build_dataset(spec, split, transform)`` turns its files
-into sample dicts (decoded by ``data.images``), ``build_transforms(kind, img_size)`` makes the transform per data view (``classification``,
-``stl_paired``, ``multicrop``, ``segmentation``, ``eval``; evaluation everywhere through ``eval_transform_from_meta``) and ``build_train_loader``
-(``data.sampler``) batches them with per-sample seeding. See ``docs/design.md``.
+``parse_data_spec(spec, split)`` reads a data-spec string, ``build_dataset(spec, split, transform)`` turns its
+files into sample dicts (decoded by ``data.images``), ``build_transforms(kind, img_size)`` makes the transform per
+data view (``classification``, ``stl_paired``, ``multicrop``, ``segmentation``, ``eval``; evaluation everywhere
+through ``eval_transform_from_meta``) and ``build_train_loader`` (``data.sampler``) batches them with per-sample
+seeding. See ``docs/design.md``.
 """
 
 from tokenlab.data.datasets import ImageDataset, build_dataset

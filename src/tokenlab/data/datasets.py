@@ -112,6 +112,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     @property
     def targets(self) -> list[int]:
+        """The class index of every sample, in sample order."""
         return [label for _, label in self.samples]
 
     @property
@@ -121,6 +122,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     @property
     def has_masks(self) -> bool:
+        """Whether every image has an object mask (``mask_root`` was given)."""
         return self.mask_paths is not None
 
     def __len__(self) -> int:
@@ -213,7 +215,7 @@ def read_list(path: Path, classes: list[str] | None = None) -> tuple[list[tuple[
         classes = [str(i) for i in range(max(int(x) for x in labels) + 1)] if numeric else sorted(set(labels))
     index = {name: i for i, name in enumerate(classes)}
     samples = []
-    for row, label in zip(rows, labels):
+    for row, label in zip(rows, labels, strict=True):
         if numeric and label not in index:
             label_id = int(label)
             if not 0 <= label_id < len(classes):

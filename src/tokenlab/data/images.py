@@ -1,5 +1,7 @@
-"""Image files, in one place: which files are images, how any of them becomes 8-bit RGB, how class trees are
-scanned, and what happens to a file that cannot be read.
+"""Image files, in one place: reading, decoding to 8-bit RGB, scanning class trees, unreadable files.
+
+Which files are images, how any of them becomes 8-bit RGB, how class trees are scanned, and what happens to a
+file that cannot be read.
 
 Training data sets, evaluation trees, token analysis, segmentation pairs and the corruption generator all read
 images through here, so one file decodes to the same pixels everywhere (a 16-bit PNG is scaled to 8 bits, not
@@ -133,6 +135,7 @@ class UnreadableImages:
 
     @property
     def count(self) -> int:
+        """How many files were skipped."""
         return len(self.paths)
 
     def skip(self, path: str | Path, problem: object) -> None:

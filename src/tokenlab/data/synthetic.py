@@ -92,6 +92,11 @@ class SynthConfig:
     max_fragments: int = 4
 
     def validate(self) -> None:
+        """Reject settings the generator cannot honour (tiny images, unknown splits).
+
+        Raises:
+            ValueError: ``img_size`` below 8 or an unknown split in ``counts``.
+        """
         if self.img_size < 8:
             raise ValueError(f"img_size must be at least 8 pixels, got {self.img_size}")
         unknown = sorted(set(self.counts) - set(SPLITS))
@@ -397,6 +402,7 @@ def _encode_png(target: Path | BinaryIO, array: np.ndarray) -> None:
 
 
 def image_name(index: int) -> str:
+    """The file name of image ``index`` of a split (zero-padded, so names sort in index order)."""
     return f"{index:06d}.png"
 
 

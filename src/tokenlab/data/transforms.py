@@ -128,6 +128,8 @@ class RandAugmentSpec:
 
 @dataclass(frozen=True)
 class Op:
+    """One augmentation op of a policy: its name and its op-specific strength."""
+
     name: str
     level: float  # op-specific argument: degrees, pixels, factor, bits, threshold or offset
 
@@ -223,8 +225,10 @@ def sample_crop_box(
     ratio: tuple[float, float],
     gen: torch.Generator | None,
 ) -> tuple[int, int, int, int]:
-    """A RandomResizedCrop box ``(top, left, height, width)``: area fraction in ``scale``, log-uniform aspect in
-    ``ratio``; after 10 misses, the largest centred box with an aspect inside ``ratio``.
+    """A RandomResizedCrop box ``(top, left, height, width)``.
+
+    Area fraction in ``scale``, log-uniform aspect in ``ratio``; after 10 misses, the largest centred box with an
+    aspect inside ``ratio``.
     """
     height, width = size
     area = height * width
@@ -330,6 +334,7 @@ class EvalTransform(v2.Transform):
         )
 
     def forward(self, inpt: Any) -> dict[str, Any]:
+        """Preprocess one sample (an image or a sample dict) into a sample dict."""
         return self.pipeline(_as_sample(inpt))
 
     def meta(self) -> dict[str, Any]:
@@ -429,6 +434,7 @@ class ViewTransform(v2.Transform):
         self.centre = EvalTransform(img_size, crop_pct, mean, std) if teacher == "none" else None
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        """Draw this call's random parameters (the torchvision v2 hook)."""
         gen = self.generator
         image = next(x for x in flat_inputs if isinstance(x, tv_tensors.Image))
         box = sample_crop_box(_image_size(image), self.scale, self.ratio, gen)
@@ -485,6 +491,7 @@ class ViewTransform(v2.Transform):
         return out
 
     def forward(self, inpt: Any) -> dict[str, Any]:
+        """The sample with this view applied (one random crop box shared by image and mask)."""
         sample = _as_sample(inpt)
         flat = [sample["image"]] + ([sample["mask"]] if "mask" in sample else [])
         params = self.make_params(flat)
@@ -585,6 +592,7 @@ class MultiCropTransform(v2.Transform):
         return v2.Compose(ops)
 
     def forward(self, inpt: Any) -> dict[str, Any]:
+        """The sample with its global and local crops."""
         sample = _as_sample(inpt)
         image = sample["image"]
         crops = [view(image) for view in self.global_views] + [self.local_view(image) for _ in range(self.num_local)]

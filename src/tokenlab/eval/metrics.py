@@ -117,6 +117,7 @@ class Reliability:
     ece: float
 
     def to_dict(self) -> dict[str, object]:
+        """This result as plain JSON-ready data."""
         return {
             "edges": self.edges,
             "counts": self.counts,

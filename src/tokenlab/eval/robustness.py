@@ -61,6 +61,7 @@ class EvalResult:
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        """This result as plain JSON-ready data."""
         return {
             "name": self.name, "model": self.model, "checkpoint": self.checkpoint, "data": self.data,
             "classes": self.classes, "rules": self.rules, "device": self.device, "amp": self.amp,
@@ -71,6 +72,7 @@ class EvalResult:
         }  # fmt: skip
 
     def save(self, path: str | Path) -> Path:
+        """Write ``to_dict()`` as JSON to ``path`` atomically (via a temporary file); returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -132,7 +134,10 @@ def evaluate_classifier_run(
         reference: mCE reference: ``auto``, ``alexnet``, ``none`` or a run dir / ``eval.json``.
         ood: ``"auto"`` (synthetic rendition/shortcut splits when present), and/or ``NAME=DIR[@MAPPING]`` strings
             where MAPPING is a mapping file or ``imagenet-a`` / ``imagenet-r``.
-        device, amp, batch_size, workers: Inference settings.
+        device: Where the model runs.
+        amp: Autocast dtype (``tokenlab.utils.amp``).
+        batch_size: Evaluation batch size.
+        workers: DataLoader workers.
         progress: tqdm bar while generating corruptions.
     """
     from tokenlab.models import load_exported

@@ -84,9 +84,10 @@ class SegMetrics:
 
     def per_class(self) -> dict[str, float]:
         """``{class name: IoU}``."""
-        return dict(zip(self.class_names, self.iou))
+        return dict(zip(self.class_names, self.iou, strict=True))
 
     def to_dict(self) -> dict[str, Any]:
+        """This result as plain JSON-ready data."""
         return {
             "miou": self.miou, "pixel_accuracy": self.pixel_accuracy, "mean_accuracy": self.mean_accuracy,
             "pixels": self.pixels, "iou": self.per_class(),
@@ -129,11 +130,13 @@ class ConfusionMeter:
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch: ``pred`` logits ``(B, K, H, W)`` or classes ``(B, H, W)``, ``target`` ``(B, H, W)``."""
         if pred.ndim == target.ndim + 1:
             pred = pred.argmax(dim=1)
         self.matrix += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
 
     def compute(self) -> SegMetrics:
+        """The metrics of everything accumulated so far."""
         return metrics_from_confusion(self.matrix, self.class_names)
 
 
@@ -156,6 +159,7 @@ class SegRobustness:
     retention: float
 
     def to_dict(self) -> dict[str, Any]:
+        """This result as plain JSON-ready data."""
         return {
             "clean": self.clean.to_dict(), "miou": self.miou, "per_corruption": self.per_corruption,
             "robust_miou": self.robust_miou, "retention": self.retention,

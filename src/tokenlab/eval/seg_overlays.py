@@ -43,7 +43,8 @@ def save_overlays(
 
     Args:
         images: ``(H, W, 3)`` uint8 images.
-        masks / preds: ``(H, W)`` labels (the ignore index is drawn black in the ground truth).
+        masks: ``(H, W)`` ground-truth labels (the ignore index is drawn black).
+        preds: ``(H, W)`` predicted labels.
         path: Output PNG.
         num_classes: K (fixes the palette).
         alpha: Opacity of the label colours.
@@ -54,7 +55,7 @@ def save_overlays(
                          f"{len(images)}, {len(masks)}, {len(preds)}")  # fmt: skip
     pal = palette(num_classes)
     rows = []
-    for img, gt, pr in zip(images, masks, preds):
+    for img, gt, pr in zip(images, masks, preds, strict=True):
         img = np.asarray(img, dtype=np.float32)
         blend = [(1 - alpha) * img + alpha * colorize(m, pal).astype(np.float32) for m in (gt, pr)]
         rows.append(np.concatenate([img, *blend], axis=1))

@@ -121,7 +121,9 @@ def evaluate_segmentation(
         loader: Yields ``{"image": (B, 3, H, W) float, "mask": (B, H, W) long}``.
         num_classes: K.
         ignore_index: Label value that is not scored.
-        mode / crop_size / stride: See ``predict_logits``.
+        mode: ``whole`` or sliding-window inference, see ``predict_logits``.
+        crop_size: Window size, see ``predict_logits``.
+        stride: Window stride, see ``predict_logits``.
         device: Where the model runs.
         class_names: Names for the per-class report.
         image_fn: Optional function applied to each image batch before the model (e.g. a corruption).
@@ -183,7 +185,8 @@ def evaluate_corruptions(
         dataset: The clean evaluation set; its transform, classes, label map and ignore index are reused.
         source_root: Root of the clean images the corruptions are generated from.
         cache_dir: Where the corruption cache lives (reused across runs).
-        corruptions / severities: Names or groups / ``"1-5"`` (see ``tokenlab.eval.corruptions``).
+        corruptions: Names or groups (see ``tokenlab.eval.corruptions``).
+        severities: Severities, e.g. ``"1-5"``.
         seed: Base seed of the per-image corruptions.
         batch_size: Evaluation batch size.
         workers: Corruption-generation processes.
@@ -264,6 +267,7 @@ class SegmentationRunResult:
     overlays: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """This result as plain JSON-ready data."""
         out: dict[str, Any] = {"run": self.run, "data": self.data, "root": self.root, "split": self.split,
                                "mode": self.mode, "images": self.images, "skipped": self.skipped}  # fmt: skip
         if self.robustness is None:
@@ -303,9 +307,20 @@ def evaluate_segmentation_run(
     Args:
         run: Run directory or export stem.
         data: Layout kind (``tokenlab.data.segmentation.KINDS``).
-        root, split: Where the pairs are.
+        root: Where the pairs are.
+        split: Which split of ``root``.
+        out_dir: Where the JSON and overlays go (None: nowhere).
+        corruptions: Names or groups to evaluate (None: clean only), as in ``evaluate_corruptions``.
+        severities: Severities, as in ``evaluate_corruptions``.
+        cache_dir: Corruption cache (default ``root/../corruption-cache``).
+        mode: Inference mode, as in ``evaluate_segmentation``.
+        crop_size: Window size, as in ``evaluate_segmentation``.
+        stride: Window stride, as in ``evaluate_segmentation``.
+        device: Where the model runs.
+        batch_size: Evaluation batch size.
+        overlays: Images drawn in ``overlays.png`` (0: none).
         amp: ``none`` or ``bf16`` (``tokenlab.utils.amp``).
-        Other args: see ``evaluate_segmentation`` / ``evaluate_corruptions``.
+        workers: Corruption-generation processes.
     """
     import tokenlab.models.segmentation  # noqa: F401  (registers segformer_fan)
     from tokenlab.data.segmentation import SegmentationDataset, build_segmentation_transforms, pair_set

@@ -137,9 +137,11 @@ class Method(nn.Module):
         self.model = model
 
     def forward(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        """One training step (``training_step``), so DDP / FSDP hooks run around it."""
         return self.training_step(batch, ctx)
 
     def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+        """Losses of one micro-batch; ``loss`` is back-propagated, the others are logged."""
         raise NotImplementedError(f"{type(self).__name__} must implement training_step")
 
     def on_train_start(self, plan: TrainPlan) -> None:

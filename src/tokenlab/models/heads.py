@@ -165,6 +165,7 @@ class IBOTHead(nn.Module):
 
     @property
     def shared(self) -> bool:
+        """Whether [CLS] and patch tokens share one head."""
         return self.patch_head is None
 
     def forward(
@@ -177,6 +178,7 @@ class IBOTHead(nn.Module):
         return cls_out, (self.patch_head or self.cls_head)(patches)
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the last layers (frozen during the first epochs of iBOT)."""
         params = self.cls_head.last_layer_parameters()
         if self.patch_head is not None:
             params += self.patch_head.last_layer_parameters()

@@ -49,6 +49,7 @@ class TokenMixing(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Self-attention token mixing of ``(B, N, C)`` tokens."""
         B, N, C = x.shape
         h = self.num_heads
         q = self.q(x).reshape(B, N, h, C // h).transpose(1, 2)  # (B, h, N, d)
@@ -69,6 +70,7 @@ class DWConv(nn.Module):
         self.conv2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """Depth-wise 3x3 convolution of ``(B, N, C)`` tokens laid out on their ``H x W`` grid."""
         B, N, C = x.shape
         x = x.transpose(1, 2).reshape(B, C, H, W)  # (B, N, C) -> (B, C, H, W)
         x = self.conv2(self.bn(self.act(self.conv1(x))))
@@ -87,6 +89,7 @@ class DWConvMlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """The MLP on ``(B, N, C)`` tokens, with a depth-wise convolution over their ``H x W`` grid."""
         x = self.fc1(x)
         x = x + self.gamma * self.dwconv(x, H, W)
         return self.drop(self.fc2(self.drop(x)))
@@ -136,6 +139,7 @@ class ChannelProcessing(nn.Module):
         return torch.sigmoid(q @ k) * self.temperature  # (B, h, d, 1)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """Channel attention of ``(B, N, C)`` tokens on an ``H x W`` grid."""
         B, N, C = x.shape
         h = self.num_heads
         attn = self.channel_attention(x)  # (B, h, d, 1)
@@ -182,6 +186,7 @@ class FANBlock(nn.Module):
         self.gamma2 = nn.Parameter(eta * torch.ones(dim))
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """One FAN block on ``(B, N, C)`` tokens on an ``H x W`` grid."""
         x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))
         return x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x), H, W))
 
@@ -214,6 +219,7 @@ class ConvPatchEmbed(nn.Module):
         self.proj = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images ``(B, 3, H, W)`` -> tokens ``(B, N, C)`` and their ``(H, W)`` grid."""
         x = self.proj(x)
         H, W = x.shape[-2:]
         return x.flatten(2).transpose(1, 2), (H, W)  # (B, C, H, W) -> (B, N, C)
@@ -228,6 +234,7 @@ class UnbiasedLayerNorm2d(LayerNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise the channels of ``(B, C, H, W)`` with the unbiased variance."""
         var, mean = torch.var_mean(x, dim=1, unbiased=True, keepdim=True)
         x = (x - mean) * torch.rsqrt(var + self.eps)
         return x * self.weight[:, None, None] + self.bias[:, None, None]
@@ -241,7 +248,7 @@ class _ConvNeXtTrunk(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], 4, stride=4), LayerNorm2d(dims[0]))
         stages = []
         prev = dims[0]
-        for i, (depth, dim) in enumerate(zip(depths, dims)):
+        for i, (depth, dim) in enumerate(zip(depths, dims, strict=True)):
             stages.append(
                 ConvNeXtStage(
                     prev,
@@ -274,6 +281,7 @@ class HybridPatchEmbed(nn.Module):
         self.proj = nn.Conv2d(self.backbone.num_features, embed_dim, 2, stride=2)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images ``(B, 3, H, W)`` -> tokens ``(B, N, C)`` and their ``(H, W)`` grid."""
         x = self.proj(self.backbone(x))
         H, W = x.shape[-2:]
         return x.flatten(2).transpose(1, 2), (H, W)

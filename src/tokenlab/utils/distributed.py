@@ -42,18 +42,22 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
+    """This process's global rank (0 outside ``torch.distributed``)."""
     return dist.get_rank() if is_distributed() else 0
 
 
 def world_size() -> int:
+    """The number of processes (1 outside ``torch.distributed``)."""
     return dist.get_world_size() if is_distributed() else 1
 
 
 def local_rank() -> int:
+    """This process's rank on its node (``LOCAL_RANK`` set by ``torchrun``, else 0)."""
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
 def is_main_process() -> bool:
+    """Whether this is rank 0, the one that writes files and logs."""
     return rank() == 0
 
 
@@ -88,11 +92,13 @@ def is_peer_failure(err: BaseException) -> bool:
 
 
 def cleanup_distributed() -> None:
+    """Leave the process group (a no-op outside ``torch.distributed``)."""
     if is_distributed():
         dist.destroy_process_group()
 
 
 def barrier() -> None:
+    """Wait for every rank (a no-op outside ``torch.distributed``)."""
     if is_distributed():
         dist.barrier()
 
