@@ -23,6 +23,11 @@ __all__ = ["SCHEDULE_KINDS", "build_schedule", "cosine_schedule", "linear_warmup
 SCHEDULE_KINDS = ("cosine", "poly", "constant")
 
 
+def _warmup(start: float, base: float, steps: int) -> np.ndarray:
+    """The linear warm-up every schedule starts with: ``steps`` values from ``start`` towards ``base``."""
+    return np.linspace(start, base, steps, endpoint=False) if steps else np.zeros(0)
+
+
 def cosine_schedule(
     base: float,
     final: float,
@@ -48,7 +53,7 @@ def cosine_schedule(
         raise ValueError(f"bad schedule lengths: total={total_steps}, warmup={warmup_steps}, cooldown={cooldown_steps}")
     if warmup_steps >= total_steps and total_steps > 1:
         raise ValueError(f"warm-up ({warmup_steps} steps) must be shorter than the schedule ({total_steps} steps)")
-    warm = np.linspace(warmup_start, base, warmup_steps, endpoint=False) if warmup_steps else np.zeros(0)
+    warm = _warmup(warmup_start, base, warmup_steps)
     n = total_steps - warmup_steps
     t = np.arange(n, dtype=np.float64) / max(1, n)
     cos = final + 0.5 * (base - final) * (1.0 + np.cos(math.pi * t))
@@ -59,7 +64,7 @@ def linear_warmup_then_constant(
     base: float, total_steps: int, warmup_steps: int, warmup_start: float = 0.0
 ) -> np.ndarray:
     """Linear warm-up from ``warmup_start`` to ``base`` over ``warmup_steps``, then ``base``."""
-    warm = np.linspace(warmup_start, base, warmup_steps, endpoint=False) if warmup_steps else np.zeros(0)
+    warm = _warmup(warmup_start, base, warmup_steps)
     return np.concatenate([warm, np.full(max(0, total_steps - warmup_steps), base, dtype=np.float64)])
 
 
@@ -77,7 +82,7 @@ def poly_schedule(
         raise ValueError(
             f"bad poly schedule lengths: total={total_steps}, warmup={warmup_steps}, cooldown={cooldown_steps}"
         )
-    warm = np.linspace(warmup_start, base, warmup_steps, endpoint=False) if warmup_steps else np.zeros(0)
+    warm = _warmup(warmup_start, base, warmup_steps)
     n = total_steps - warmup_steps
     t = np.arange(n, dtype=np.float64) / max(1, n)
     poly = (base - final) * (1.0 - t) ** power + final
