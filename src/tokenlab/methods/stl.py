@@ -1,7 +1,7 @@
 """STL stage 1 (token labeler) and stage 2 (student) training methods.
 
 - [0] Zhao et al., "Fully Attentional Networks with Self-emerging Token Labeling", ICCV 2023.
-  https://arxiv.org/abs/2401.03844 (REFERENCE.md §2)
+  https://arxiv.org/abs/2401.03844
 
 Stage 1, ``stl_labeler`` (FAN-TL): a token model learns an ``aux_head`` on the average of its patch tokens
 alongside the class-token head:
