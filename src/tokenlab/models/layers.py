@@ -15,11 +15,12 @@ positional encoding, the class-attention block, ConvNeXt stages) comes from timm
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm2d
+from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from timm.models.convnext import ConvNeXtStage
 from torch import nn
 
@@ -59,8 +60,24 @@ class TokenMixing(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
+def init_conv_fan_out_(conv: nn.Conv2d) -> None:
+    """He-style normal init on the fan-out, ``std = sqrt(2 / (k_h * k_w * out_channels / groups))``, zero bias.
+
+    The published FAN initialises the depthwise convolutions of its channel-processing MLP this way (its ``Mlp``
+    and ``ChannelProcessing`` ``_init_weights``); for a depthwise 3x3 conv that is ``std = sqrt(2 / 9)``, far
+    wider than PyTorch's default, so a from-scratch model starts where the published one does.
+    """
+    fan_out = conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels // conv.groups
+    nn.init.normal_(conv.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
 class DWConv(nn.Module):
-    """Depthwise 3x3 conv -> activation -> BatchNorm -> depthwise 3x3 conv, applied on the token grid."""
+    """Depthwise 3x3 conv -> activation -> BatchNorm -> depthwise 3x3 conv, applied on the token grid.
+
+    Both convolutions start with the published fan-out normal init (``init_conv_fan_out_``).
+    """
 
     def __init__(self, dim: int, act_layer: type[nn.Module] = nn.GELU) -> None:
         super().__init__()
@@ -68,6 +85,8 @@ class DWConv(nn.Module):
         self.act = act_layer()
         self.bn = nn.BatchNorm2d(dim)
         self.conv2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        init_conv_fan_out_(self.conv1)
+        init_conv_fan_out_(self.conv2)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """Depth-wise 3x3 convolution of ``(B, N, C)`` tokens laid out on their ``H x W`` grid."""
@@ -108,7 +127,9 @@ class ChannelProcessing(nn.Module):
         qkv_bias: Bias on the ``q`` projection.
         drop: Dropout inside the value MLP.
         act_layer: Activation in the depthwise branch.
-        norm_layer: Norm applied to the value MLP output.
+        norm_layer: Norm applied to the value MLP output. The published block builds it with PyTorch's default
+            ``nn.LayerNorm`` (eps 1e-5), not the block's eps-1e-6 norm, so that is the default here and
+            ``FANBlock`` does not pass its own norm on.
     """
 
     def __init__(
@@ -160,7 +181,8 @@ class FANBlock(nn.Module):
         drop_path: Stochastic-depth rate of this block.
         eta: Initial value of the layer-scale vectors ``gamma1``/``gamma2``.
         act_layer: Activation type.
-        norm_layer: Norm type (LayerNorm with eps 1e-6 in FAN).
+        norm_layer: Norm type of ``norm1``/``norm2`` (LayerNorm with eps 1e-6 in FAN); the channel processing's
+            ``norm_v`` keeps the PyTorch default eps 1e-5, as in the published block.
     """
 
     def __init__(
@@ -181,7 +203,7 @@ class FANBlock(nn.Module):
         self.attn = TokenMixing(dim, num_heads, qkv_bias, attn_drop, drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = ChannelProcessing(dim, num_heads, mlp_ratio, qkv_bias, drop, act_layer, norm_layer)
+        self.mlp = ChannelProcessing(dim, num_heads, mlp_ratio, qkv_bias, drop, act_layer)
         self.gamma1 = nn.Parameter(eta * torch.ones(dim))
         self.gamma2 = nn.Parameter(eta * torch.ones(dim))
 
@@ -241,7 +263,14 @@ class UnbiasedLayerNorm2d(LayerNorm2d):
 
 
 class _ConvNeXtTrunk(nn.Module):
-    """The first two ConvNeXt stages (stride 8, 256 channels) used as the hybrid stem's backbone."""
+    """The first two ConvNeXt stages (stride 8, 256 channels) used as the hybrid stem's backbone.
+
+    Initialised as the published ConvNeXt backbone is (its ``ls_init_value`` default and ``_init_weights``): block
+    layer scales start at 1e-6, so every block starts close to the identity, and every convolution gets
+    truncated-normal std 0.02 weights and zero bias instead of PyTorch's fan-in uniform default.
+    """
+
+    LS_INIT_VALUE = 1e-6
 
     def __init__(self, in_chans: int, depths: tuple[int, int], dims: tuple[int, int] = (128, 256)) -> None:
         super().__init__()
@@ -256,13 +285,18 @@ class _ConvNeXtTrunk(nn.Module):
                     stride=1 if i == 0 else 2,
                     depth=depth,
                     conv_mlp=True,
-                    ls_init_value=1.0,
+                    ls_init_value=self.LS_INIT_VALUE,
                     norm_layer=UnbiasedLayerNorm2d,
                 )
             )
             prev = dim
         self.stages = nn.Sequential(*stages)
         self.num_features = prev
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))
@@ -271,7 +305,8 @@ class _ConvNeXtTrunk(nn.Module):
 class HybridPatchEmbed(nn.Module):
     """Hybrid-variant stem: truncated ConvNeXt (stride 8) then a 2x2 stride-2 conv to the token width.
 
-    Tokens come out at stride 16, as in the ViT stem with patch 16.
+    Tokens come out at stride 16, as in the ViT stem with patch 16. ``proj`` keeps PyTorch's default init: it sits
+    outside the published ConvNeXt backbone, and the published FAN's own ``_init_weights`` leaves convolutions alone.
     """
 
     def __init__(self, in_chans: int = 3, embed_dim: int = 768, depths: tuple[int, int] = (3, 3)) -> None:
