@@ -83,6 +83,8 @@ class FAN(nn.Module):
         aux_head: Add the STL per-token classifier ``aux_head``.
         use_mask_token: Add a learned, zero-initialised mask embedding for masked image modelling (iBOT).
         norm_layer: Norm type of the transformer part.
+        head_init_scale: Factor on the initial ``head`` weight and bias. The published ``fan_large_16_p4_hybrid``
+            uses 0.001 so the large model starts with near-zero logits; ``aux_head`` is never scaled (as published).
     """
 
     def __init__(
@@ -106,6 +108,7 @@ class FAN(nn.Module):
         aux_head: bool = False,
         use_mask_token: bool = False,
         norm_layer: Callable[[int], nn.Module] = _LAYER_NORM,
+        head_init_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -166,6 +169,10 @@ class FAN(nn.Module):
             self.aux_head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         trunc_normal_(self.cls_token, std=0.02)
         self.apply(self._init_weights)
+        if isinstance(self.head, nn.Linear):
+            with torch.no_grad():
+                self.head.weight.mul_(head_init_scale)
+                self.head.bias.mul_(head_init_scale)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -385,8 +392,13 @@ _SIZES: dict[str, dict[str, Any]] = {
 }
 
 
+# Published per-variant init that is not architecture: only the large hybrid baseline scales its head (the STL
+# ``_token`` variant of the same size does not).
+_HEAD_INIT_SCALE = {("fan_large_16_p4_hybrid", False): 0.001}
+
+
 def _fan(size: str, token: bool, pretrained: bool, kwargs: dict[str, Any]) -> FAN:
-    model_args = dict(_SIZES[size], aux_head=token)
+    model_args = dict(_SIZES[size], aux_head=token, head_init_scale=_HEAD_INIT_SCALE.get((size, token), 1.0))
     return _create_fan(size + ("_token" if token else ""), pretrained=pretrained, **dict(model_args, **kwargs))
 
 
