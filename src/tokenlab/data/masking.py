@@ -2,9 +2,15 @@
 
 iBOT [0] masks the patch tokens of each global crop with BEiT's [1] block-wise scheme: an image is masked with
 probability ``mask_prob``; a masked image gets a ratio ``r ~ U(a, b)`` (iBOT: pred_ratio 0.3 +- 0.2), and rectangular
-blocks of at least ``min_block`` patches with aspect ratio in ``aspect`` (log-uniform, 0.3-3.3) are added until
-``round(r * H * W)`` patches are masked. A block is accepted only when it adds new patches without overshooting the
-target, so the realised ratio never exceeds ``b`` and falls short of the target by less than ``min_block`` patches.
+blocks are added while fewer than ``r * H * W`` patches are masked. Each block's area is drawn from
+``U(min_block, remaining)`` and its aspect ratio log-uniformly from ``aspect`` (0.3-3.3); a block is accepted when it
+adds new patches without overshooting the target, and a mask is complete when ``max_attempts`` draws in a row fail.
+As in the published iBOT loader, filling does not stop once fewer than ``min_block`` patches remain: the area is then
+drawn between the remainder and ``min_block``, so small closing blocks bring the realised ratio to within a few
+patches of the target (mean 29.3 % on 14 x 14 for U(0.1, 0.5), the published rule's own mean). The realised ratio
+never exceeds the target, hence never exceeds ``b``. One deliberate difference: a block may span the whole grid
+height or width (the published loader requires it to be strictly smaller), so tiny grids such as CIFAR's 2 x 2 can be
+masked at all; on 14 x 14 this moves the mean ratio by less than 0.1 %.
 
 - [0]: iBOT: Image BERT Pre-Training with Online Tokenizer, 2021, https://arxiv.org/abs/2111.07832
 - [1]: BEiT: BERT Pre-Training of Image Transformers, 2021, https://arxiv.org/abs/2106.08254
@@ -46,8 +52,10 @@ class BlockMaskGenerator:
         grid: token grid ``(H, W)``, or one int for a square grid.
         ratio: ``(a, b)``; a masked image masks ``r ~ U(a, b)`` of its tokens.
         mask_prob: probability that an image is masked at all (iBOT masks every global crop: 1.0; some configs 0.5).
-        min_block: smallest block area in tokens; ``None`` scales iBOT's 16 patches on 14 x 14 to this grid's area.
-        aspect: ``(lo, hi)`` range of block height / width, sampled log-uniformly.
+        min_block: lower end of the block-area draw in tokens (blocks closing a mask may be smaller); ``None``
+            scales iBOT's 16 patches on 14 x 14 to this grid's area.
+        aspect: ``(lo, hi)`` range of the drawn block height / width, sampled log-uniformly (rounding to whole
+            tokens can move a small block's aspect slightly outside it).
         max_attempts: rejected draws in a row after which a mask is considered full.
 
     Raises:
@@ -102,28 +110,38 @@ class BlockMaskGenerator:
         blocks: list[Block] = []
         if float(torch.rand((), generator=generator)) >= self.mask_prob:
             return mask, blocks
-        target = round(_uniform(*self.ratio, generator) * height * width)
+        target = _uniform(*self.ratio, generator) * height * width
         log_lo, log_hi = math.log(self.aspect[0]), math.log(self.aspect[1])
-        count, failures = 0, 0
-        while target - count >= self.min_block and failures < self.max_attempts:
-            remaining = target - count
+        count = 0.0
+        while count < target:
+            block = self._place_block(mask, target - count, log_lo, log_hi, generator)
+            if block is None:
+                break
+            count = float(mask.sum())
+            blocks.append(block)
+        return mask, blocks
+
+    def _place_block(
+        self, mask: torch.Tensor, remaining: float, log_lo: float, log_hi: float, generator: torch.Generator | None
+    ) -> Block | None:
+        """Draw up to ``max_attempts`` blocks; mask the first that adds 1..``remaining`` patches and return it.
+
+        Returns None when every draw fails, which ends the mask (the published loader's stopping rule).
+        """
+        height, width = self.grid
+        for _ in range(self.max_attempts):
+            # U(min_block, remaining) also when remaining < min_block: the range is then reversed, not empty.
             area = _uniform(self.min_block, remaining, generator)
             aspect = math.exp(_uniform(log_lo, log_hi, generator))
             block_h = round(math.sqrt(area * aspect))
             block_w = round(math.sqrt(area / aspect))
-            fits = 1 <= block_h <= height and 1 <= block_w <= width
-            if not fits or block_h * block_w < self.min_block or not log_lo <= math.log(block_h / block_w) <= log_hi:
-                failures += 1
+            if not (1 <= block_h <= height and 1 <= block_w <= width):
                 continue
             top = int(torch.randint(0, height - block_h + 1, (), generator=generator))
             left = int(torch.randint(0, width - block_w + 1, (), generator=generator))
             window = mask[top : top + block_h, left : left + block_w]
             added = block_h * block_w - int(window.sum())
-            if added == 0 or added > remaining:
-                failures += 1
-                continue
-            window.fill_(True)
-            count += added
-            blocks.append(Block(top, left, block_h, block_w))
-            failures = 0
-        return mask, blocks
+            if 0 < added <= remaining:
+                window.fill_(True)
+                return Block(top, left, block_h, block_w)
+        return None
