@@ -33,10 +33,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision import tv_tensors
 
-from tokenlab.data.images import READ_ERRORS, UnreadableImages, list_class_dirs, load_rgb, scan_class_folders
+from tokenlab.data.images import READ_ERRORS, UnreadableImages, list_class_dirs, load_mask, load_rgb, scan_class_folders
 from tokenlab.data.specs import CIFAR10_CLASSES, DataSpec, ensure_cifar10, parse_data_spec
 
 logger = logging.getLogger(__name__)
@@ -47,18 +46,11 @@ __all__ = [
     "ImageDataset",
     "build_dataset",
     "ensure_cifar10",
-    "load_mask",
     "read_list",
 ]
 
 VERIFY_MODES = ("header", "none")
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
-
-
-def load_mask(path: str | Path) -> np.ndarray:
-    """A label mask as stored (mode L or P indices; other modes are converted to L)."""
-    with Image.open(path) as image:
-        return np.asarray(image.convert("L") if image.mode not in ("L", "P") else image)
 
 
 # ---------------------------------------------------------------------------------------------------------------

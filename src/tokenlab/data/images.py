@@ -33,6 +33,7 @@ __all__ = [
     "list_class_dirs",
     "list_images",
     "load_rgb",
+    "load_mask",
     "load_rgb_array",
     "scan_class_folders",
     "to_rgb",
@@ -93,6 +94,16 @@ def load_rgb(path: str | Path) -> Image.Image:
 def load_rgb_array(path: str | Path) -> np.ndarray:
     """``load_rgb`` as an ``(H, W, 3)`` uint8 array."""
     return np.array(load_rgb(path))
+
+
+def load_mask(path: str | Path) -> np.ndarray:
+    """A class-label mask as stored (mode L or P indices; other modes are converted to L).
+
+    The one mask decoder of the classification data sets and the evaluation trees, so a palette mask gives its
+    indices everywhere.
+    """
+    with Image.open(path) as image:
+        return np.asarray(image.convert("L") if image.mode not in ("L", "P") else image)
 
 
 def check_image(path: str | Path) -> str | None:

@@ -17,12 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
-from tokenlab.data.images import READ_ERRORS, UnreadableImages, list_class_dirs, load_rgb, scan_class_folders
+from tokenlab.data.images import (
+    READ_ERRORS,
+    UnreadableImages,
+    list_class_dirs,
+    load_mask,
+    load_rgb,
+    scan_class_folders,
+)
 from tokenlab.data.transforms import EvalTransform, eval_transform_from_meta
 
 logger = logging.getLogger(__name__)
@@ -90,8 +96,7 @@ class ImageTreeDataset(Dataset):
         try:
             sample: dict[str, Any] = {"image": TF.pil_to_tensor(load_rgb(path))}
             if self.mask_root is not None:
-                with Image.open(self._mask_path(path)) as m:
-                    mask = TF.pil_to_tensor(m.convert("L"))[0].long()
+                mask = torch.from_numpy(load_mask(self._mask_path(path)).astype("int64"))
                 sample["mask"] = tv_tensors.Mask(mask)
             sample["image"] = tv_tensors.Image(sample["image"])
         except READ_ERRORS as err:
