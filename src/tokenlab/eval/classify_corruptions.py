@@ -26,6 +26,7 @@ from tokenlab.eval.classify import predict
 from tokenlab.eval.corruptions import read_corruption_tree
 from tokenlab.eval.folders import ImageTreeDataset
 from tokenlab.eval.metrics import ALEXNET_CLEAN_ERROR, ALEXNET_ERRORS, CorruptionScores, corruption_scores
+from tokenlab.utils.runs import EVAL_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def load_reference(spec: str | Path | None, num_classes: int, rule: str = "offic
     if str(spec) == "alexnet":
         return Reference("alexnet", ALEXNET_ERRORS, ALEXNET_CLEAN_ERROR)
     path = Path(spec)
-    path = path / "eval.json" if path.is_dir() else path
+    path = path / EVAL_FILE if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"reference {spec!r} is neither 'alexnet', 'none', 'auto' nor a run with eval.json")
     data = json.loads(path.read_text())

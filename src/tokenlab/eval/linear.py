@@ -32,7 +32,7 @@ from torch import nn
 
 from tokenlab.eval.knn import FeatureSet, KNNResult, extract_features, knn_classify
 from tokenlab.models.contract import as_backbone
-from tokenlab.utils.runs import export_stem
+from tokenlab.utils.runs import EVAL_SSL_FILE, export_stem
 
 __all__ = [
     "FrozenEvalResult",
@@ -391,7 +391,7 @@ def evaluate_ssl_run(
                 amp,
                 run_dir / "ssl_features" / f"{label}_{tag}",
             )
-    out = Path(out) if out is not None else run_dir / "eval_ssl.json"
+    out = Path(out) if out is not None else run_dir / EVAL_SSL_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result.to_dict(), indent=2, default=str))
     logger.info("wrote %s", out)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenlab.eval import visualize as vis
-from tokenlab.utils.runs import METRICS_FILE
+from tokenlab.utils.runs import EVAL_FILE, METRICS_FILE, TOKENS_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def load_run(path: str | Path, name: str | None = None) -> RunData:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"run directory not found: {path}")
-    run = RunData(name or path.name, path, _read_json(path / "eval.json"), _read_json(path / "tokens.json"),
+    run = RunData(name or path.name, path, _read_json(path / EVAL_FILE), _read_json(path / TOKENS_FILE),
                   (path / METRICS_FILE).is_file())  # fmt: skip
     run.pictures = {f: path / f for f in RUN_PICTURES if (path / f).is_file()}
     if run.eval is None and run.tokens is None and not run.has_metrics:

@@ -35,6 +35,7 @@ from tokenlab.eval.classify import RULES, ClassifyResult, predict, score_predict
 from tokenlab.eval.classify_corruptions import CorruptionResult, default_cache_dir, evaluate_corruptions, load_reference
 from tokenlab.eval.corruptions import generate_corruptions, resolve_corruptions, resolve_severities
 from tokenlab.eval.folders import eval_loader
+from tokenlab.utils.runs import EVAL_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ def evaluate_classifier_run(
         result.ood[o.name] = {"root": str(o.root), "subset": subset, **{r: v.to_dict() for r, v in res.items()}}
 
     result.seconds = time.perf_counter() - t0
-    target = Path(out) if out else (ckpt / "eval.json" if ckpt.is_dir() else ckpt.parent / "eval.json")
+    target = Path(out) if out else (ckpt / EVAL_FILE if ckpt.is_dir() else ckpt.parent / EVAL_FILE)
     result.save(target)
     logger.info("wrote %s", target)
     return result

@@ -32,6 +32,7 @@ from tokenlab.data.transforms import eval_transform_from_meta
 from tokenlab.eval.seg_metrics import ConfusionMeter, SegMetrics, SegRobustness, robustness_summary
 from tokenlab.eval.seg_overlays import save_overlays
 from tokenlab.utils.amp import autocast
+from tokenlab.utils.runs import SEGMENTATION_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -358,7 +359,7 @@ def evaluate_segmentation_run(
             path = overlay_examples(model, ds, out / "overlays.png", overlays, device=device, scale=scale,
                                     mode=mode, crop_size=crop_size, stride=stride)  # fmt: skip
             result.overlays = str(path)
-        (out / "segmentation.json").write_text(json.dumps(result.to_dict(), indent=1, default=_json_float))
+        (out / SEGMENTATION_FILE).write_text(json.dumps(result.to_dict(), indent=1, default=_json_float))
     return result
 
 

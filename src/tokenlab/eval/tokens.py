@@ -34,6 +34,7 @@ from torch import nn
 
 from tokenlab.models.contract import as_backbone
 from tokenlab.utils.amp import autocast
+from tokenlab.utils.runs import TOKENS_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -359,7 +360,7 @@ def analyze_run(
     loader = DataLoader(ds, batch_size=batch_size, sampler=order, num_workers=workers)
     name = ckpt.name if ckpt.is_dir() else ckpt.parent.name
     res = analyze_tokens(model, loader, classes, mean, std, source, threshold, device, amp, num_examples, seed, name)
-    target = Path(out) if out else (ckpt / "tokens.json" if ckpt.is_dir() else ckpt.parent / "tokens.json")
+    target = Path(out) if out else (ckpt / TOKENS_FILE if ckpt.is_dir() else ckpt.parent / TOKENS_FILE)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
     tmp.write_text(json.dumps({**res.to_dict(), "data": str(spec.root), "threshold": threshold}, indent=1))

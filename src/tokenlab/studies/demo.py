@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenlab.studies.stl_study import Stage, StageReport, StlStudy, TrainStage, noise_note, run_stages
+from tokenlab.utils.runs import EVAL_SSL_FILE
 
 __all__ = ["TRAIN_STAGES", "Demo", "DemoConfig"]
 
@@ -217,7 +218,7 @@ class Demo:
         from tokenlab.eval.linear import evaluate_ssl_run
 
         run_dir = self.run_dir("ibot")
-        result_file = run_dir / "eval_ssl.json"
+        result_file = run_dir / EVAL_SSL_FILE
         if result_file.is_file():
             return False
         overrides = [
@@ -283,7 +284,7 @@ class Demo:
 
     def ibot_knn(self) -> dict[str, float] | None:
         """k-NN top-1 on val of the iBOT teacher and of the same ViT with random weights (``--ibot`` only)."""
-        f = self.run_dir("ibot") / "eval_ssl.json"
+        f = self.run_dir("ibot") / EVAL_SSL_FILE
         if not f.is_file():
             return None
         res = json.loads(f.read_text())["results"]

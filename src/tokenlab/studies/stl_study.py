@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenlab.utils.runs import MODEL_STEM
+from tokenlab.utils.runs import EVAL_FILE, MODEL_STEM, TOKENS_FILE
 
 __all__ = [
     "Stage",
@@ -36,9 +36,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-EVAL_FILE = "eval.json"  # written by tokenlab.eval.robustness.evaluate_classifier_run into the run directory
-TOKENS_FILE = "tokens.json"  # written by tokenlab.eval.tokens.analyze_run into the run directory
 
 
 # ---- stages and their runner ----------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The layout of a training run directory, in one place (``docs/design.md``: "Exported models and run directories").
 
 ``RUN/config.yaml``, ``RUN/metrics.jsonl``, ``RUN/tb/``, ``RUN/checkpoints/`` and the exported model
-``RUN/model.safetensors`` + ``RUN/model.json``. Evaluation, reports and studies find files through these helpers
+``RUN/model.safetensors`` + ``RUN/model.json``, and what evaluation writes there (``eval.json``, ``tokens.json``,
+``eval_ssl.json``, ``segmentation.json``). Evaluation, reports and studies find files through these helpers
 instead of spelling the names again.
 """
 
@@ -14,9 +15,13 @@ from typing import Any
 __all__ = [
     "CHECKPOINT_DIR",
     "CONFIG_FILE",
+    "EVAL_FILE",
+    "EVAL_SSL_FILE",
     "METRICS_FILE",
     "MODEL_STEM",
+    "SEGMENTATION_FILE",
     "TENSORBOARD_DIR",
+    "TOKENS_FILE",
     "export_stem",
     "read_model_meta",
 ]
@@ -26,6 +31,11 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tb"
 CHECKPOINT_DIR = "checkpoints"
 MODEL_STEM = "model"
+# what the evaluation commands write into a run directory (and reports and studies read back)
+EVAL_FILE = "eval.json"
+TOKENS_FILE = "tokens.json"
+EVAL_SSL_FILE = "eval_ssl.json"
+SEGMENTATION_FILE = "segmentation.json"
 
 
 def export_stem(run: str | Path) -> Path:
