@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import Dataset
 
+from tokenlab.data.transforms import TRANSFORM_KINDS
 from tokenlab.engine.config import cfg_dict
 from tokenlab.methods import Method, build_method, get_method_class
 from tokenlab.utils import distributed as D
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 #: The training data views the engine can build (the data layer's transform vocabulary, less ``eval``).
-DATA_VIEWS = ("classification", "stl_paired", "multicrop", "segmentation")
+DATA_VIEWS = tuple(view for view in TRANSFORM_KINDS if view != "eval")
 _SEGMENTATION_DATASET_KEYS = ("ignore_index", "num_classes")
 
 
