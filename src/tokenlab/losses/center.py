@@ -76,12 +76,6 @@ class Center(nn.Module):
         return teacher_out.float() - self.center
 
     @torch.no_grad()
-    def batch_mean(self, teacher_out: torch.Tensor) -> torch.Tensor:
-        """Mean of all rows of ``teacher_out`` (..., K) over every process: (K,)."""
-        total = all_reduce_sum(self._row_sums(teacher_out))
-        return total[:-1] / total[-1].clamp(min=1.0)
-
-    @torch.no_grad()
     def accumulate(self, teacher_out: torch.Tensor) -> None:
         """Add the rows of one micro-batch's ``teacher_out`` (..., K) to the pending statistics (no EMA yet)."""
         sums = self._row_sums(teacher_out)
