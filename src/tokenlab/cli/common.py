@@ -9,22 +9,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from tokenlab.utils.amp import AMP_CHOICES
 from tokenlab.utils.device import DEVICE_CHOICES as _DEVICES
+from tokenlab.utils.device import is_device_name
 
 __all__ = ["DEVICE_CHOICES", "RUNTIME_FLAGS", "add_runtime_flags", "parse_device", "resolve_device", "run_training"]
 
 DEVICE_CHOICES = ", ".join(_DEVICES)
-_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def parse_device(value: str) -> str:
     """Argparse type of ``--device``: the syntax check shared by every sub-command (CUDA is checked at run time)."""
-    if not _DEVICE_RE.fullmatch(value):
+    if not is_device_name(value):
         raise argparse.ArgumentTypeError(f"invalid device {value!r}; valid: {DEVICE_CHOICES}")
     return value
 
