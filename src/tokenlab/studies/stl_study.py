@@ -13,7 +13,6 @@ Every function here returns data and logs; it never prints (the CLI and the scri
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -275,16 +274,17 @@ class StlStudy:
     # ---- numbers and verdict --------------------------------------------------------------------------------
     def metrics(self, names: Iterable[str] | None = None) -> dict[str, dict[str, float | None]]:
         """Per evaluated run: clean / corrupted / rendition / shortcut top-1, mCE vs baseline, retention, token IoU."""
+        from tokenlab.eval.report import load_run  # the one reader of a run's eval.json and tokens.json
+
         rows: dict[str, dict[str, float | None]] = {}
         for name in self.names if names is None else names:
-            ev_file = self.run_dir(name) / EVAL_FILE
-            if not ev_file.is_file():
+            if not (self.run_dir(name) / EVAL_FILE).is_file():
                 continue
-            ev = json.loads(ev_file.read_text())
+            run = load_run(self.run_dir(name))
+            ev = run.eval or {}
             corr = (ev.get("corruptions") or {}).get("official") or {}
             ood = ev.get("ood") or {}
-            tok_file = self.run_dir(name) / TOKENS_FILE
-            tok = json.loads(tok_file.read_text()) if tok_file.is_file() else {}
+            tok = run.tokens or {}
             rows[name] = {
                 "clean_top1": ev["clean"]["official"]["top1"],
                 "clean_top1_cls_only": (ev["clean"].get("cls") or {}).get("top1"),
