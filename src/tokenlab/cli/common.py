@@ -16,7 +16,15 @@ from tokenlab.utils.amp import AMP_CHOICES
 from tokenlab.utils.device import DEVICE_CHOICES as _DEVICES
 from tokenlab.utils.device import is_device_name
 
-__all__ = ["DEVICE_CHOICES", "RUNTIME_FLAGS", "add_runtime_flags", "parse_device", "resolve_device", "run_training"]
+__all__ = [
+    "DEVICE_CHOICES",
+    "RUNTIME_FLAGS",
+    "add_runtime_flags",
+    "add_training_flags",
+    "parse_device",
+    "resolve_device",
+    "run_training",
+]
 
 DEVICE_CHOICES = ", ".join(_DEVICES)
 
@@ -76,6 +84,28 @@ def resolve_device(name: str, amp: str | None = None) -> str:
     device = to_device(name, "--device")
     amp_dtype(amp, device)
     return str(device)
+
+
+def add_training_flags(
+    parser: argparse.ArgumentParser,
+    config_default: str | None = None,
+    config_example: str = "cifar10_stl_student",
+    override_example: str = "optim.lr=1e-3",
+) -> None:
+    """The inputs of :func:`run_training`: ``--config``, ``--run-dir``, ``--print-config`` and the overrides.
+
+    Args:
+        parser: The sub-command's parser (``train``, ``segment train``).
+        config_default: The recipe used without ``--config``.
+        config_example: A shipped recipe named in the help.
+        override_example: An override shown in the help.
+    """
+    parser.add_argument("--config", default=config_default,
+                        help=f"recipe file or shipped recipe name (e.g. {config_example})")  # fmt: skip
+    parser.add_argument("--run-dir", default=None, help="output directory (same as run_dir=...)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help=f"dotted config overrides, e.g. {override_example}")  # fmt: skip
 
 
 def run_training(args: argparse.Namespace, extra_overrides: list[str]) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tokenlab.cli.common import add_runtime_flags, resolve_device, run_training
+from tokenlab.cli.common import add_runtime_flags, add_training_flags, resolve_device, run_training
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,11 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     seg = p.add_subparsers(dest="segment_command", metavar="ACTION", required=True)
     t = seg.add_parser("train", help="fine-tune a segmentation model from a recipe")
-    t.add_argument("--config", default="seg_synthetic", help="recipe file or shipped name, e.g. seg_cityscapes")
-    t.add_argument("--run-dir", default=None, help="output directory (same as run_dir=...)")
+    add_training_flags(t, "seg_synthetic", config_example="seg_cityscapes", override_example="data.root=DIR")
     t.add_argument("--init-from", default=None, help="classification run whose backbone initialises the model")
-    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. data.root=DIR")
     e = seg.add_parser("eval", help="evaluate an exported segmentation run")
     e.add_argument("run", help="run directory (or export stem) of a segmentation model")
     e.add_argument("--data", default="synthetic", help="layout: synthetic | cityscapes | folder")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tokenlab.cli.common import run_training
+from tokenlab.cli.common import add_training_flags, run_training
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -15,11 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Merge configs/default.yaml, the recipe and key=value overrides, validate, then train. "
         "Launch with torchrun for several processes.",
     )
-    p.add_argument("--config", default=None, help="recipe file or shipped recipe name (e.g. cifar10_stl_student)")
-    p.add_argument("--run-dir", default=None, help="output directory (same as run_dir=...)")
+    add_training_flags(p)
     p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint of the run) or a checkpoint path")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. optim.lr=1e-3")
     p.set_defaults(handler=run)
 
 
