@@ -143,27 +143,15 @@ def main() -> None:
         results["synthetic_breakdown_one_thread"] = _synthetic_breakdown(args.img_size)
 
         size, ra = args.img_size, args.rand_augment
-        paired = build_dataset(
-            root,
-            "train",
-            build_transforms("stl_paired", size, re_prob=0.25, rand_augment=ra),
-            verify="none",
-            load_masks=False,
-        )
-        single = build_dataset(
-            root,
-            "train",
-            build_transforms("classification", size, re_prob=0.25, rand_augment=ra),
-            verify="none",
-            load_masks=False,
-        )
-        ibot = build_dataset(
-            root,
-            "train",
-            build_transforms("multicrop", size, patch_size=8, num_local=10),
-            verify="none",
-            load_masks=False,
-        )
+
+        def view_set(view: str, **options: Any) -> Any:
+            """The training images through one data view's transform (headers trusted, masks not read)."""
+            transform = build_transforms(view, size, **options)
+            return build_dataset(root, "train", transform, verify="none", load_masks=False)
+
+        paired = view_set("stl_paired", re_prob=0.25, rand_augment=ra)
+        single = view_set("classification", re_prob=0.25, rand_augment=ra)
+        ibot = view_set("multicrop", patch_size=8, num_local=10)
         timm_tf = create_transform(size, is_training=True, auto_augment=ra, re_prob=0.25)
         timm_ds = torchvision.datasets.ImageFolder(str(root / "train"), transform=timm_tf)
         pin = device.type == "cuda"
