@@ -1,7 +1,8 @@
 """The layout of a training run directory, in one place (``docs/design.md``: "Exported models and run directories").
 
 ``RUN/config.yaml``, ``RUN/metrics.jsonl``, ``RUN/tb/``, ``RUN/checkpoints/`` and the exported model
-``RUN/model.safetensors`` + ``RUN/model.json``, and what evaluation writes there (``eval.json``, ``tokens.json``,
+``RUN/model.safetensors`` + ``RUN/model.json`` (the last weights; ``RUN/model_best.*`` holds the best ones by the
+run's validation metric when the engine keeps them), and what evaluation writes there (``eval.json``, ``tokens.json``,
 ``eval_ssl.json``, ``segmentation.json``). Evaluation, reports and studies find files through these helpers
 instead of spelling the names again.
 """
@@ -18,6 +19,8 @@ __all__ = [
     "EVAL_FILE",
     "EVAL_SSL_FILE",
     "METRICS_FILE",
+    "BEST_MODEL_STEM",
+    "EXPORT_CHOICES",
     "MODEL_STEM",
     "SEGMENTATION_FILE",
     "TENSORBOARD_DIR",
@@ -31,6 +34,9 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tb"
 CHECKPOINT_DIR = "checkpoints"
 MODEL_STEM = "model"
+BEST_MODEL_STEM = "model_best"
+# which export of a run a consumer (the STL student's labeler, evaluation) takes: the last or the best weights
+EXPORT_CHOICES = ("last", "best")
 # what the evaluation commands write into a run directory (and reports and studies read back)
 EVAL_FILE = "eval.json"
 TOKENS_FILE = "tokens.json"
@@ -38,11 +44,14 @@ EVAL_SSL_FILE = "eval_ssl.json"
 SEGMENTATION_FILE = "segmentation.json"
 
 
-def export_stem(run: str | Path) -> Path:
-    """The stem of an exported model: ``RUN/model`` for a run directory, else ``run`` without its suffix."""
+def export_stem(run: str | Path, which: str = "last") -> Path:
+    """The stem of an exported model: ``RUN/model`` (``which="best"``: ``RUN/model_best``) for a run directory,
+    else ``run`` without its suffix."""
+    if which not in EXPORT_CHOICES:
+        raise ValueError(f"unknown export {which!r}; choose one of {', '.join(EXPORT_CHOICES)}")
     run = Path(run)
     if run.is_dir():
-        return run / MODEL_STEM
+        return run / (BEST_MODEL_STEM if which == "best" else MODEL_STEM)
     return run.with_suffix("") if run.suffix in (".json", ".safetensors") else run
 
 
