@@ -46,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _synth(args: argparse.Namespace) -> int:
     from tokenlab.data.synthetic import SynthConfig, generate, shortcut_correlation
+    from tokenlab.utils.runs import check_writable
 
+    check_writable(args.out, "--out")
     counts = {s: getattr(args, s) for s in ("train", "val", "rendition", "shortcut")}
     config = SynthConfig(seed=args.seed, img_size=args.img_size, counts=counts, shortcut_p=args.shortcut_p)
     meta = generate(args.out, config, workers=args.workers)
@@ -58,10 +60,12 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     from tokenlab.data.show import crops_grid, pairs_grid, samples_grid
+    from tokenlab.utils.runs import check_writable
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out must be a .png path, got {args.out!r}")
+    check_writable(out.parent, "--out directory")
     written = [samples_grid(args.spec, args.split, out, args.count, args.seed, args.img_size)]
     pairs = out.with_name(f"{out.stem}_pairs.png")
     written.append(pairs_grid(args.spec, args.split, pairs, min(args.count, 8), args.seed, args.img_size,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from tokenlab.cli.common import add_runtime_flags, resolve_device
 
@@ -33,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate, then print one row per prediction rule, the corruption scores and the OOD accuracies."""
     from tokenlab.eval.robustness import evaluate_classifier_run
 
+    device = resolve_device(args.device, args.amp)
+    _check_inputs_and_outputs(args)
     ood = args.ood or ["auto"]
     res = evaluate_classifier_run(
         args.checkpoint,
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         work_size=args.work_size,
         reference=args.reference,
         ood=[] if ood == ["none"] else ood,
-        device=resolve_device(args.device, args.amp),
+        device=device,
         amp=args.amp,
         batch_size=args.batch_size,
         workers=args.workers,
@@ -68,3 +71,18 @@ def run(args: argparse.Namespace) -> int:
     for name, d in res.ood.items():
         print(f"OOD {name}: " + "  ".join(f"{r} {100 * d[r]['top1']:.2f}" for r in res.rules))
     return 0
+
+
+def _check_inputs_and_outputs(args: argparse.Namespace) -> None:
+    """Refuse a backbone export and unwritable outputs before any image is read (nothing is lost after the work)."""
+    from tokenlab.eval.classify_corruptions import default_cache_dir
+    from tokenlab.utils.runs import EVAL_FILE, check_writable, export_stem, require_classifier
+
+    require_classifier(args.checkpoint, "eval")
+    out = Path(args.out) if args.out is not None else export_stem(args.checkpoint).parent / EVAL_FILE
+    if out.is_dir():
+        raise ValueError(f"{out} is a directory; give --out the path of the JSON file to write (e.g. eval.json)")
+    check_writable(out.parent, "--out directory" if args.out is not None else "run directory (for eval.json)")
+    if args.corruptions is not None and args.corruption_tree is None:
+        cache = Path(args.cache_dir) if args.cache_dir is not None else default_cache_dir()
+        check_writable(cache, "--cache-dir" if args.cache_dir is not None else "corruption cache")

@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if args.overrides and not args.finetune:
         raise ValueError(f"overrides {args.overrides} only apply with --finetune RECIPE")
     device = resolve_device(args.device, args.amp)
+    _check_outputs(args)
     kinds = [k for k in args.kind.split(",") if k]
     lrs = [float(v) for v in args.linear_lrs.split(",") if v]
     report = evaluate_ssl_run(
@@ -87,3 +88,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"fine-tuned ({args.finetune}) into {result.run_dir}: top-1 {100 * acc:.2f}" if acc is not None
               else f"fine-tuned ({args.finetune}) into {result.run_dir} (no validation split)")  # fmt: skip
     return 0
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """The feature cache (in the run directory) and the JSON output must be writable before the features are made."""
+    from pathlib import Path
+
+    from tokenlab.utils.runs import check_writable, export_stem, read_model_meta
+
+    read_model_meta(args.run)  # a missing or corrupt model.json is named before anything else
+    check_writable(export_stem(args.run).parent, "run directory (for the feature cache and eval_ssl.json)")
+    if args.out is not None:
+        if Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} is a directory; give the path of the JSON file to write")
+        check_writable(Path(args.out).parent, "--out directory")

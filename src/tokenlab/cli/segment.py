@@ -47,8 +47,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from tokenlab.eval.segmentation import evaluate_segmentation_run
+    from tokenlab.utils.runs import check_writable, read_model_meta
 
-    out = Path(args.out) if args.out else Path(args.run) / "segmentation"
+    device = resolve_device(args.device, args.amp)
+    read_model_meta(args.run)  # a missing or corrupt model.json is named before anything else
+    out = check_writable(Path(args.out) if args.out else Path(args.run) / "segmentation", "--out")
+    if args.corruptions is not None:  # the cache default is the library's: ROOT/../corruption-cache
+        check_writable(Path(args.cache_dir) if args.cache_dir else Path(args.root).parent / "corruption-cache",
+                       "--cache-dir")  # fmt: skip
     res = evaluate_segmentation_run(
         args.run,
         args.data,
@@ -61,7 +67,7 @@ def _eval(args: argparse.Namespace) -> int:
         args.mode,
         args.crop,
         args.stride,
-        resolve_device(args.device, args.amp),
+        device,
         args.batch_size,
         args.overlays,
         args.amp,

@@ -29,8 +29,12 @@ def run(args: argparse.Namespace) -> int:
     """Analyse each checkpoint, draw its pictures next to it, then print one table row per checkpoint."""
     from tokenlab.eval.tokens import analyze_run
     from tokenlab.eval.visualize import save_token_pictures
+    from tokenlab.utils.runs import check_writable, export_stem, require_classifier
 
     device = resolve_device(args.device, args.amp)
+    for ckpt in args.checkpoints:  # every export is checked before the first analysis starts
+        require_classifier(ckpt, "tokens")
+        check_writable(export_stem(ckpt).parent, "run directory (for tokens.json and the pictures)")
     rows = []
     for ckpt in args.checkpoints:
         res = analyze_run(ckpt, args.data, source=args.source, threshold=args.threshold, device=device,

@@ -177,14 +177,9 @@ def check_writable(run_dir: str | Path, min_free_mb: float) -> None:
         PermissionError: the directory cannot be created or written.
         ValueError: not enough free disk space.
     """
-    run_dir = Path(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write_probe_{os.getpid()}"
-        probe.write_bytes(b"0" * 4096)
-        probe.unlink()
-    except OSError as err:
-        raise PermissionError(f"run directory {run_dir} is not writable: {err.strerror or err}") from None
+    from tokenlab.utils.runs import check_writable as probe_writable  # the one writability check
+
+    run_dir = probe_writable(run_dir, "run directory")
     free_mb = shutil.disk_usage(run_dir).free / 2**20
     if free_mb < min_free_mb:
         raise ValueError(

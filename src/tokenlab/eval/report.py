@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenlab.eval import visualize as vis
-from tokenlab.utils.runs import EVAL_FILE, METRICS_FILE, TOKENS_FILE
+from tokenlab.utils.runs import EVAL_FILE, METRICS_FILE, TOKENS_FILE, check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,7 @@ def write_report(
         raise ValueError("no run directory given")
     runs = [load_run(p, n) for p, n in zip(run_dirs, _unique_names(run_dirs, names), strict=True)]
     out = Path(out_dir)
+    check_writable(out, "report directory")  # before any figure is drawn
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     md: list[str] = [f"# {title or 'tokenlab report: ' + ', '.join(r.name for r in runs)}", ""]

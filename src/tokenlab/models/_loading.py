@@ -137,7 +137,12 @@ def save_exported(model: nn.Module, path: str | Path, meta: Mapping[str, Any]) -
 def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model written by ``save_exported`` (``path`` with or without suffix, or a run directory)."""
     stem = export_stem(path)
-    meta = read_model_meta(stem)
-    model = timm.create_model(meta["model"], **meta.get("model_kwargs", {}))
+    meta, meta_file = read_model_meta(stem), stem.with_suffix(".json")
+    if not timm.is_model(meta["model"]):
+        raise ValueError(f"{meta_file} names an unknown model {meta['model']!r} (see `tokenlab models`)")
+    try:
+        model = timm.create_model(meta["model"], **meta.get("model_kwargs", {}))
+    except TypeError as err:  # model_kwargs that do not fit the model: the file is corrupt or from elsewhere
+        raise ValueError(f"{meta_file}: model_kwargs do not fit {meta['model']!r} ({err})") from None
     load_checkpoint(model, stem.with_suffix(".safetensors"))
     return model.to(device).eval(), meta
