@@ -46,3 +46,21 @@ def test_folders_lists_and_missing_paths(tmp_path: Path) -> None:
         parse_data_spec(tmp_path / "notes.md")
     with pytest.raises(FileNotFoundError, match="data directory not found"):
         parse_data_spec(tmp_path / "nowhere")
+
+
+def test_a_split_folder_root_read_as_a_class_tree_names_the_split(tmp_path: Path) -> None:
+    root = tmp_path / "imagefolder"
+    for split in ("train", "test"):
+        (root / split / "cat").mkdir(parents=True)
+        (root / split / "cat" / "a.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"holds the splits \['test', 'train'\].*name the split: {root}:test$"):
+        parse_data_spec(root).resolve(EVAL_SPLITS)  # evaluation: val, else test
+    with pytest.raises(ValueError, match=rf"{root}:train$"):
+        parse_data_spec(root).resolve(("train",))
+    assert parse_data_spec(f"{root}:test").resolve(EVAL_SPLITS).root == root / "test"
+    # class folders that happen to be called like splits but hold images are a class tree
+    tree = tmp_path / "tree"
+    for name in ("test", "other"):
+        (tree / name).mkdir(parents=True)
+        (tree / name / "a.png").write_bytes(b"")
+    assert parse_data_spec(tree).resolve(EVAL_SPLITS).root == tree

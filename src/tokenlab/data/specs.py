@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from tokenlab.data.images import list_class_dirs
+from tokenlab.data.images import is_image_file, list_class_dirs
 from tokenlab.data.synthetic import FORMAT as SYNTHETIC_FORMAT
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ __all__ = [
     "CIFAR10_CLASSES",
     "LIST_SUFFIXES",
     "SPEC_KINDS",
+    "SPLIT_NAMES",
     "EVAL_SPLITS",
     "DataSpec",
     "cache_dir",
@@ -46,6 +47,14 @@ SPEC_KINDS = ("cifar10", "splits", "list", "folder")
 LIST_SUFFIXES = (".csv", ".tsv", ".txt")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 EVAL_SPLITS = ("val", "test")
+#: Folder names taken for splits (not classes) when they hold folders only: ``ROOT`` is then a split-folder root.
+SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
+
+
+def _holds_folders_only(path: Path) -> bool:
+    """A directory with at least one sub-folder and no image file at its top (the shape of a split folder)."""
+    entries = [e for e in os.scandir(path) if not e.name.startswith(".")]
+    return any(e.is_dir() for e in entries) and not any(e.is_file() and is_image_file(e.name) for e in entries)
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,8 @@ class DataSpec:
             return replace(self, split=split)
         if self.kind == "cifar10" and split is None:
             split = defaults[0] if defaults else "train"
+        if split is None:
+            self._refuse_split_root(defaults)
         if split is None or self.list_file(split) is not None:
             return replace(self, split=split)
         if not (self.path / split).is_dir():
@@ -119,6 +130,18 @@ class DataSpec:
             raise ValueError(f"split {split!r} not found in {self.path}; available: {self.splits} "
                              f"(split=None reads {self.path} itself)")  # fmt: skip
         return replace(self, split=split)
+
+    def _refuse_split_root(self, defaults: Sequence[str]) -> None:
+        """A folder read as a class tree must not be a split-folder root (``ROOT/train/<class>/...``).
+
+        Its split folders would otherwise become the classes; the message names the ``ROOT:<split>`` to use.
+        """
+        splits = [d for d in list_class_dirs(self.path) if d.lower() in SPLIT_NAMES]
+        if not splits or not all(_holds_folders_only(self.path / d) for d in splits):
+            return
+        suggest = next((s for s in defaults if s in splits), splits[0])
+        raise ValueError(f"{self.path} holds the splits {splits}, not class folders; name the split: "
+                         f"{self.path}:{suggest}")  # fmt: skip
 
     def list_file(self, split: str | None = None) -> Path | None:
         """The list file of this spec: the file itself, or ``DIR/<split>.csv|.tsv`` when it exists."""
