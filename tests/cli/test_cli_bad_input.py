@@ -183,3 +183,24 @@ def test_eval_on_a_split_folder_root_suggests_the_split(tmp_path, capsys) -> Non
     assert f"{root}:val" in err and "split" in err
     assert main(["eval", "--checkpoint", str(run), "--data", f"{root}:val", "--workers", "0", "--ood", "none"]) == 0
     assert json.loads((run / "eval.json").read_text())["data"] == str(root / "val")
+
+
+def test_eval_skips_names_and_counts_an_image_above_the_pixel_limit(tmp_path, monkeypatch, caplog, capsys) -> None:
+    import logging
+    import warnings
+
+    import numpy as np
+    from evalhelpers import make_tree
+    from PIL import Image
+
+    tree = make_tree(tmp_path / "tree", per_class=2)  # 32x32 images
+    Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(tree / "cat" / "huge.png")  # 2304 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)
+    run = make_run(tmp_path / "run")
+    with caplog.at_level(logging.WARNING, logger="tokenlab.data.images"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        assert main(["eval", "--checkpoint", str(run), "--data", str(tree), "--workers", "0", "--ood", "none"]) == 0
+    assert "huge.png" in caplog.text
+    clean = json.loads((run / "eval.json").read_text())["clean"]["official"]
+    assert clean["skipped"] == 1 and clean["n"] == 4, clean
+    assert "unreadable images skipped: 1 (named in the log)" in capsys.readouterr().out

@@ -59,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     for rule, c in res.clean.items():
         print(f"{rule:<9} {100 * c.top1:6.2f} {100 * c.top5:6.2f} {c.nll:6.3f} {100 * c.ece:6.2f} "
               f"{c.images_per_s:8.1f}")  # fmt: skip
+    skipped = max((c.skipped for c in res.clean.values()), default=0)
+    if skipped:
+        print(f"unreadable images skipped: {skipped} (named in the log)")
     if res.corruptions:
         for rule, s in res.corruptions.scores.items():
             mce = f"{100 * s.mce:.2f}" if s.mce is not None else "- (no reference)"

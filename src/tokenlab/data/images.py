@@ -5,8 +5,9 @@ file that cannot be read.
 
 Training data sets, evaluation trees, token analysis, segmentation pairs and the corruption generator all read
 images through here, so one file decodes to the same pixels everywhere (a 16-bit PNG is scaled to 8 bits, not
-clipped to white; alpha is composited on white) and an unreadable file is treated the same way everywhere:
-skipped, logged by name, and counted (``UnreadableImages``) so results can report how many were left out.
+clipped to white; alpha is composited on white) and an unreadable file (corrupt, truncated, or above PIL's
+decompression-bomb limit ``Image.MAX_IMAGE_PIXELS``) is treated the same way everywhere: skipped, logged by name,
+and counted (``UnreadableImages``) so results can report how many were left out.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "IMG_EXTENSIONS",
     "READ_ERRORS",
+    "ImageTooLarge",
     "UnreadableImages",
     "check_image",
     "denormalize",
@@ -40,8 +42,15 @@ __all__ = [
 ]
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
-#: What decoding an unreadable or truncated file raises (PIL raises SyntaxError / ValueError for some corrupt files).
-READ_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError)
+
+
+class ImageTooLarge(ValueError):
+    """An image above PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``): skipped like unreadable ones."""
+
+
+#: What decoding an unreadable, truncated or oversized file raises (PIL raises SyntaxError / ValueError for some
+#: corrupt files, ``DecompressionBombError`` above twice ``Image.MAX_IMAGE_PIXELS``, ``ImageTooLarge`` above it).
+READ_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -80,13 +89,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _check_size(image: Image.Image, path: str | Path) -> None:
+    """Refuse an image above ``Image.MAX_IMAGE_PIXELS`` (PIL only warns below twice the limit, then decodes it)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and image.width * image.height > limit:
+        raise ImageTooLarge(
+            f"{image.width}x{image.height} = {image.width * image.height} pixels is above PIL's decompression-bomb "
+            f"limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS; raise it to read {Path(path).name})"
+        )
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Decode an image file to 8-bit RGB.
 
     Raises:
         OSError: the file is unreadable (incl. ``UnidentifiedImageError``); see ``READ_ERRORS`` for the rest.
+        ImageTooLarge / DecompressionBombError: more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` allows.
     """
     with Image.open(path) as image:
+        _check_size(image, path)
         image.load()
         return to_rgb(image)
 
@@ -103,6 +124,7 @@ def load_mask(path: str | Path) -> np.ndarray:
     indices everywhere.
     """
     with Image.open(path) as image:
+        _check_size(image, path)
         return np.asarray(image.convert("L") if image.mode not in ("L", "P") else image)
 
 
@@ -110,6 +132,7 @@ def check_image(path: str | Path) -> str | None:
     """An error message when ``path`` is not a readable image, else None (header check; PNG chunk CRCs too)."""
     try:
         with Image.open(path) as image:
+            _check_size(image, path)
             image.verify()
     except READ_ERRORS as err:
         return f"{type(err).__name__}: {err}"
