@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, cast
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -134,7 +135,10 @@ def _load_recipe(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
     """The recipe at ``path`` preceded by its ``_base_`` chain."""
     if path.resolve() in seen:
         raise ValueError(f"recipe {path} includes itself through _base_")
-    raw = OmegaConf.load(path)
+    try:
+        raw = OmegaConf.load(path)
+    except (yaml.YAMLError, UnicodeDecodeError, OmegaConfBaseException) as err:
+        raise ValueError(f"recipe {path} is not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(raw, DictConfig):
         raise ValueError(f"recipe {path} must be a YAML mapping, got {type(raw).__name__}")
     chain: list[DictConfig] = []
@@ -144,7 +148,36 @@ def _load_recipe(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
     return chain + [raw]
 
 
+def _yaml_problem(err: Exception, located: bool = True) -> str:
+    """One line for a YAML / decoding error: what is wrong and (``located``) where, line and column 1-based."""
+    if isinstance(err, yaml.MarkedYAMLError):
+        mark = err.problem_mark or err.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None and located else ""
+        return f"{err.problem or err.context or 'syntax error'!s}{where}"
+    return str(err).splitlines()[0]
+
+
+def _check_sections(cfg: DictConfig, other: DictConfig, source: str, prefix: str = "") -> None:
+    """A section of the defaults (``model``, ``data.transform``...) must stay a mapping in ``other``.
+
+    OmegaConf would raise a bare ``TypeError`` for a list there and silently replace the section by a scalar.
+    """
+    sections = {k: v for k, v in cfg.items_ex(resolve=False) if isinstance(v, DictConfig)}
+    for key, value in other.items_ex(resolve=False):
+        full = prefix + str(key)
+        current = sections.get(key)
+        if not isinstance(current, DictConfig):
+            continue
+        if not isinstance(value, DictConfig):
+            shown = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+            keys = ", ".join(str(k) for k in list(current.keys())[:6])
+            raise ValueError(f"config key {full!r} in {source} must be a section (a mapping"
+                             f"{' of ' + keys + ', ...' if keys else ''}), got {shown!r}")  # fmt: skip
+        _check_sections(current, value, source, full + ".")
+
+
 def _merge(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    _check_sections(cfg, other, source)
     try:
         merged = OmegaConf.merge(cfg, other)
     except OmegaConfBaseException as err:
@@ -170,17 +203,54 @@ def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ())
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ValueError(f"command-line overrides must look like key=value, got {bad}")
+    for override in overrides:  # parsed one by one, so a syntax error names its override
+        try:
+            OmegaConf.from_dotlist([override])
+        except (yaml.YAMLError, OmegaConfBaseException) as err:
+            raise ValueError(f"cannot parse override {override!r}: {_yaml_problem(err, located=False)}") from None
     try:
         dotlist = OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as err:
         raise ValueError(f"cannot parse overrides {list(overrides)}: {str(err).splitlines()[0]}") from None
-    cfg = _merge(cfg, dotlist, "the command line")
+    cfg = _merge(cfg, dotlist, "the command-line overrides")
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise ValueError(f"cannot resolve interpolation: {str(err).splitlines()[0]}") from None
     validate_config(cfg)
+    _check_data_options(cfg)
     return cfg
+
+
+def _check_data_options(cfg: DictConfig) -> None:
+    """The free sections ``data.transform`` and ``data.dataset`` must fit what the method's data view builds.
+
+    The training transform is built once here (it is cheap: no data is read) with the method's options, the way
+    the engine builds it, so an unknown or ill-typed key fails now, as one ValueError naming the section, instead
+    of as a ``TypeError`` from deep inside the data layer.
+    """
+    import inspect
+
+    from tokenlab.data import build_dataset, build_transforms
+    from tokenlab.methods import get_method_class
+
+    method = get_method_class(cfg.method.name)
+    view = method.data_view
+    extra = cfg_dict(cfg.data.transform)
+    try:
+        options = method.transform_options(cfg_dict(cfg.method.kwargs))
+        if view == "segmentation":
+            build_transforms(view, cfg.data.img_size, train=True, **extra)
+        else:
+            build_transforms(view, cfg.data.img_size, **options, **extra)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config section 'data.transform' {extra} does not fit method {cfg.method.name!r} "
+                         f"(data view {view!r}, data.img_size {cfg.data.img_size}): {err}") from None  # fmt: skip
+    if view != "segmentation":  # the segmentation builder checks its data.dataset keys itself
+        valid = set(inspect.signature(build_dataset).parameters) - {"spec", "split", "transform"}
+        unknown = sorted(set(cfg_dict(cfg.data.dataset)) - valid)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in config section 'data.dataset'; valid: {sorted(valid)}")
 
 
 def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
