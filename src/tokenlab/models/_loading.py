@@ -195,10 +195,33 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple
     """Rebuild a model written by ``save_exported`` (``path`` with or without suffix, or a run directory)."""
     stem = export_stem(path)
     meta = read_model_meta(stem)
-    model = timm.create_model(meta["model"], **meta.get("model_kwargs", {}))
-    load_checkpoint(model, stem.with_suffix(".safetensors"))
+    weights = stem.with_suffix(".safetensors")
+    state_dict = read_state_dict(weights)
+    model = _build_loaded(meta["model"], meta.get("model_kwargs", {}), state_dict, str(weights))
     return model.to(device).eval(), meta
 
+
+
+def _build_loaded(
+    name: str, kwargs: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], source: str
+) -> nn.Module:
+    """``timm.create_model(name, **kwargs)`` holding ``state_dict`` (strict), without initialising it first.
+
+    The model is built on the meta device and the checkpoint's tensors are assigned to it (cast to the model's
+    dtypes), which saves the random initialisation (seconds for the large FANs). A model with buffers outside its
+    state dict (which assignment would leave on the meta device) is built and loaded the ordinary way.
+    """
+    with torch.device("meta"):
+        model = timm.create_model(name, **kwargs)
+    check_state_dict(model, state_dict, source=source)
+    own = model.state_dict()
+    if {n for n, _ in model.named_buffers()} - set(own):  # non-persistent buffers: build the ordinary way
+        model = timm.create_model(name, **kwargs)
+        model.load_state_dict(state_dict, strict=True)
+        return model
+    cast = {k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    model.load_state_dict(cast, strict=True, assign=True)
+    return model
 
 
 def load_published(
@@ -235,9 +258,7 @@ def load_published(
     if classes is not None and len(classes) != num_classes:
         raise ValueError(f"{len(classes)} class names given for a {num_classes}-class checkpoint {path}")
     model_kwargs = {**model_kwargs, "num_classes": num_classes}
-    model = timm.create_model(model_name, **model_kwargs)
-    check_state_dict(model, state_dict, source=f"{path} ({entry or 'flat state dict'})")
-    model.load_state_dict(state_dict, strict=True)
+    model = _build_loaded(model_name, model_kwargs, state_dict, f"{path} ({entry or 'flat state dict'})")
     cfg = model.pretrained_cfg
     meta: dict[str, Any] = {
         "model": model_name,
