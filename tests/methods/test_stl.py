@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import tokenlab  # noqa: F401
+import tokenlab
 from tokenlab.methods import StepContext, TrainPlan, build_method
 from tokenlab.models import save_exported
 
@@ -254,3 +254,20 @@ def test_aux_only_labeler_trains_only_the_token_average():
     assert val["correct"].item() == (model.aux_head(patches.mean(1)).argmax(-1) == batch["label"]).sum().item()
     assert method.export_meta() == {"stl_labeler": {"aux_only": True}}
     assert build_method("stl_labeler", model=model).export_meta() == {}
+
+
+def test_in1k_student_recipes_take_the_labelers_best_export():
+    """Published: the student's ``--offline-model`` is the labeler run's ``model_best.pth.tar`` (best EMA top-1)."""
+    from pathlib import Path
+
+    import yaml
+
+    configs = Path(tokenlab.__file__).parent / "configs"
+    students = sorted(configs.glob("in1k_stl_*_student.yaml"))
+    assert len(students) == 4
+    for path in students:
+        kwargs = yaml.safe_load(path.read_text())["method"]["kwargs"]
+        assert kwargs["labeler_export"] == "best", path.name
+        assert kwargs["token_smoothing"] is None and kwargs["label_type"] == "gumbel", path.name
+    evaluation = yaml.safe_load((configs / "in1k_base.yaml").read_text())["data"]["eval"]
+    assert evaluation == {"crop_pct": 1.0, "interpolation": "bicubic"}
