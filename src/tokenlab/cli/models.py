@@ -1,6 +1,9 @@
-"""``tokenlab models``: every registered tokenlab model with its parameter count; ``tokenlab models convert``: a
-published checkpoint (e.g. an STL FAN-TL ``.pth.tar``) as a tokenlab export (``STEM.safetensors`` + ``STEM.json``)
-that ``tokenlab eval``, ``tokenlab tokens`` and the STL student (``method.kwargs.labeler=STEM``) take."""
+"""``tokenlab models``: every registered model with its parameter count, and ``models convert``.
+
+``tokenlab models convert`` turns a published checkpoint (e.g. an STL FAN-TL ``.pth.tar``) into a tokenlab export
+(``STEM.safetensors`` + ``STEM.json``) that ``tokenlab eval``, ``tokenlab tokens`` and the STL student
+(``method.kwargs.labeler=STEM``) take.
+"""
 
 from __future__ import annotations
 

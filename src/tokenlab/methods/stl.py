@@ -39,11 +39,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -340,7 +339,7 @@ class STLStudent(Method):
         return out.token_logits.float().clone(), out.grid  # clone: inference tensors cannot enter autograd
 
     def token_weight(self, epoch: int) -> float:
-        """lambda at ``epoch``: constant, or ``lambda * sqrt(min(epoch, R) / R)`` with ``dense_weight_ramp_epochs``."""
+        """The token-loss weight at ``epoch``: lambda, or ``lambda * sqrt(min(epoch, R) / R)`` with a ramp R."""
         r = self.dense_weight_ramp_epochs
         if r <= 0:
             return self.token_loss_weight

@@ -40,7 +40,7 @@ _PREFIXES = ("module.", "_orig_mod.")
 # Older spellings of ``prefer`` (a nested key name) map to the choice they meant.
 _PREFER_ALIASES = {**{k: "ema" for k in _EMA_KEYS}, **{k: "model" for k in _MODEL_KEYS}}
 # timm's CheckpointSaver pickles the training arguments; an argparse.Namespace only sets attributes, so it is safe.
-_SAFE_GLOBALS = [argparse.Namespace]
+_SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 
 
 def _prefer_order(prefer: str | None) -> tuple[str, ...]:
@@ -201,7 +201,6 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple
     return model.to(device).eval(), meta
 
 
-
 def _build_loaded(
     name: str, kwargs: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], source: str
 ) -> nn.Module:
@@ -259,7 +258,7 @@ def load_published(
         raise ValueError(f"{len(classes)} class names given for a {num_classes}-class checkpoint {path}")
     model_kwargs = {**model_kwargs, "num_classes": num_classes}
     model = _build_loaded(model_name, model_kwargs, state_dict, f"{path} ({entry or 'flat state dict'})")
-    cfg = model.pretrained_cfg
+    cfg: dict[str, Any] = dict(getattr(model, "pretrained_cfg", None) or {})
     meta: dict[str, Any] = {
         "model": model_name,
         "model_kwargs": model_kwargs,
