@@ -49,6 +49,7 @@ def test_stage1_then_stage2_through_the_cli(synth, tmp_path, capsys):
     assert "trained 2 steps" in capsys.readouterr().out
     model, meta = load_exported(student)
     assert meta["method"] == "stl_student" and meta["num_classes"] == 10 and len(meta["classes"]) == 10
+    assert meta["labeler"]["export"] == "last" and meta["labeler"]["step"] == 2  # which labeler taught it
     assert {"cls", "token", "loss"} <= set(read_metrics(student, "step")[-1])
     assert (student / "config.yaml").read_text().count("stl_student") == 1
 

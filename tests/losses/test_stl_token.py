@@ -95,3 +95,22 @@ def test_no_gradient_reaches_teacher_logits():
     s = torch.randn(1, 4, 3, requires_grad=True)
     STLTokenLoss("softmax")(s, t, (2, 2), (2, 2)).backward()
     assert t.grad is None and s.grad is not None
+
+
+def test_default_smoothing_is_the_published_one_per_label_type():
+    # NVlabs/STL token_label_generation: Gumbel / argmax labels are smoothed 0.9 / 0.1, softmax labels returned raw.
+    t = torch.randn(2, 4, 5)
+    torch.testing.assert_close(make_token_labels(t, "softmax"), F.softmax(t, -1))
+    y = make_token_labels(t, "argmax")
+    torch.testing.assert_close(y, F.one_hot(t.argmax(-1), 5).float() * 0.9 + 0.1 / 5)
+    assert STLTokenLoss("softmax").smoothing == 0.0 and STLTokenLoss("gumbel").smoothing == 0.1
+    assert STLTokenLoss("softmax", smoothing=0.2).smoothing == 0.2
+
+
+def test_per_image_labels_average_the_tokens_of_both_sides():
+    # teacher tokens average to logits (0, 2) -> argmax class 1 -> label (0, 1) without smoothing; the student's
+    # tokens average to (0, 0) -> loss = -log softmax(0, 0)_1 = log 2, whatever the grids (2x2 vs 1x2).
+    teacher = torch.tensor([[[0.0, 4.0], [0.0, 0.0], [0.0, 4.0], [0.0, 0.0]]])
+    student = torch.tensor([[[1.0, -1.0], [-1.0, 1.0]]], requires_grad=True)
+    loss = STLTokenLoss("argmax", smoothing=0.0, per_image=True)(student, teacher, (1, 2), (2, 2))
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)

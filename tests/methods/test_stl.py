@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import tokenlab  # noqa: F401
+import tokenlab
 from tokenlab.methods import StepContext, TrainPlan, build_method
 from tokenlab.models import save_exported
 
@@ -126,3 +126,148 @@ def test_errors(tmp_path):
         build_method("stl_labeler", model=plain)
     with pytest.raises(ValueError, match="teacher_aug 'clean'"):
         build_method("stl_student", model=_token_model(), labeler=_token_model(), teacher_aug="clean")
+
+
+def _export(model: nn.Module, stem, step: int) -> None:
+    meta = {"model": "fan_nano_6_p16_224_token", "model_kwargs": dict(KW, num_classes=3, patch_size=4), "step": step}
+    save_exported(model, stem, meta)
+
+
+def test_labeler_export_last_or_best_is_taken_and_recorded(tmp_path):
+    last, best = _token_model(), _token_model()
+    _export(last, tmp_path / "model", 100)
+    _export(best, tmp_path / "model_best", 60)
+    method = build_method("stl_student", model=_token_model(), labeler=str(tmp_path), labeler_export="best")
+    torch.testing.assert_close(method.teacher.head.weight, best.head.weight)
+    assert method.export_meta()["labeler"] == {
+        "path": str(tmp_path / "model_best"),
+        "export": "best",
+        "model": "fan_nano_6_p16_224_token",
+        "step": 60,
+    }
+    method = build_method("stl_student", model=_token_model(), labeler=str(tmp_path))  # default: last
+    torch.testing.assert_close(method.teacher.head.weight, last.head.weight)
+    assert method.export_meta()["labeler"]["export"] == "last"
+    assert method.export_meta()["labeler"]["step"] == 100
+
+
+def test_best_labeler_export_missing_is_a_clear_error(tmp_path):
+    _export(_token_model(), tmp_path / "model", 100)
+    with pytest.raises(FileNotFoundError, match="has no best export .*labeler_export=last"):
+        build_method("stl_student", model=_token_model(), labeler=str(tmp_path), labeler_export="best")
+    with pytest.raises(ValueError, match="unknown labeler_export 'ema'"):
+        build_method("stl_student", model=_token_model(), labeler=str(tmp_path), labeler_export="ema")
+
+
+def test_published_pth_tar_labeler_uses_its_ema_weights(tmp_path):
+    plain, ema = _token_model(), _token_model()
+    torch.save(
+        {"epoch": 3, "state_dict": plain.state_dict(), "state_dict_ema": ema.state_dict(), "metric": 1.0},
+        tmp_path / "model_best.pth.tar",
+    )
+    kwargs = dict(labeler=str(tmp_path / "model_best.pth.tar"), labeler_model="fan_nano_6_p16_224_token")
+    with pytest.raises(ValueError, match="name its architecture with method.kwargs.labeler_model"):
+        build_method("stl_student", model=_token_model(), labeler=kwargs["labeler"])
+    model_kwargs = dict(KW, patch_size=4)
+    method = build_method("stl_student", model=_token_model(), labeler_model_kwargs=model_kwargs, **kwargs)
+    torch.testing.assert_close(method.teacher.head.weight, ema.head.weight)
+    assert method.export_meta()["labeler"]["entry"] == "state_dict_ema"
+    assert method.export_meta()["labeler"]["export"] == "published"
+    method = build_method(
+        "stl_student", model=_token_model(), labeler_model_kwargs=model_kwargs, labeler_prefer="model", **kwargs
+    )
+    torch.testing.assert_close(method.teacher.head.weight, plain.head.weight)
+    assert method.export_meta()["labeler"]["entry"] == "state_dict"
+
+
+def test_softmax_token_labels_are_the_raw_softmax():
+    """Published ``--softmax-token-label``: ``softmax(t)``, no temperature, no smoothing."""
+    student, teacher = _token_model().eval(), _token_model().eval()
+    method = build_method("stl_student", model=student, labeler=teacher, label_type="softmax", label_smoothing=0.0)
+    batch = _batch()
+    out = method.training_step(batch, _ctx())
+    y = F.softmax(teacher.forward_tokens(batch["teacher_image"]).token_logits, -1)
+    s = student.forward_tokens(batch["image"]).token_logits
+    assert out["token"].item() == pytest.approx(-(y * F.log_softmax(s, -1)).sum(-1).mean().item(), abs=1e-5)
+
+
+def test_dense_weight_ramp_follows_sqrt_epoch_over_r():
+    """Published ``--dynamic-dense-weight``: ``lambda * sqrt(epoch / 300)`` up to epoch 300, then lambda."""
+    method = build_method("stl_student", model=_token_model(), labeler=_token_model(), token_loss_weight=2.0)
+    assert [method.token_weight(e) for e in (0, 150, 400)] == [2.0, 2.0, 2.0]  # default: off
+    method = build_method(
+        "stl_student", model=_token_model(), labeler=_token_model(), token_loss_weight=2.0, dense_weight_ramp_epochs=300
+    )
+    assert method.token_weight(0) == 0.0
+    assert method.token_weight(75) == pytest.approx(2.0 * 0.5)
+    assert method.token_weight(300) == method.token_weight(350) == 2.0
+    ctx = StepContext(step=0, epoch=75, plan=TrainPlan(10, 10, 1), device=torch.device("cpu"))
+    out = method.training_step(_batch(), ctx)
+    assert out["token_weight"].item() == pytest.approx(1.0)
+    assert out["loss"].item() == pytest.approx(out["cls"].item() + out["token"].item(), abs=1e-5)
+    with pytest.raises(ValueError, match="dense_weight_ramp_epochs must be >= 0"):
+        build_method("stl_student", model=_token_model(), labeler=_token_model(), dense_weight_ramp_epochs=-1)
+
+
+def test_single_token_label_is_one_label_per_image():
+    """Published ``--single-token-label``: labels from the token-averaged labeler logits, learnt on average."""
+    student, teacher = _token_model().eval(), _token_model().eval()
+    method = build_method(
+        "stl_student", model=student, labeler=teacher, label_type="argmax", single_token_label=True, label_smoothing=0
+    )
+    batch = _batch()
+    out = method.training_step(batch, _ctx())
+    t = teacher.forward_tokens(batch["teacher_image"]).token_logits.mean(1)  # (B, K)
+    y = F.one_hot(t.argmax(-1), 3).float() * 0.9 + 0.1 / 3
+    s = student.forward_tokens(batch["image"]).token_logits.mean(1)
+    assert out["token"].item() == pytest.approx(-(y * F.log_softmax(s, -1)).sum(-1).mean().item(), abs=1e-5)
+
+
+def test_online_self_labelling_puts_the_student_back_in_train_mode():
+    student = _token_model()
+    method = build_method("stl_student", model=student, labeler="self", label_type="argmax")
+    method.train()
+    seen = []
+    student.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(mod.training))
+    out = method.training_step(_batch(), _ctx())
+    assert seen == [False, True]  # labels in eval mode, the student's own forward in train mode
+    assert student.training and all(m.training for m in student.modules())
+    assert method.teacher is student and method.export_meta()["labeler"]["export"] == "online"
+    assert not any(k.startswith("_teacher") for k in method.state_dict())
+    out["loss"].backward()
+    assert any(p.grad is not None for p in student.parameters())
+
+
+def test_aux_only_labeler_trains_only_the_token_average():
+    """Published ``train_token_labeler.py --single-token-label``: only ``CE(mean tokens aux, y)``."""
+    model = _token_model().eval()
+    method = build_method("stl_labeler", model=model, aux_only=True, label_smoothing=0.0)
+    batch = _batch()
+    out = method.training_step(batch, _ctx())
+    _, patches = model.forward_features(batch["image"])
+    ce_aux = F.cross_entropy(model.aux_head(patches.mean(1)), batch["label"])
+    assert out["loss"].item() == pytest.approx(ce_aux.item(), abs=1e-5)
+    out["loss"].backward()
+    assert model.head.weight.grad is not None and not model.head.weight.grad.any()  # in the graph, weight 0
+    assert model.aux_head.weight.grad.any()
+    val = method.validation_step(model, batch)
+    assert val["correct"].item() == (model.aux_head(patches.mean(1)).argmax(-1) == batch["label"]).sum().item()
+    assert method.export_meta() == {"stl_labeler": {"aux_only": True}}
+    assert build_method("stl_labeler", model=model).export_meta() == {}
+
+
+def test_in1k_student_recipes_take_the_labelers_best_export():
+    """Published: the student's ``--offline-model`` is the labeler run's ``model_best.pth.tar`` (best EMA top-1)."""
+    from pathlib import Path
+
+    import yaml
+
+    configs = Path(tokenlab.__file__).parent / "configs"
+    students = sorted(configs.glob("in1k_stl_*_student.yaml"))
+    assert len(students) == 4
+    for path in students:
+        kwargs = yaml.safe_load(path.read_text())["method"]["kwargs"]
+        assert kwargs["labeler_export"] == "best", path.name
+        assert kwargs["token_smoothing"] is None and kwargs["label_type"] == "gumbel", path.name
+    evaluation = yaml.safe_load((configs / "in1k_base.yaml").read_text())["data"]["eval"]
+    assert evaluation == {"crop_pct": 1.0, "interpolation": "bicubic"}

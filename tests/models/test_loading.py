@@ -83,3 +83,16 @@ def test_export_round_trip(tmp_path: Path) -> None:
     assert torch.equal(a(x), b(x))
     with pytest.raises(FileNotFoundError, match="no exported model"):
         load_exported(tmp_path / "nowhere")
+
+
+def test_exported_model_is_built_without_init_and_stays_trainable(tmp_path: Path) -> None:
+    """``load_exported`` builds on the meta device and assigns the weights: nothing may be left on meta."""
+    a = _model()
+    meta = {"model": "fan_nano_6_p16_224_token", "model_kwargs": {"num_classes": 4, "patch_size": 8}}
+    save_exported(a, tmp_path / "model", meta)
+    b, _ = load_exported(tmp_path)
+    tensors = list(b.parameters()) + list(b.buffers())
+    assert all(t.device.type == "cpu" for t in tensors)
+    assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in b.parameters())
+    b.train()(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None for p in b.parameters())

@@ -300,6 +300,10 @@ INTERPOLATIONS = {
 }
 #: Evaluation preprocessing keys stored in every exported ``model.json`` (``eval_transform_from_meta`` reads them).
 EVAL_META_KEYS = ("img_size", "mean", "std", "crop_pct", "interpolation")
+#: Published FAN / STL evaluation (NVlabs/FAN and NVlabs/STL ``_cfg``, timm ``resolve_data_config``): resize the short
+#: side to ``floor(224 / 1.0) = 224`` bicubic, centre-crop 224. Used when neither the export nor the model cfg says.
+DEFAULT_CROP_PCT = 1.0
+DEFAULT_INTERPOLATION = "bicubic"
 
 
 class EvalTransform(v2.Transform):
@@ -307,22 +311,37 @@ class EvalTransform(v2.Transform):
 
     The one evaluation preprocessing of tokenlab: training validation, ``eval``, ``tokens``, ``eval-ssl`` and
     segmentation all build it, from the exported model's metadata through ``eval_transform_from_meta``.
+
+    Args:
+        img_size: Output side.
+        crop_pct: Centre-crop fraction; None: the model's default cfg (``model``), else ``DEFAULT_CROP_PCT``.
+        mean, std: Normalisation; None: the model's default cfg, else the ImageNet values.
+        interpolation: ``bilinear | bicubic | nearest``; None: the model's default cfg, else
+            ``DEFAULT_INTERPOLATION``.
+        model: timm name whose default cfg (``timm.models.get_pretrained_cfg``) fills the values left None, as
+            timm's ``resolve_data_config`` does (every tokenlab FAN: bicubic, crop_pct 1.0, the published values).
     """
 
     def __init__(
         self,
         img_size: int,
-        crop_pct: float = 1.0,
-        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-        std: Sequence[float] = IMAGENET_DEFAULT_STD,
-        interpolation: str = "bilinear",
+        crop_pct: float | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        interpolation: str | None = None,
+        model: str | None = None,
     ) -> None:
         super().__init__()
+        cfg = model_eval_defaults(model)
+        crop_pct = float(crop_pct if crop_pct is not None else cfg.get("crop_pct", DEFAULT_CROP_PCT))
+        interpolation = interpolation if interpolation is not None else cfg.get("interpolation", DEFAULT_INTERPOLATION)
+        mean = mean if mean is not None else cfg.get("mean", IMAGENET_DEFAULT_MEAN)
+        std = std if std is not None else cfg.get("std", IMAGENET_DEFAULT_STD)
         if not 0 < crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"unknown interpolation {interpolation!r}; valid: {', '.join(INTERPOLATIONS)}")
-        self.img_size, self.crop_pct, self.interpolation = img_size, crop_pct, interpolation
+        self.img_size, self.crop_pct, self.interpolation = img_size, crop_pct, str(interpolation)
         self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
         self.pipeline = v2.Compose(
             [
@@ -348,10 +367,24 @@ class EvalTransform(v2.Transform):
         }
 
 
+def model_eval_defaults(model: str | None) -> dict[str, Any]:
+    """``crop_pct``, ``interpolation``, ``mean``, ``std`` of a registered model's default cfg (empty if unknown)."""
+    if not model:
+        return {}
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(str(model))
+    if cfg is None:
+        return {}
+    return {k: getattr(cfg, k) for k in ("crop_pct", "interpolation", "mean", "std") if getattr(cfg, k, None)}
+
+
 def eval_transform_from_meta(meta: Mapping[str, Any], img_size: int | None = None) -> EvalTransform:
     """The evaluation transform an exported model was trained for (``EVAL_META_KEYS`` of its ``model.json``).
 
-    Missing keys fall back to the defaults of ``EvalTransform`` (older exports stored only size, mean and std).
+    Keys missing from ``meta`` (older exports stored only size, mean and std; converted published checkpoints hold
+    their model's cfg values) fall back to the default cfg of ``meta["model"]`` and then to the published FAN
+    values (``DEFAULT_CROP_PCT``, ``DEFAULT_INTERPOLATION``), so the model cfg and evaluation agree.
 
     Args:
         meta: An exported model's metadata.
@@ -363,8 +396,8 @@ def eval_transform_from_meta(meta: Mapping[str, Any], img_size: int | None = Non
     size = img_size if img_size is not None else meta.get("img_size")
     if size is None:
         raise ValueError("the exported model's metadata has no img_size; pass one")
-    kwargs = {k: meta[k] for k in ("mean", "std", "crop_pct", "interpolation") if meta.get(k) is not None}
-    return EvalTransform(int(size), **kwargs)
+    kwargs = {k: meta.get(k) for k in ("mean", "std", "crop_pct", "interpolation")}
+    return EvalTransform(int(size), model=meta.get("model"), **kwargs)
 
 
 class ViewTransform(v2.Transform):

@@ -7,7 +7,10 @@ What STL claims (REFERENCE §2-3) and how it is measured here:
   :mod:`tokenlab.eval.corruptions`, or an existing ImageNet-C download); per-cell accuracy, then
   ``CE_c = sum_s E_{s,c} / sum_s E^ref_{s,c}``, ``mCE = mean_c CE_c``, relative mCE with ``E - E_clean``, and
   ``retention = robust accuracy / clean accuracy`` (:mod:`tokenlab.eval.metrics`). The reference is AlexNet's
-  ImageNet-C table (1000-class models) or another run's ``eval.json`` (e.g. the supervised baseline);
+  ImageNet-C table (1000-class models) or another run's ``eval.json`` (e.g. the supervised baseline). As published
+  (STL / FAN ``validate_ood.py``), the robust accuracy averages every corruption folder present (19 with the
+  extra set) and mCE the 15 benchmark corruptions; the 15-corruption accuracy is reported too, and each number
+  names its corruptions (:mod:`tokenlab.eval.classify_corruptions`);
 - OOD sets (subset/renamed classes; ImageNet-A/R; the synthetic ``rendition`` and ``shortcut`` splits) with the
   logits restricted to the covered classes;
 - token models under both rules: official ``cls + 0.5 * max tokens`` and, as ablation, cls only.

@@ -17,29 +17,50 @@ with ``y_hat`` from ``tokenlab.losses.stl_token`` (Gumbel-softmax tau = 1, hard,
 runs in eval mode under ``torch.inference_mode`` and autocast; it is kept outside the module tree, so it is never
 trained, never put in train mode, never wrapped by DDP and never written into checkpoints (it is re-loaded from
 its run on resume). Mixup/CutMix touch only the student image and the class target.
+
+Where the labeler comes from (``labeler``): a stage-1 run directory, whose last (``RUN/model``) or best
+(``RUN/model_best``, the published choice: the best EMA checkpoint by top-1) export is taken by ``labeler_export``;
+an export stem; a published FAN-TL checkpoint (``.pth.tar``, with ``labeler_model`` naming the architecture; EMA
+weights first); or ``"self"``, the published online self-labelling (the student labels its own teacher view). The
+student's export meta records which labeler was used (``labeler``: path, export, step, source entry).
+
+Options the published code has, each off by default as published (NVlabs/STL ``main.py`` /
+``train_token_labeler.py`` flags in brackets):
+- ``dense_weight_ramp_epochs`` [``--dynamic-dense-weight``, 300]: ``lambda_e = lambda * sqrt(min(e, R) / R)`` at
+  epoch ``e`` (0-based);
+- ``single_token_label`` [``--single-token-label``]: one label per image for the student (see the loss);
+- ``labeler="self"`` [``--online-training``]: online self-labelling; the published code leaves the model in eval mode
+  after labelling, here its train mode is restored;
+- ``aux_only`` of ``stl_labeler`` [``--single-token-label`` in ``train_token_labeler.py``]: the labeler learns only
+  ``CE(aux_head(mean of patch tokens), y)``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tokenlab.losses.stl_token import STLTokenLoss
 from tokenlab.methods import Method, StepContext, register_method
 from tokenlab.methods.supervised import ClassTargets, soft_cross_entropy
 from tokenlab.models.contract import as_backbone
+from tokenlab.utils.runs import EXPORT_CHOICES, export_stem
 
-__all__ = ["STLLabeler", "STLStudent", "TEACHER_AUGS"]
+__all__ = ["SELF_LABELER", "STLLabeler", "STLStudent", "TEACHER_AUGS"]
 
 logger = logging.getLogger(__name__)
 
 TEACHER_AUGS = ("none", "spatial", "full")
+SELF_LABELER = "self"  # labeler value of online self-labelling
+_CHECKPOINT_SUFFIXES = (".pth", ".tar", ".pt", ".bin")  # a published (torch.save) checkpoint, not a tokenlab export
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -59,6 +80,10 @@ class STLLabeler(Method):
         model: A token FAN (``*_token``).
         num_classes: K (defaults to ``model.num_classes``).
         aux_loss_weight: lambda (paper: 1).
+        aux_only: Published ``--single-token-label`` labeler ablation: the loss is ``lambda * CE(aux_head(mean of
+            patch tokens), y)`` alone and validation scores the token-averaged aux logits (default off; the
+            published recipes train cls + aux, ``--cls-with-single-token-label``). The class head stays in the graph
+            with weight 0, so DDP sees a gradient for every parameter.
         label_smoothing, mixup_alpha, cutmix_alpha, mix_prob, switch_prob: class targets, see ``ClassTargets``.
     """
 
@@ -67,6 +92,7 @@ class STLLabeler(Method):
         model: nn.Module,
         num_classes: int | None = None,
         aux_loss_weight: float = 1.0,
+        aux_only: bool = False,
         label_smoothing: float = 0.1,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
@@ -77,7 +103,10 @@ class STLLabeler(Method):
         _require_token_model(model, "stl_labeler model")
         if aux_loss_weight < 0:
             raise ValueError(f"aux_loss_weight must be >= 0, got {aux_loss_weight}")
+        if aux_only and aux_loss_weight == 0:
+            raise ValueError("aux_only=true trains only the aux term; it needs aux_loss_weight > 0")
         self.aux_loss_weight = aux_loss_weight
+        self.aux_only = bool(aux_only)
         k = int(num_classes or as_backbone(model).num_classes)
         self.targets = ClassTargets(k, label_smoothing, mixup_alpha, cutmix_alpha, mix_prob, switch_prob)
 
@@ -90,8 +119,27 @@ class STLLabeler(Method):
         aux_loss = soft_cross_entropy(
             self.model.get_submodule("aux_head")(patches.mean(dim=1)), targets
         )  # (B, N, C) -> (B, C)
-        loss = cls_loss + self.aux_loss_weight * aux_loss
+        cls_weight = 0.0 if self.aux_only else 1.0
+        loss = cls_weight * cls_loss + self.aux_loss_weight * aux_loss
         return {"loss": loss, "cls": cls_loss.detach(), "aux": aux_loss.detach()}
+
+    @torch.no_grad()
+    def validation_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """As ``Method.validation_step``; with ``aux_only`` the logits are the token-averaged aux logits."""
+        if not self.aux_only:
+            return super().validation_step(model, batch)
+        _, patches = as_backbone(model).forward_features(batch["image"])
+        logits = model.get_submodule("aux_head")(patches.mean(dim=1))  # (B, N, C) -> (B, K)
+        labels = batch["label"]
+        return {
+            "correct": (logits.argmax(dim=-1) == labels).sum().float(),
+            "loss": F.cross_entropy(logits.float(), labels, reduction="sum"),
+            "count": torch.tensor(float(labels.numel()), device=logits.device),
+        }
+
+    def export_meta(self) -> dict[str, Any]:
+        """``aux_only`` labelers predict with their aux head; say so in ``model.json``."""
+        return {"stl_labeler": {"aux_only": True}} if self.aux_only else {}
 
 
 @register_method("stl_student")
@@ -100,14 +148,27 @@ class STLStudent(Method):
 
     Args:
         model: The student, a token FAN (``*_token``).
-        labeler: Stage-1 run directory or exported model stem (``RUN`` or ``RUN/model``); a ready module is also
+        labeler: Stage-1 run directory, exported model stem (``RUN/model``), published FAN-TL checkpoint
+            (``.pth``/``.pth.tar``, with ``labeler_model``) or ``"self"`` (online self-labelling: the student labels
+            its own teacher view, in eval mode, and is put back in train mode afterwards); a ready module is also
             accepted (tests, notebooks).
+        labeler_export: For a run directory: ``"last"`` (``RUN/model``) or ``"best"`` (``RUN/model_best``, the
+            published choice: the best EMA checkpoint by top-1; the run must have written it).
+        labeler_model: timm name of a published checkpoint's architecture (e.g. ``fan_tiny_8_p4_hybrid_token``).
+        labeler_model_kwargs: Extra ``timm.create_model`` kwargs for ``labeler_model`` (the class count is read
+            from the checkpoint).
+        labeler_prefer: ``"ema"`` (default, as published: ``state_dict_ema`` when the file has it) or ``"model"``.
         num_classes: K (defaults to ``model.num_classes``).
         token_loss_weight: lambda.
+        dense_weight_ramp_epochs: R > 0 ramps lambda as ``lambda * sqrt(min(epoch, R) / R)`` (published
+            ``--dynamic-dense-weight`` uses R = 300, a constant of its loss); 0 (default): constant lambda.
         label_type: ``"gumbel" | "softmax" | "argmax"``.
-        tau: Gumbel / softmax temperature.
+        tau: Gumbel / softmax temperature (published: 1; the published softmax ablation has no temperature).
         hard: One-hot Gumbel labels.
-        token_smoothing: Label smoothing of the token labels.
+        token_smoothing: Label smoothing of the token labels; None (default): the published value of
+            ``label_type`` (0.1; 0 for the raw softmax labels).
+        single_token_label: One label per image (the token-averaged labeler logits), learnt by the token-averaged
+            student aux logits (published ``--single-token-label``; default off).
         teacher_aug: The teacher view the data layer's paired transform makes (``batch["teacher_image"]``):
             ``"spatial"`` same crop/flip/geometric ops as the student, no colour ops, erasing or mixing (the
             paper's choice); ``"full"`` the student's augmentations too; ``"none"`` a centre crop of the clean image
@@ -117,7 +178,7 @@ class STLStudent(Method):
         label_smoothing, mixup_alpha, cutmix_alpha, mix_prob, switch_prob: class targets, see ``ClassTargets``.
 
     Raises:
-        FileNotFoundError: no exported labeler at ``labeler``.
+        FileNotFoundError: no exported labeler at ``labeler`` (or no best export when ``labeler_export="best"``).
         ValueError: the labeler has no ``aux_head`` or predicts another number of classes; bad option.
     """
 
@@ -127,12 +188,18 @@ class STLStudent(Method):
         self,
         model: nn.Module,
         labeler: str | Path | nn.Module | None = None,
+        labeler_export: str = "last",
+        labeler_model: str | None = None,
+        labeler_model_kwargs: dict[str, Any] | None = None,
+        labeler_prefer: str = "ema",
         num_classes: int | None = None,
         token_loss_weight: float = 1.0,
+        dense_weight_ramp_epochs: int = 0,
         label_type: str = "gumbel",
         tau: float = 1.0,
         hard: bool = True,
-        token_smoothing: float = 0.1,
+        token_smoothing: float | None = None,
+        single_token_label: bool = False,
         teacher_aug: str = "spatial",
         teacher_dtype: str = "auto",
         label_smoothing: float = 0.1,
@@ -145,51 +212,95 @@ class STLStudent(Method):
         _require_token_model(model, "stl_student model")
         if labeler is None:
             raise ValueError(
-                "stl_student needs method.kwargs.labeler: the run directory of a stage-1 (stl_labeler) run"
+                "stl_student needs method.kwargs.labeler: the run directory of a stage-1 (stl_labeler) run, a "
+                "published FAN-TL .pth.tar (with labeler_model) or 'self'"
             )
+        if labeler_export not in EXPORT_CHOICES:
+            raise ValueError(f"unknown labeler_export {labeler_export!r}; valid: {', '.join(EXPORT_CHOICES)}")
         if teacher_aug not in TEACHER_AUGS:
             raise ValueError(f"unknown teacher_aug {teacher_aug!r}; valid: {', '.join(TEACHER_AUGS)}")
         if teacher_dtype not in _DTYPES:
             raise ValueError(f"unknown teacher_dtype {teacher_dtype!r}; valid: {', '.join(_DTYPES)}")
         if token_loss_weight < 0:
             raise ValueError(f"token_loss_weight must be >= 0, got {token_loss_weight}")
+        if dense_weight_ramp_epochs < 0:
+            raise ValueError(f"dense_weight_ramp_epochs must be >= 0 (0: off), got {dense_weight_ramp_epochs}")
         k = int(num_classes or as_backbone(model).num_classes)
-        teacher = self._load_labeler(labeler)
-        _require_token_model(teacher, "labeler")
-        if teacher.num_classes != k:
-            raise ValueError(
-                f"the labeler predicts {teacher.num_classes} classes but the student has {k}; "
-                f"train the labeler (stage 1) on the same data set"
-            )
-        teacher.eval().requires_grad_(False)
+        self.self_labelling = isinstance(labeler, str) and labeler == SELF_LABELER
         # A plain list hides the labeler from the module tree: no train(), no DDP, no optimizer, no checkpoint.
-        self._teacher: list[nn.Module] = [teacher]
+        self._teacher: list[nn.Module] = []
+        if self.self_labelling:
+            self.labeler_info: dict[str, Any] = {"path": SELF_LABELER, "export": "online"}
+        else:
+            assert labeler is not None
+            teacher, self.labeler_info = self._load_labeler(
+                labeler, labeler_export, labeler_model, labeler_model_kwargs, labeler_prefer
+            )
+            _require_token_model(teacher, "labeler")
+            if teacher.num_classes != k:
+                raise ValueError(
+                    f"the labeler predicts {teacher.num_classes} classes but the student has {k}; "
+                    f"train the labeler (stage 1) on the same data set"
+                )
+            teacher.eval().requires_grad_(False)
+            self._teacher.append(teacher)
         self.token_loss_weight = token_loss_weight
+        self.dense_weight_ramp_epochs = int(dense_weight_ramp_epochs)
         self.teacher_aug = teacher_aug
         self.teacher_dtype = _DTYPES[teacher_dtype]
-        self.token_loss = STLTokenLoss(label_type, tau, hard, token_smoothing)
+        self.token_loss = STLTokenLoss(label_type, tau, hard, token_smoothing, per_image=single_token_label)
         self.targets = ClassTargets(k, label_smoothing, mixup_alpha, cutmix_alpha, mix_prob, switch_prob)
 
     @staticmethod
-    def _load_labeler(labeler: str | Path | nn.Module) -> nn.Module:
+    def _load_labeler(
+        labeler: str | Path | nn.Module,
+        which: str,
+        model_name: str | None,
+        model_kwargs: dict[str, Any] | None,
+        prefer: str,
+    ) -> tuple[nn.Module, dict[str, Any]]:
+        """The labeler module and what to record about it in the student's export meta."""
         if isinstance(labeler, nn.Module):
-            return labeler
-        from tokenlab.models import load_exported
+            return labeler, {"path": None, "export": "module", "model": type(labeler).__name__}
+        from tokenlab.models import load_exported, load_published
 
         path = Path(labeler)
-        model, meta = load_exported(path)
-        logger.info("loaded token labeler %s (%s) from %s", meta.get("model"), meta.get("num_classes"), path)
-        return model
+        if model_name is not None or path.suffix in _CHECKPOINT_SUFFIXES:
+            if model_name is None:
+                raise ValueError(
+                    f"labeler {path} is a published checkpoint; name its architecture with "
+                    f"method.kwargs.labeler_model (e.g. fan_tiny_8_p4_hybrid_token)"
+                )
+            model, meta = load_published(path, model_name, prefer, **(model_kwargs or {}))
+            info = {"path": str(path), "export": "published", "model": model_name, **meta["source"]}
+            info.pop("file", None)
+        else:
+            stem = export_stem(path, which)
+            if path.is_dir() and which == "best" and not stem.with_suffix(".json").is_file():
+                raise FileNotFoundError(
+                    f"labeler run {path} has no best export ({stem.name}.json/.safetensors): the engine writes it "
+                    f"when the run validates; use method.kwargs.labeler_export=last or re-run stage 1 with validation"
+                )
+            model, meta = load_exported(stem)
+            info = {"path": str(stem), "export": which if path.is_dir() else "given", "model": meta.get("model"),
+                    "step": meta.get("step")}  # fmt: skip
+        logger.info("token labeler: %s", info)
+        return model, info
 
     @property
     def teacher(self) -> nn.Module:
-        """The frozen labeler."""
-        return self._teacher[0]
+        """The frozen labeler (the student itself with online self-labelling)."""
+        return self.model if self.self_labelling else self._teacher[0]
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any) -> STLStudent:
         super()._apply(fn, *args, **kwargs)
-        self._teacher[0]._apply(fn, *args, **kwargs)  # follow .to(device) / .float() of the method
+        for teacher in self._teacher:
+            teacher._apply(fn, *args, **kwargs)  # follow .to(device) / .float() of the method
         return self
+
+    def export_meta(self) -> dict[str, Any]:
+        """Which labeler taught this student (``labeler``: path, export last|best|published|online, step)."""
+        return {"labeler": dict(self.labeler_info)}
 
     @classmethod
     def transform_options(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -205,18 +316,34 @@ class STLStudent(Method):
         return batch["teacher_image"]
 
     def teacher_logits(self, images: torch.Tensor, amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, tuple]:
-        """Labeler token logits ``(B, M, K)`` (a normal tensor, safe to use in autograd) and its grid."""
+        """Labeler token logits ``(B, M, K)`` (a normal tensor, safe to use in autograd) and its grid.
+
+        The labeler runs in eval mode; with self-labelling the student's own mode is restored afterwards (the
+        published ``token_label_generation`` leaves it in eval mode for the rest of the epoch).
+        """
         dtype = self.teacher_dtype or amp_dtype or (torch.bfloat16 if images.device.type == "cuda" else None)
         amp = (
             torch.autocast(images.device.type, dtype=dtype)
             if dtype not in (None, torch.float32)
             else contextlib.nullcontext()
         )
-        self.teacher.eval()
-        with torch.inference_mode(), amp:
-            out = as_backbone(self.teacher).forward_tokens(images)
+        teacher = self.teacher
+        was_training = teacher.training
+        teacher.eval()
+        try:
+            with torch.inference_mode(), amp:
+                out = as_backbone(teacher).forward_tokens(images)
+        finally:
+            teacher.train(was_training and self.self_labelling)
         assert out.token_logits is not None  # the labeler was checked for an aux_head
         return out.token_logits.float().clone(), out.grid  # clone: inference tensors cannot enter autograd
+
+    def token_weight(self, epoch: int) -> float:
+        """The token-loss weight at ``epoch``: lambda, or ``lambda * sqrt(min(epoch, R) / R)`` with a ramp R."""
+        r = self.dense_weight_ramp_epochs
+        if r <= 0:
+            return self.token_loss_weight
+        return self.token_loss_weight * math.sqrt(min(epoch, r) / r)
 
     def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         """STL losses of one micro-batch (see the class docstring)."""
@@ -225,5 +352,11 @@ class STLStudent(Method):
         out = as_backbone(self.model).forward_tokens(images)
         cls_loss = soft_cross_entropy(out.cls_logits, targets)
         token_loss = self.token_loss(out.token_logits, t_logits, out.grid, t_grid)
-        loss = cls_loss + self.token_loss_weight * token_loss
-        return {"loss": loss, "cls": cls_loss.detach(), "token": token_loss.detach()}
+        weight = self.token_weight(ctx.epoch)
+        loss = cls_loss + weight * token_loss
+        return {
+            "loss": loss,
+            "cls": cls_loss.detach(),
+            "token": token_loss.detach(),
+            "token_weight": torch.tensor(weight, device=loss.device),
+        }

@@ -14,9 +14,14 @@ from torch import nn
 
 from tokenlab.models import fan, segmentation, vit  # noqa: F401  (registration side effect)
 from tokenlab.models._loading import (
+    PREFER_CHOICES,
     check_state_dict,
+    convert_checkpoint,
+    find_state_dict,
     load_checkpoint,
     load_exported,
+    load_published,
+    read_checkpoint,
     read_state_dict,
     save_exported,
     unwrap_state_dict,
@@ -28,12 +33,17 @@ from tokenlab.models.vit import MaskedViT
 __all__ = [
     "FAN",
     "MaskedViT",
+    "PREFER_CHOICES",
     "TokenOutput",
     "check_state_dict",
+    "convert_checkpoint",
     "create_model",
+    "find_state_dict",
     "list_tokenlab_models",
     "load_checkpoint",
     "load_exported",
+    "load_published",
+    "read_checkpoint",
     "read_state_dict",
     "save_exported",
     "unwrap_state_dict",

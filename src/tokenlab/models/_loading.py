@@ -1,15 +1,21 @@
 """Reading and writing model weights safely.
 
-- ``load_checkpoint(model, path)``: published FAN/STL (``.pth``/``.pth.tar``, read with ``weights_only=True`` so
-  no arbitrary object is ever unpickled) and safetensors files; nested ``state_dict``/``model``/``model_ema``
-  entries and ``module.`` prefixes are unwrapped; loading is strict and every missing, unexpected or mis-shaped
-  key is listed in the error. Nothing is interpolated silently.
+- ``load_checkpoint(model, path, prefer="ema")``: published FAN/STL (``.pth``/``.pth.tar``) and safetensors files,
+  read with ``torch.load(weights_only=True)`` so no arbitrary object is ever unpickled (the one exception allowed is
+  ``argparse.Namespace``, which timm's ``CheckpointSaver`` stores under ``args`` in every published training
+  checkpoint). Nested entries are unwrapped: the EMA weights (``state_dict_ema``, timm's ``CheckpointSaver``;
+  ``model_ema``) first by default, as the published STL student loads its labeler (``use_ema=True``), then the
+  plain weights (``state_dict``, ``model``); ``prefer="model"`` reverses that. ``module.``/``_orig_mod.`` prefixes
+  are stripped; loading is strict and every missing, unexpected or mis-shaped key is listed in the error. Nothing
+  is interpolated silently.
 - ``save_exported`` / ``load_exported``: a trained model as ``<stem>.safetensors`` + ``<stem>.json`` (timm name,
-  constructor kwargs, classes, preprocessing), the hand-off format between training and evaluation.
+  constructor kwargs, classes, preprocessing), the hand-off format between training and evaluation;
+  ``convert_checkpoint`` writes that pair from a published checkpoint (``tokenlab models convert``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from collections.abc import Mapping
@@ -26,22 +32,45 @@ from tokenlab.utils.runs import export_stem, read_model_meta
 
 logger = logging.getLogger(__name__)
 
-_NESTED_KEYS = ("state_dict", "model", "model_ema", "state_dict_ema", "module")
+#: Which weights of a checkpoint that holds both to take: the EMA ones (published STL labeler choice) or the model's.
+PREFER_CHOICES = ("ema", "model")
+_EMA_KEYS = ("state_dict_ema", "model_ema")  # timm CheckpointSaver; DeiT/ConvNeXt-style training scripts
+_MODEL_KEYS = ("state_dict", "model", "module")
 _PREFIXES = ("module.", "_orig_mod.")
+# Older spellings of ``prefer`` (a nested key name) map to the choice they meant.
+_PREFER_ALIASES = {**{k: "ema" for k in _EMA_KEYS}, **{k: "model" for k in _MODEL_KEYS}}
+# timm's CheckpointSaver pickles the training arguments; an argparse.Namespace only sets attributes, so it is safe.
+_SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 
 
-def unwrap_state_dict(obj: Mapping[str, Any], prefer: str | None = None) -> dict[str, torch.Tensor]:
-    """Find the tensor dict inside a checkpoint object and strip ``module.``/``_orig_mod.`` prefixes.
+def _prefer_order(prefer: str | None) -> tuple[str, ...]:
+    choice = _PREFER_ALIASES.get(prefer or "ema", prefer or "ema")
+    if choice not in PREFER_CHOICES:
+        raise ValueError(f"unknown prefer={prefer!r}; choose one of {', '.join(PREFER_CHOICES)}")
+    return _EMA_KEYS + _MODEL_KEYS if choice == "ema" else _MODEL_KEYS + _EMA_KEYS
+
+
+def find_state_dict(obj: Mapping[str, Any], prefer: str | None = "ema") -> tuple[dict[str, torch.Tensor], str]:
+    """The tensor dict inside a checkpoint object, prefixes stripped, and the nested entry it came from.
 
     Args:
-        obj: A state dict, or a dict holding one under ``state_dict``/``model``/``model_ema``/...
-        prefer: Nested key to take first when several exist (e.g. ``"model_ema"``).
+        obj: A state dict, or a dict holding one under ``state_dict_ema``/``model_ema``/``state_dict``/``model``.
+        prefer: ``"ema"`` (default: EMA weights first when the file has them) or ``"model"``.
+
+    Returns:
+        ``(state_dict, source)`` where ``source`` is the nested key path (``"state_dict_ema"``; ``""`` for a flat
+        state dict).
+
+    Raises:
+        ValueError: no tensor dict inside ``obj``, or an unknown ``prefer``.
     """
-    order = ((prefer,) if prefer else ()) + _NESTED_KEYS
+    order = _prefer_order(prefer)
+    path: list[str] = []
     while not _is_tensor_dict(obj):
         for key in order:
             if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
                 obj = obj[key]
+                path.append(key)
                 break
         else:
             keys = sorted(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
@@ -52,25 +81,46 @@ def unwrap_state_dict(obj: Mapping[str, Any], prefer: str | None = None) -> dict
             while k.startswith(p):
                 k = k[len(p) :]
         out[k] = v
-    return out
+    return out, "/".join(path)
+
+
+def unwrap_state_dict(obj: Mapping[str, Any], prefer: str | None = "ema") -> dict[str, torch.Tensor]:
+    """The tensor dict inside a checkpoint object (see :func:`find_state_dict`), prefixes stripped."""
+    return find_state_dict(obj, prefer)[0]
 
 
 def _is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def read_state_dict(path: str | Path, prefer: str | None = None) -> dict[str, torch.Tensor]:
-    """Read a ``.safetensors``, ``.pth`` or ``.pth.tar`` file into a flat, unwrapped state dict."""
+def read_state_dict(path: str | Path, prefer: str | None = "ema") -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors``, ``.pth`` or ``.pth.tar`` file into a flat, unwrapped state dict (EMA first)."""
+    return read_checkpoint(path, prefer)[0]
+
+
+def read_checkpoint(path: str | Path, prefer: str | None = "ema") -> tuple[dict[str, torch.Tensor], str]:
+    """Read a ``.safetensors``, ``.pth`` or ``.pth.tar`` file: ``(state dict, nested entry it came from)``.
+
+    Args:
+        path: The file.
+        prefer: ``"ema"`` (default) or ``"model"``: which weights to take when the file holds both.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a readable checkpoint (or one holding pickled objects other than plain containers).
+    """
+    _prefer_order(prefer)  # a bad choice fails before the file is read
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         try:
-            return unwrap_state_dict(load_file(str(path)), prefer)
+            return find_state_dict(load_file(str(path)), prefer)
         except SafetensorError as err:
             raise ValueError(f"{path} is not a valid safetensors file: {err}") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many unrelated types on junk input (IndexError, EOFError, ...)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
@@ -79,7 +129,10 @@ def read_state_dict(path: str | Path, prefer: str | None = None) -> dict[str, to
         ) from None
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return unwrap_state_dict(obj, prefer)
+    try:
+        return find_state_dict(obj, prefer)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
@@ -107,8 +160,12 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
     )
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, prefer: str | None = None) -> nn.Module:
-    """Load weights from ``path`` into ``model`` strictly; raises ValueError listing every bad key."""
+def load_checkpoint(model: nn.Module, path: str | Path, prefer: str | None = "ema") -> nn.Module:
+    """Load weights from ``path`` into ``model`` strictly; raises ValueError listing every bad key.
+
+    ``prefer``: ``"ema"`` (default; the EMA weights when the file has them, as timm's ``load_checkpoint(...,
+    use_ema=True)`` the published STL student uses for its labeler) or ``"model"``.
+    """
     state_dict = read_state_dict(path, prefer)
     check_state_dict(model, state_dict, source=str(path))
     model.load_state_dict(state_dict, strict=True)
@@ -140,9 +197,106 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple
     meta, meta_file = read_model_meta(stem), stem.with_suffix(".json")
     if not timm.is_model(meta["model"]):
         raise ValueError(f"{meta_file} names an unknown model {meta['model']!r} (see `tokenlab models`)")
+    weights = stem.with_suffix(".safetensors")
+    state_dict = read_state_dict(weights)
     try:
-        model = timm.create_model(meta["model"], **meta.get("model_kwargs", {}))
+        model = _build_loaded(meta["model"], meta.get("model_kwargs", {}), state_dict, str(weights))
     except TypeError as err:  # model_kwargs that do not fit the model: the file is corrupt or from elsewhere
         raise ValueError(f"{meta_file}: model_kwargs do not fit {meta['model']!r} ({err})") from None
-    load_checkpoint(model, stem.with_suffix(".safetensors"))
     return model.to(device).eval(), meta
+
+
+def _build_loaded(
+    name: str, kwargs: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], source: str
+) -> nn.Module:
+    """``timm.create_model(name, **kwargs)`` holding ``state_dict`` (strict), without initialising it first.
+
+    The model is built on the meta device and the checkpoint's tensors are assigned to it (cast to the model's
+    dtypes), which saves the random initialisation (seconds for the large FANs). A model with buffers outside its
+    state dict (which assignment would leave on the meta device) is built and loaded the ordinary way.
+    """
+    with torch.device("meta"):
+        model = timm.create_model(name, **kwargs)
+    check_state_dict(model, state_dict, source=source)
+    own = model.state_dict()
+    if {n for n, _ in model.named_buffers()} - set(own):  # non-persistent buffers: build the ordinary way
+        model = timm.create_model(name, **kwargs)
+        model.load_state_dict(state_dict, strict=True)
+        return model
+    cast = {k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    model.load_state_dict(cast, strict=True, assign=True)
+    return model
+
+
+def load_published(
+    path: str | Path,
+    model_name: str,
+    prefer: str = "ema",
+    num_classes: int | None = None,
+    classes: list[str] | None = None,
+    **model_kwargs: Any,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build ``model_name`` and load a published checkpoint (e.g. an STL FAN-TL ``.pth.tar``) into it strictly.
+
+    The weights are read with :func:`read_checkpoint` (``prefer`` picks the EMA or the plain weights when the file
+    has both); the class count K is read from the checkpoint's ``head.weight`` unless given. The returned meta is an
+    export meta: the evaluation preprocessing comes from the model's default cfg (published FAN: 224 px, bicubic,
+    crop_pct 1.0, ImageNet mean/std); without ``classes`` it lists no class names and evaluation takes the sorted
+    class-folder names (the order timm's ImageFolder gives ImageNet); ``source`` names the file, entry and ``prefer``.
+
+    Returns:
+        ``(model in eval mode, meta)``.
+
+    Raises:
+        FileNotFoundError: no such checkpoint.
+        ValueError: unknown model name, unreadable file, or weights that do not fit the model (every bad key listed).
+    """
+    if model_name not in timm.list_models():
+        raise ValueError(f"unknown model {model_name!r}; `tokenlab models` lists the registered ones")
+    state_dict, entry = read_checkpoint(path, prefer)
+    if num_classes is None:
+        head = state_dict.get("head.weight")
+        if head is None:
+            raise ValueError(f"{path} has no head.weight to read the number of classes from; pass num_classes")
+        num_classes = int(head.shape[0])
+    if classes is not None and len(classes) != num_classes:
+        raise ValueError(f"{len(classes)} class names given for a {num_classes}-class checkpoint {path}")
+    model_kwargs = {**model_kwargs, "num_classes": num_classes}
+    model = _build_loaded(model_name, model_kwargs, state_dict, f"{path} ({entry or 'flat state dict'})")
+    cfg: dict[str, Any] = dict(getattr(model, "pretrained_cfg", None) or {})
+    meta: dict[str, Any] = {
+        "model": model_name,
+        "model_kwargs": model_kwargs,
+        "num_classes": num_classes,
+        "classes": classes,
+        "img_size": int(model_kwargs.get("img_size", cfg["input_size"][-1])),
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+        "crop_pct": float(cfg["crop_pct"]),
+        "interpolation": str(cfg["interpolation"]),
+        "source": {"file": str(Path(path).resolve()), "entry": entry, "prefer": prefer},
+    }
+    logger.info("loaded %s from %s (%s)", model_name, path, entry or "flat state dict")
+    return model.eval(), meta
+
+
+def convert_checkpoint(
+    path: str | Path,
+    model_name: str,
+    out: str | Path,
+    prefer: str = "ema",
+    num_classes: int | None = None,
+    classes: list[str] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Write a tokenlab export (``<out>.safetensors`` + ``<out>.json``) from a published checkpoint.
+
+    ``tokenlab models convert``; see :func:`load_published` for how the file is read and what the meta holds. The
+    export is what ``tokenlab eval``, ``tokens`` and the STL student (``labeler=<out>``) take.
+
+    Returns:
+        ``(stem, meta)`` of the written export.
+    """
+    model, meta = load_published(path, model_name, prefer, num_classes, classes)
+    stem = save_exported(model, out, meta)
+    logger.info("wrote %s.safetensors / .json", stem)
+    return stem, meta

@@ -1,0 +1,125 @@
+"""Published FAN / STL checkpoint layouts (built from the vendored key table): EMA first, strict, weights_only.
+
+Published checkpoints cannot be downloaded in tests; these files carry the published key names and shapes of
+``fan_tiny_8_p4_hybrid_token`` (``reference/fan_state_dict_keys.json``, 1000 classes) with random values, nested
+the way the published code saves them:
+- timm ``CheckpointSaver`` (NVlabs/FAN and NVlabs/STL ``main.py`` / ``train_token_labeler.py``): ``epoch``, ``arch``,
+  ``state_dict``, ``optimizer``, ``version``, ``args`` (a pickled ``argparse.Namespace``), ``amp_scaler``, ``metric``
+  and, with ``--model-ema``, ``state_dict_ema``;
+- timm's ``clean_checkpoint.py`` output: the flat state dict (one set of weights);
+- a plain ``{"state_dict": ...}`` file without EMA weights.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import tokenlab  # noqa: F401
+from tokenlab.models import convert_checkpoint, load_checkpoint, load_exported, load_published, read_checkpoint
+
+NAME = "fan_tiny_8_p4_hybrid_token"
+KEYS = Path(__file__).parent / "reference" / "fan_state_dict_keys.json"
+
+
+def _published_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    """Random tensors with the published key names and shapes."""
+    g = torch.Generator().manual_seed(seed)
+    table = json.loads(KEYS.read_text())[NAME]["state_dict"]
+    out = {}
+    for key, shape in sorted(table.items()):
+        if key.endswith("num_batches_tracked"):
+            out[key] = torch.tensor(0)
+        elif key.endswith("running_var"):
+            out[key] = torch.rand(shape, generator=g) + 0.5
+        else:
+            out[key] = torch.randn(shape, generator=g) * 0.02
+    return out
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("published")
+    model_sd = _published_state_dict(1)
+    ema_sd = {k: v + 1 if v.is_floating_point() else v for k, v in model_sd.items()}  # differs from model_sd
+    saver = {
+        "epoch": 309,
+        "arch": NAME,
+        "state_dict": model_sd,
+        "optimizer": {"state": {}, "param_groups": [{"lr": 1e-6, "weight_decay": 0.05, "params": [0, 1]}]},
+        "version": 2,
+        "args": argparse.Namespace(model=NAME, lr=2e-3, mixup=0.8, token_label=True, aa="rand-m9-mstd0.5-inc1"),
+        "amp_scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000},
+        "metric": 79.9,
+        "state_dict_ema": ema_sd,
+    }
+    torch.save(saver, root / "model_best.pth.tar")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model_sd.items()}}, root / "no_ema.pth.tar")
+    return {"root": root, "model": model_sd, "ema": ema_sd}
+
+
+@pytest.fixture(scope="module")
+def tiny() -> torch.nn.Module:
+    return timm.create_model(NAME, num_classes=1000).eval()
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_saver_file_loads_its_ema_weights_first(published: dict, tiny: torch.nn.Module) -> None:
+    path = published["root"] / "model_best.pth.tar"
+    sd, entry = read_checkpoint(path)
+    assert entry == "state_dict_ema" and _same(sd, published["ema"])
+    sd, entry = read_checkpoint(path, prefer="model")
+    assert entry == "state_dict" and _same(sd, published["model"])
+    load_checkpoint(tiny, path)  # strict: the key table is exactly our model's
+    assert _same(tiny.state_dict(), published["ema"])
+
+
+def test_files_without_ema_give_their_one_set_of_weights(published: dict) -> None:
+    sd, entry = read_checkpoint(published["root"] / "no_ema.pth.tar", prefer="ema")
+    assert entry == "state_dict" and _same(sd, published["model"])  # module. prefixes stripped
+
+
+def test_flat_file_is_its_own_state_dict(tmp_path: Path) -> None:
+    flat = {"head.weight": torch.randn(3, 4), "head.bias": torch.zeros(3)}
+    torch.save(flat, tmp_path / "clean.pth")  # timm clean_checkpoint.py output
+    for prefer in ("ema", "model"):
+        sd, entry = read_checkpoint(tmp_path / "clean.pth", prefer=prefer)
+        assert entry == "" and _same(sd, flat)
+
+
+def test_only_namespace_args_are_allowed_through_weights_only(tmp_path: Path) -> None:
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "args": {"x": Path("/tmp")}}, tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match="weights_only=True"):
+        read_checkpoint(tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match="unknown prefer='teacher'"):
+        read_checkpoint(tmp_path / "odd.pth", prefer="teacher")
+
+
+def test_convert_writes_an_export_whose_logits_equal_the_source(
+    published: dict, tiny: torch.nn.Module, tmp_path: Path
+) -> None:
+    stem, meta = convert_checkpoint(published["root"] / "model_best.pth.tar", NAME, tmp_path / "labeler")
+    assert meta["source"]["entry"] == "state_dict_ema" and meta["source"]["prefer"] == "ema"
+    # the published evaluation preprocessing (NVlabs/FAN, NVlabs/STL _cfg): 224 px, bicubic, crop_pct 1.0
+    assert (meta["img_size"], meta["interpolation"], meta["crop_pct"]) == (224, "bicubic", 1.0)
+    assert meta["num_classes"] == 1000 and meta["classes"] is None
+    converted, got = load_exported(stem)
+    tiny.load_state_dict(published["ema"])  # the source model, built and loaded the ordinary way
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in converted.parameters())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), tiny(x), rtol=0, atol=0)
+    assert got["source"] == meta["source"]
+
+
+def test_published_file_with_the_wrong_architecture_lists_the_bad_keys(published: dict) -> None:
+    with pytest.raises(ValueError, match="shape mismatches"):
+        load_published(published["root"] / "no_ema.pth.tar", "fan_small_12_p4_hybrid_token")
+    with pytest.raises(ValueError, match="unknown model 'fan_tiny_nope'"):
+        load_published(published["root"] / "no_ema.pth.tar", "fan_tiny_nope")
