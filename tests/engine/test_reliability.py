@@ -35,10 +35,12 @@ class NaNBatchNorm(Supervised):
     """Supervised plus a BatchNorm inside the model; at ``steps`` the forward fills its running stats with NaN
     and the loss is NaN; at ``poison`` (after the optimizer step) a weight becomes NaN while the loss was finite."""
 
-    def __init__(self, model: nn.Module, steps: tuple = (), poison: tuple = (), interrupt: tuple = ()) -> None:
+    def __init__(
+        self, model: nn.Module, steps: tuple = (), poison: tuple = (), interrupt: tuple = (), signal: str = "SIGINT"
+    ) -> None:
         model.probe_bn = nn.BatchNorm1d(4)
         super().__init__(model)
-        self.bad, self.poison, self.interrupt = set(steps), set(poison), set(interrupt)
+        self.bad, self.poison, self.interrupt, self.signal = set(steps), set(poison), set(interrupt), signal
 
     def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         out = super().training_step(batch, ctx)
@@ -48,7 +50,7 @@ class NaNBatchNorm(Supervised):
             out["loss"] = out["loss"] * float("nan")
         self.model.probe_bn(probe)
         if ctx.step in self.interrupt:
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of a step
+            os.kill(os.getpid(), getattr(signal, self.signal))  # Ctrl-C (or a pre-emption) in the middle of a step
         return out
 
     def after_step(self, ctx: StepContext) -> None:
@@ -210,15 +212,19 @@ def test_a_second_training_into_a_running_run_directory_fails_at_once(tmp_path):
     assert [r["event"] for r in read_metrics(run, "event")] == ["start"]  # the second run wrote nothing
 
 
-def test_sigint_in_a_step_writes_a_checkpoint_there_and_resume_continues(tmp_path):
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_signal_in_a_step_writes_a_checkpoint_there_and_resume_continues(tmp_path, name):
     run = tmp_path / "run"
-    cfg = tiny_config(run, "method.name=nan_batchnorm", "method.kwargs.interrupt=[2]", "schedule.max_steps=6", NO_VAL)
+    cfg = tiny_config(run, "method.name=nan_batchnorm", "method.kwargs.interrupt=[2]", f"method.kwargs.signal={name}",
+                      "schedule.max_steps=6", NO_VAL)  # fmt: skip
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted, match=r"interrupted at step 3: newest checkpoint \S+step_000000003.*"
                                                   r"--resume auto") as err:  # fmt: skip
         Trainer(cfg, TinySet(32), None).fit()
-    assert err.value.signum == signal.SIGINT
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert err.value.signum == getattr(signal, name)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers restored
     assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step_000000003"]
+    assert not (run / ".lock").exists()
     trainer = _resume(run, "auto", "method.name=nan_batchnorm")
     assert trainer.step == 6
 
