@@ -599,6 +599,9 @@ class Trainer:
         cfg = self.cfg
         self._prepare_run_dir()
         resume = self._read_resume_checkpoint()
+        if cfg.checkpoint.best_metric is not None and self.val_set is None:
+            logger.warning("checkpoint.best_metric=%s but no validation data (data.val_split): no %s export",
+                           cfg.checkpoint.best_metric, BEST_MODEL_STEM)  # fmt: skip
         self._last_save = time.monotonic()
         if self.is_main:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
