@@ -61,23 +61,34 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used (unreadable, truncated, pickled objects, non-finite, another model)."""
 
 
+def _float_leaves(tree: Any, prefix: str, out: list[tuple[str, torch.Tensor]]) -> None:
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point() or tree.is_complex():
+            out.append((prefix or "tensor", tree))
+    elif isinstance(tree, Mapping):
+        for k, v in tree.items():
+            _float_leaves(v, f"{prefix}.{k}" if prefix else str(k), out)
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            _float_leaves(v, f"{prefix}.{i}" if prefix else str(i), out)
+
+
 def nonfinite_tensors(tree: Any, prefix: str = "") -> list[str]:
     """Names (dotted paths) of the floating-point tensors holding NaN or Inf anywhere inside ``tree``.
 
-    ``tree`` is a tensor or nested mappings / lists / tuples of them (state dicts, an optimizer state).
+    ``tree`` is a tensor or nested mappings / lists / tuples of them (state dicts, an optimizer state). One device
+    synchronisation per device, however many tensors.
     """
-    if isinstance(tree, torch.Tensor):
-        if tree.is_floating_point() or tree.is_complex():
-            return [] if bool(torch.isfinite(tree).all()) else [prefix or "tensor"]
-        return []
-    found: list[str] = []
-    if isinstance(tree, Mapping):
-        for k, v in tree.items():
-            found += nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(tree, (list, tuple)):
-        for i, v in enumerate(tree):
-            found += nonfinite_tensors(v, f"{prefix}.{i}" if prefix else str(i))
-    return found
+    leaves: list[tuple[str, torch.Tensor]] = []
+    _float_leaves(tree, prefix, leaves)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (_, t) in enumerate(leaves):
+        by_device.setdefault(t.device, []).append(i)
+    bad: list[int] = []
+    for idx in by_device.values():
+        ok = torch.stack([torch.isfinite(leaves[i][1].detach()).all() for i in idx]).tolist()
+        bad += [i for i, good in zip(idx, ok, strict=True) if not good]
+    return [leaves[i][0] for i in sorted(bad)]
 
 
 def capture_rng_state() -> dict[str, Any]:
