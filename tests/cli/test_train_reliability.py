@@ -78,6 +78,14 @@ def test_ctrl_c_advice_is_true_and_a_rerun_never_overwrites(synth, tmp_path, cap
     # --overwrite starts over (and cannot be combined with --resume)
     assert _train(synth, run, "schedule.max_steps=1", "--overwrite") == 0
     assert [r["event"] for r in read_metrics(run, "event")] == ["start"]
+    capsys.readouterr()
+    assert _train(synth, run, "method.name=ctrl_c_at_step", "method.kwargs.step=0", "--overwrite") == 130
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .endswith("continue with the same command with --resume auto instead of --overwrite")
+    )
     with pytest.raises(SystemExit):
         _train(synth, run, "--overwrite", "--resume", "auto")
 

@@ -137,7 +137,7 @@ def run_training(args: argparse.Namespace, extra_overrides: list[str]) -> int:
         result = engine.train(cfg)
     except KeyboardInterrupt as err:  # Ctrl-C / SIGTERM: the engine wrote a checkpoint first (TrainingInterrupted)
         if main:
-            print(f"\n{_interrupted_advice(cfg.run_dir, err)}", file=sys.stderr)
+            print(f"\n{_interrupted_advice(cfg.run_dir, err, args.overwrite)}", file=sys.stderr)
         return 128 + int(getattr(err, "signum", signal.SIGINT))
     if not main:
         return 0
@@ -148,7 +148,7 @@ def run_training(args: argparse.Namespace, extra_overrides: list[str]) -> int:
     return 0
 
 
-def _interrupted_advice(run_dir: str, err: BaseException) -> str:
+def _interrupted_advice(run_dir: str, err: BaseException, overwrite: bool) -> str:
     """What to run after an interrupted training: true whether or not a checkpoint was written."""
     from tokenlab.engine.checkpoint import latest_checkpoint
     from tokenlab.utils.runs import CHECKPOINT_DIR
@@ -156,4 +156,5 @@ def _interrupted_advice(run_dir: str, err: BaseException) -> str:
     last = getattr(err, "checkpoint", None) or latest_checkpoint(os.path.join(run_dir, CHECKPOINT_DIR))
     if last is None:
         return "interrupted before the first checkpoint: nothing to resume; run the same command again to start over"
-    return f"interrupted: checkpoint {last} is kept; continue with the same command plus --resume auto"
+    how = "with --resume auto instead of --overwrite" if overwrite else "plus --resume auto"
+    return f"interrupted: checkpoint {last} is kept; continue with the same command {how}"

@@ -498,7 +498,7 @@ class Trainer:
         raise TrainingInterrupted(
             f"interrupted at step {self.step}: "
             + (f"newest checkpoint {path}" if path is not None else "no checkpoint written (nothing finite to keep)")
-            + "; continue with the same command plus --resume auto",
+            + "; continue it with checkpoint.resume=auto (tokenlab train: --resume auto)",
             checkpoint=path,
             signum=int(stop),
         )
