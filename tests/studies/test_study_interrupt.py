@@ -23,7 +23,7 @@ TINY = ["data.name=synthetic", "data.val_split=val", "model.kwargs.patch_size=8"
 
 def test_ctrl_c_during_a_study_training_then_rerun_resumes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     synth = tmp_path / "synth"
-    generate(synth, SynthConfig(img_size=32, counts={"train": 24, "val": 8, "rendition": 0, "shortcut": 0}), workers=1)
+    generate(synth, SynthConfig(img_size=32, counts={"train": 32, "val": 16, "rendition": 0, "shortcut": 0}), workers=1)
     stage = TrainStage("baseline", "synthetic_fan_baseline", (f"data.root={synth}", *TINY))
     original = Trainer._train_step
 
