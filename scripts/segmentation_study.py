@@ -50,6 +50,7 @@ def _train_classifier(run: Path, method: str, model: str, data: Path, args: argp
         f"method.name={method}", f"data.root={data}", f"data.img_size={img}", f"data.batch_size={args.batch_size}",
         f"schedule.epochs={args.cls_epochs}", "schedule.warmup_epochs=0.5", f"optim.lr={args.cls_lr}",
         f"train.device={args.device}", f"train.amp={args.amp}", "log.progress=false", f"seed={args.seed}",
+        "checkpoint.resume=auto",  # an interrupted run continues
     ]  # fmt: skip
     cfg = load_config(None, overrides)
     for k, v in method_kwargs.items():
@@ -69,6 +70,7 @@ def _finetune(run: Path, data: Path, args: argparse.Namespace, backbone: str, in
         f"model.kwargs.img_size={args.img_size}", f"schedule.epochs={args.seg_epochs}", f"optim.lr={args.seg_lr}",
         f"data.batch_size={args.batch_size}", f"train.device={args.device}", f"train.amp={args.amp}",
         f"schedule.warmup_epochs={min(1.0, args.seg_epochs / 4)}", "log.progress=false", f"seed={args.seed}",
+        "checkpoint.resume=auto",  # an interrupted run continues
     ]  # fmt: skip
     if init_from is not None:
         overrides.append(f"method.kwargs.init_from={init_from}")

@@ -5,7 +5,7 @@ Kept free of torch so that the CLI can name them without importing the engine.
 
 from __future__ import annotations
 
-__all__ = ["NonFiniteLossError", "PeerFailureError", "TrainingAborted"]
+__all__ = ["NonFiniteLossError", "PeerFailureError", "TrainingAborted", "TrainingInterrupted"]
 
 
 class TrainingAborted(RuntimeError):
@@ -18,3 +18,15 @@ class NonFiniteLossError(TrainingAborted):
 
 class PeerFailureError(TrainingAborted):
     """Another rank died or hangs: a collective got no answer within ``train.dist_timeout_s``."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM stopped a training after it wrote a checkpoint (``checkpoint``: its path, or None).
+
+    A ``KeyboardInterrupt``, so every caller that handles Ctrl-C handles it; ``signum`` is the signal received.
+    """
+
+    def __init__(self, message: str, checkpoint: object = None, signum: int = 2) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+        self.signum = signum

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -92,7 +94,9 @@ def add_training_flags(
     config_example: str = "cifar10_stl_student",
     override_example: str = "optim.lr=1e-3",
 ) -> None:
-    """The inputs of :func:`run_training`: ``--config``, ``--run-dir``, ``--print-config`` and the overrides.
+    """The inputs of :func:`run_training`: recipe, run directory, how to start, ``--print-config``, overrides.
+
+    ``--resume`` and ``--overwrite`` (``checkpoint.resume`` / ``checkpoint.overwrite``) exclude each other.
 
     Args:
         parser: The sub-command's parser (``train``, ``segment train``).
@@ -103,6 +107,11 @@ def add_training_flags(
     parser.add_argument("--config", default=config_default,
                         help=f"recipe file or shipped recipe name (e.g. {config_example})")  # fmt: skip
     parser.add_argument("--run-dir", default=None, help="output directory (same as run_dir=...)")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", default=None, metavar="auto|PATH",
+                       help="continue a run: 'auto' (its newest usable checkpoint) or a checkpoint dir")  # fmt: skip
+    start.add_argument("--overwrite", action="store_true",
+                       help="start over in a run directory that holds checkpoints (deletes them)")  # fmt: skip
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help=f"dotted config overrides, e.g. {override_example}")  # fmt: skip
@@ -115,15 +124,37 @@ def run_training(args: argparse.Namespace, extra_overrides: list[str]) -> int:
     from tokenlab import engine  # looked up at call time, so tests can replace engine.train
 
     overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir is not None else [])
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    if args.overwrite:
+        overrides.append("checkpoint.overwrite=true")
     cfg = engine.load_config(args.config, overrides + extra_overrides)
     if args.print_config:
         print(OmegaConf.to_yaml(cfg), end="")
         return 0
-    result = engine.train(cfg)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
+    try:
+        result = engine.train(cfg)
+    except KeyboardInterrupt as err:  # Ctrl-C / SIGTERM: the engine wrote a checkpoint first (TrainingInterrupted)
+        if main:
+            print(f"\n{_interrupted_advice(cfg.run_dir, err, args.overwrite)}", file=sys.stderr)
+        return 128 + int(getattr(err, "signum", signal.SIGINT))
+    if not main:
         return 0
     val = ", ".join(f"{k} {v:.4f}" for k, v in result.val.items())
     print(f"trained {result.step} steps into {result.run_dir}" + (f"; validation: {val}" if val else ""))
     if result.nonfinite_steps:
         print(f"skipped {result.nonfinite_steps} steps with a non-finite loss")
     return 0
+
+
+def _interrupted_advice(run_dir: str, err: BaseException, overwrite: bool) -> str:
+    """What to run after an interrupted training: true whether or not a checkpoint was written."""
+    from tokenlab.engine.checkpoint import latest_checkpoint
+    from tokenlab.utils.runs import CHECKPOINT_DIR
+
+    last = getattr(err, "checkpoint", None) or latest_checkpoint(os.path.join(run_dir, CHECKPOINT_DIR))
+    if last is None:
+        return "interrupted before the first checkpoint: nothing to resume; run the same command again to start over"
+    how = "with --resume auto instead of --overwrite" if overwrite else "plus --resume auto"
+    return f"interrupted: checkpoint {last} is kept; continue with the same command {how}"

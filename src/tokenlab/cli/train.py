@@ -16,11 +16,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "Launch with torchrun for several processes.",
     )
     add_training_flags(p)
-    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint of the run) or a checkpoint path")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """``--resume`` is sugar for the ``checkpoint.resume`` override; the device and AMP are config keys here."""
-    extra = [f"checkpoint.resume={args.resume}"] if args.resume is not None else []
-    return run_training(args, extra)
+    """The shared runner (``--resume`` / ``--overwrite`` included); the device and AMP are config keys here."""
+    return run_training(args, [])

@@ -8,13 +8,18 @@ Layout of one checkpoint (``RUN/checkpoints/step_000001234/``):
   plain containers, so it is read back with ``torch.load(weights_only=True)``.
 
 A checkpoint is written into ``step_....tmp`` and renamed into place when complete, so a kill at any moment
-leaves every earlier checkpoint intact; ``latest_checkpoint`` only ever sees complete directories.
+leaves every earlier checkpoint intact; ``latest_checkpoint`` only ever sees complete directories. The trainer never
+writes a checkpoint holding a non-finite tensor (``nonfinite_tensors``), so rotation never deletes the last finite
+one. Reading one back (``load_checkpoint_dir``) turns every way a file can be broken (empty, truncated, pickled
+objects, not a checkpoint) into a ``CheckpointError`` naming the file; ``resume_candidates`` lists what
+``--resume auto`` may fall back to.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -28,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 __all__ = [
+    "CheckpointError",
     "capture_rng_state",
     "check_writable",
     "latest_checkpoint",
@@ -37,8 +43,10 @@ __all__ = [
     "method_state",
     "optimizer_layout",
     "optimizer_state",
+    "nonfinite_tensors",
     "prune_checkpoints",
     "restore_rng_state",
+    "resume_candidates",
     "resume_path",
     "save_checkpoint_dir",
 ]
@@ -47,6 +55,40 @@ logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "state.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (unreadable, truncated, pickled objects, non-finite, another model)."""
+
+
+def _float_leaves(tree: Any, prefix: str, out: list[tuple[str, torch.Tensor]]) -> None:
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point() or tree.is_complex():
+            out.append((prefix or "tensor", tree))
+    elif isinstance(tree, Mapping):
+        for k, v in tree.items():
+            _float_leaves(v, f"{prefix}.{k}" if prefix else str(k), out)
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            _float_leaves(v, f"{prefix}.{i}" if prefix else str(i), out)
+
+
+def nonfinite_tensors(tree: Any, prefix: str = "") -> list[str]:
+    """Names (dotted paths) of the floating-point tensors holding NaN or Inf anywhere inside ``tree``.
+
+    ``tree`` is a tensor or nested mappings / lists / tuples of them (state dicts, an optimizer state). One device
+    synchronisation per device, however many tensors.
+    """
+    leaves: list[tuple[str, torch.Tensor]] = []
+    _float_leaves(tree, prefix, leaves)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (_, t) in enumerate(leaves):
+        by_device.setdefault(t.device, []).append(i)
+    bad: list[int] = []
+    for idx in by_device.values():
+        ok = torch.stack([torch.isfinite(leaves[i][1].detach()).all() for i in idx]).tolist()
+        bad += [i for i, good in zip(idx, ok, strict=True) if not good]
+    return [leaves[i][0] for i in sorted(bad)]
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -148,14 +190,50 @@ def save_checkpoint_dir(
     return final
 
 
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    if file.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint file {file} is empty")
+    try:
+        return load_file(str(file))
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError, ValueError, ...)
+        raise CheckpointError(_unreadable(file, err)) from None
+
+
+def _unreadable(file: Path, err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    reason = (lines[0] if lines else type(err).__name__)[:160]
+    return f"checkpoint file {file} is unreadable (truncated or corrupt: {reason})"
+
+
+def _read_state(file: Path) -> dict[str, Any]:
+    if file.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint file {file} is empty")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refused a global: the file holds pickled objects, never run
+        raise CheckpointError(
+            f"checkpoint file {file} holds pickled Python objects, not only tensors and plain values; tokenlab "
+            f"never runs them (weights_only loading): use a checkpoint written by tokenlab"
+        ) from None
+    except Exception as err:  # a truncated zip, EOF, ...
+        raise CheckpointError(_unreadable(file, err)) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint file {file} does not hold a tokenlab training state")
+    return state
+
+
 def load_checkpoint_dir(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """Read a checkpoint directory: ``({name: state_dict}, state)``; ``state.pt`` is loaded with weights_only."""
+    """Read a checkpoint directory: ``({name: state_dict}, state)``; ``state.pt`` is loaded with weights_only.
+
+    Raises:
+        CheckpointError: not a checkpoint directory, or a file in it is empty, truncated, corrupt or holds pickled
+            Python objects (the message names the file).
+    """
     path = Path(path)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{path} is not a complete tokenlab checkpoint (no {STATE_FILE})")
-    weights = {p.name[: -len(".safetensors")]: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    return weights, state
+        raise CheckpointError(f"{path} is not a complete tokenlab checkpoint directory (no {STATE_FILE} in it)")
+    weights = {p.name[: -len(".safetensors")]: _read_weights(p) for p in sorted(path.glob("*.safetensors"))}
+    return weights, _read_state(path / STATE_FILE)
 
 
 def prune_checkpoints(root: str | Path, keep: int) -> None:
@@ -231,6 +309,24 @@ def load_method_and_optimizer(
     else:
         method.load_state_dict(weights, strict=True)
         optimizer.load_state_dict(optim)
+
+
+def resume_candidates(resume: str | None, run_dir: Path) -> list[Path]:
+    """The checkpoints ``checkpoint.resume`` may resume from, to try in order.
+
+    ``auto``: every complete checkpoint of ``RUN/checkpoints``, newest first (the trainer falls back to an older one
+    when a newer one is unreadable); a run or checkpoints directory: its newest; a checkpoint directory (or a file
+    inside one): just that one; None: nothing.
+    """
+    if resume is None:
+        return []
+    if resume == "auto":
+        return list(reversed(list_checkpoints(run_dir / "checkpoints")))
+    path = Path(resume)
+    if path.is_file() and (path.parent / STATE_FILE).is_file():
+        return [path.parent]  # a file inside a checkpoint directory names that checkpoint
+    found = resume_path(resume, run_dir)
+    return [found] if found is not None else []
 
 
 def resume_path(resume: str | None, run_dir: Path) -> Path | None:

@@ -167,8 +167,7 @@ class StlStudy:
         if self.resume and self.is_trained(stage.name):
             return None
         overrides = [f"run_dir={self.run_dir(stage.name)}", *stage.overrides]
-        if self.resume:
-            overrides.append("checkpoint.resume=auto")
+        overrides.append("checkpoint.resume=auto" if self.resume else "checkpoint.overwrite=true")
         if stage.labeler is not None:
             overrides.append(f"method.kwargs.labeler={self.run_dir(stage.labeler)}")
         cfg = load_config(stage.recipe, overrides)
