@@ -92,3 +92,13 @@ def test_in1k_fan_recipes_train_the_published_hybrids(name: str):
 
 def test_every_in1k_stl_stage_has_a_recipe():
     assert len([r for r in _IN1K_FAN_RECIPES if r.startswith("in1k_stl_")]) == 8
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "base", "large"])
+def test_in1k_stl_student_takes_the_labelers_best_ema_export(size: str):
+    """Published: the student loads the labeler run's best EMA checkpoint by class-head top-1."""
+    labeler = load_config(f"in1k_stl_{size}_labeler")
+    student = load_config(f"in1k_stl_{size}_student")
+    assert (labeler.checkpoint.best_metric, labeler.checkpoint.best_mode) == ("acc1", "max")
+    assert labeler.train.ema.enabled
+    assert student.method.kwargs.labeler_export == "best"
