@@ -197,7 +197,7 @@ def test_augmented_protocol_trains_on_augmented_images_and_reports_it(tmp_path, 
         L.evaluate_ssl_run(run, str(tmp_path / "data"), linear_protocol="published")
 
 
-def test_augmented_probe_classifiers_are_plain_linear_layers() -> None:
+def test_augmented_probe_classifiers_are_plain_linear_layers(monkeypatch) -> None:
     """No feature standardisation: with one lr and one step, the head's update is SGD on raw features."""
     import timm
 
@@ -221,7 +221,26 @@ def test_augmented_probe_classifiers_are_plain_linear_layers() -> None:
     with torch.no_grad():
         feats = features_of(model, torch.stack([data[i]["image"] for i in range(4)]))
     test = FeatureSet(feats, torch.tensor([0, 1, 0, 1]), "cls")
+    from tokenlab.eval import linear as L
+
+    calls: dict[str, list] = {"feats": [], "logits": []}
+    real_features, real_ce = L.features_of, L.F.cross_entropy
+
+    def spy_features(*args, **kwargs):
+        out = real_features(*args, **kwargs)
+        calls["feats"].append(out.detach().clone())
+        return out
+
+    def spy_ce(logits, target):
+        calls["logits"].append(logits.detach().clone())
+        return real_ce(logits, target)
+
+    monkeypatch.setattr(L, "features_of", spy_features)
+    monkeypatch.setattr(L.F, "cross_entropy", spy_ce)
     res = linear_probe_augmented(model, data, test, lrs=(0.5,), epochs=3, batch_size=4)
     assert res.protocol == "augmented" and res.epochs == 3 and 0.0 <= res.top1 <= 1.0 and res.lr == 0.5
+    # first step: logits = f W0^T with W0 ~ N(0, 0.01) (seeded), b = 0, on the raw (unstandardised) features
+    w0 = torch.empty(2, 32).normal_(0.0, 0.01, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(calls["logits"][0], calls["feats"][0] @ w0.T)
     with pytest.raises(ValueError, match="lrs > 0"):
         linear_probe_augmented(model, data, test, lrs=())
