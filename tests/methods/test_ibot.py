@@ -504,7 +504,10 @@ def test_two_process_gloo_run(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("name", [r for r in list_recipes() if r.startswith("ibot_") and not r.endswith("_base")])
+_IBOT_SHARED_BASES = ("ibot_in1k_base", "ibot_in1k_finetune_base")  # only used as `_base_` of size recipes
+
+
+@pytest.mark.parametrize("name", [r for r in list_recipes() if r.startswith("ibot_") and r not in _IBOT_SHARED_BASES])
 def test_ibot_recipes_fit_their_method_and_transform(name: str) -> None:
     import inspect
 
@@ -549,3 +552,55 @@ def test_centres_move_once_per_optimizer_step_under_accumulation() -> None:
         a, b = getattr(acc, loss).center.center, getattr(big, loss).center.center
         assert b.abs().sum() > 0
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_published_pretraining_recipe_values() -> None:
+    """ViT-S/16 as in the published README command (75.2 k-NN / 77.9 linear): norm_last_layer false; ViT-B keeps the
+    prototype gains fixed (the published default)."""
+    small, base = load_config("ibot_in1k_vit_small"), load_config("ibot_in1k_vit_base")
+    assert small.method.kwargs.norm_last_layer is False and base.method.kwargs.norm_last_layer is True
+    k = small.method.kwargs
+    assert (k.out_dim, k.shared_head, k.teacher_temp, k.warmup_teacher_temp, k.warmup_teacher_temp_epochs) == (
+        8192,
+        True,
+        0.07,
+        0.04,
+        30,
+    )
+    assert (k.teacher_patch_temp, k.warmup_teacher_patch_temp, k.pred_start_epoch, k.freeze_last_layer_epochs) == (
+        0.07,
+        0.04,
+        0,
+        1,
+    )
+    assert (k.teacher_momentum, k.center_momentum, k.student_temp) == (0.996, 0.9, 0.1)
+    t = small.data.transform
+    assert (t.num_local, list(t.global_scale), list(t.local_scale), list(t.mask_ratio), t.mask_prob) == (
+        10,
+        [0.25, 1.0],
+        [0.05, 0.25],
+        [0.1, 0.5],
+        0.5,
+    )
+    assert small.schedule.epochs == 800 and small.schedule.warmup_epochs == 10
+    assert small.optim.lr == pytest.approx(5e-4 * 1024 / 256) and small.data.batch_size * 8 == 1024
+    assert small.optim.min_lr == 1e-6 and small.model.kwargs.drop_path_rate == 0.1
+
+
+def test_published_finetune_recipes() -> None:
+    from tokenlab.engine.builders import build_optimizer
+
+    for name, model, epochs, drop_path, decay in (
+        ("ibot_in1k_finetune_vit_small", "ibot_vit_small_patch16_224", 200, 0.1, 0.75),
+        ("ibot_in1k_finetune_vit_base", "ibot_vit_base_patch16_224", 100, 0.2, 0.65),
+    ):
+        cfg = load_config(name)
+        assert cfg.model.name == model and cfg.schedule.epochs == epochs and cfg.optim.layer_decay == decay
+        assert cfg.model.kwargs.drop_path_rate == drop_path and cfg.schedule.warmup_epochs == 20
+        assert cfg.data.eval.crop_pct == 0.875 and cfg.data.eval.interpolation == "bicubic"
+        assert cfg.method.name == "supervised" and not cfg.optim.decay_embeddings
+    vit = timm.create_model("ibot_vit_tiny_patch4_32", num_classes=10, **MODEL_KW)  # depth 2: scales 0.75^(3..0)
+    opt = build_optimizer(load_config("ibot_in1k_finetune_vit_small"), vit)
+    scales = {p_id: g["lr_scale"] for g in opt.param_groups for p_id in map(id, g["params"])}
+    assert scales[id(vit.pos_embed)] == pytest.approx(0.75**3) and scales[id(vit.head.weight)] == pytest.approx(1.0)
+    assert scales[id(vit.blocks[0].attn.qkv.weight)] == pytest.approx(0.75**2)
