@@ -604,3 +604,30 @@ def test_published_finetune_recipes() -> None:
     scales = {p_id: g["lr_scale"] for g in opt.param_groups for p_id in map(id, g["params"])}
     assert scales[id(vit.pos_embed)] == pytest.approx(0.75**3) and scales[id(vit.head.weight)] == pytest.approx(1.0)
     assert scales[id(vit.blocks[0].attn.qkv.weight)] == pytest.approx(0.75**2)
+
+
+def test_fp16_scaler_unscales_before_per_parameter_clipping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Published iBOT under fp16: scaler.unscale_ first, then clip each parameter's gradient at 3.0. The CPU grad
+    scaler stands in for CUDA's: the gradients the clipping sees equal those of the same step without a scaler."""
+    from tokenlab.engine import builders as B
+
+    seen: dict[str, list[list[float]]] = {"before": [], "after": []}
+    real = B.clip_gradients
+
+    def spy(params, max_norm, mode="global"):
+        params = [p for p in params if p.grad is not None]
+        assert mode == "per_param" and max_norm == 3.0
+        seen["before"].append([p.grad.norm().item() for p in params])
+        out = real(params, max_norm, mode)
+        seen["after"].append([p.grad.norm().item() for p in params])
+        return out
+
+    monkeypatch.setattr(B, "clip_gradients", spy)
+    for name, scaled in (("plain", False), ("scaled", True)):
+        trainer = Trainer(_cfg(tmp_path / name, "schedule.max_steps=1", "checkpoint.export=false"), TinyCrops())
+        if scaled:
+            trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+        trainer.fit()
+    plain, scaled_norms = seen["before"]
+    np.testing.assert_allclose(scaled_norms, plain, rtol=1e-4, atol=1e-7)
+    assert max(max(a) for a in seen["after"]) <= 3.0 * (1 + 1e-5)
