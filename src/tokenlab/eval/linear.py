@@ -277,18 +277,18 @@ def linear_probe_augmented(
     dim = test.features.shape[1]
     named = getattr(getattr(train_set, "dataset", train_set), "classes", None)  # a Subset's data set has them
     classes = int(num_classes or (len(named) if named else int(test.labels.max()) + 1))
-    heads = nn.ModuleList(nn.Linear(dim, classes) for _ in lrs)
+    linears = [nn.Linear(dim, classes) for _ in lrs]
     with torch.no_grad():
-        for head in heads:
-            head.weight.normal_(0.0, 0.01, generator=g)
-            head.bias.zero_()
-    heads.to(device)
+        for linear in linears:
+            linear.weight.normal_(0.0, 0.01, generator=g)
+            linear.bias.zero_()
+    heads = nn.ModuleList(linears).to(device)
     scale = batch / 256  # iBOT's linear scaling rule
-    groups = [
+    groups: list[dict[str, Any]] = [
         {"params": list(h.parameters()), "lr": lr * scale, "base_lr": lr * scale}
         for h, lr in zip(heads, lrs, strict=True)
     ]
-    opt = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.9, weight_decay=weight_decay)
+    opt = torch.optim.SGD(groups, lr=float(lrs[0]) * scale, momentum=0.9, weight_decay=weight_decay)
     best: dict[float, tuple[float, float, int]] = {}  # lr -> (top1, top5, epoch)
     test_x, test_y = test.features.float().to(device), test.labels.to(device)
     for epoch in range(epochs):
@@ -530,7 +530,8 @@ def evaluate_ssl_run(
         std=stored.std,
         interpolation=stored.interpolation if interpolation is None else interpolation,
     )
-    splits, skipped, augmented = {}, 0, None
+    splits, skipped = {}, 0
+    augmented: Any = None
     for name, split, size, offset in (("train", train_split, train_subset, 0), ("test", test_split, test_subset, 1)):
         dataset = build_dataset(data, split=split, transform=transform)
         skipped += len(dataset.skipped)

@@ -361,7 +361,7 @@ class IBOT(Method):
         student = nn.ModuleDict({"backbone": self.model, "head": self.head})
         s_named = dict(student.named_parameters())
         pairs = [(t, s_named[name]) for name, t in self.teacher.named_parameters() if name in s_named]
-        t_params = [t for t, _ in pairs]
+        t_params: list[torch.Tensor] = [t for t, _ in pairs]
         torch._foreach_mul_(t_params, momentum)
         torch._foreach_add_(t_params, [s.detach() for _, s in pairs], alpha=1.0 - momentum)
         s_buffers = dict(student.named_buffers())
