@@ -87,3 +87,34 @@ def test_mean_ratio_matches_the_published_rule() -> None:
     # per-draw std is about 0.12, so the standard error of 2000 draws is about 0.003
     assert ratios.mean().item() == pytest.approx(PUBLISHED_MEAN_RATIO_14x14, abs=0.01)
     assert ratios.max().item() <= 0.5
+
+
+def test_random_masks_count_exactly_int_r_hw_tokens() -> None:
+    """Published pred_shape='rand': int(r * H * W) tokens, r ~ U(a, b), chosen uniformly; seeded by the generator."""
+    from tokenlab.data.masking import RandomMaskGenerator, build_mask_generator
+
+    gen = build_mask_generator("rand", 14, ratio=(0.3, 0.3), mask_prob=1.0)
+    assert isinstance(gen, RandomMaskGenerator)
+    g = torch.Generator().manual_seed(0)
+    masks = torch.stack([gen(g) for _ in range(400)])
+    assert masks.shape == (400, 14, 14) and masks.dtype == torch.bool
+    assert set(masks.flatten(1).sum(1).tolist()) == {int(0.3 * 196)}
+    per_token = masks.float().mean(0)  # uniform over positions: each token masked ~ 58/196 of the time
+    assert per_token.min() > 0.15 and per_token.max() < 0.45
+    mask, blocks = gen.sample(torch.Generator().manual_seed(1))
+    assert len(blocks) == int(mask.sum()) and all(b.height == b.width == 1 and mask[b.top, b.left] for b in blocks)
+    assert torch.equal(gen(torch.Generator().manual_seed(3)), gen(torch.Generator().manual_seed(3)))
+    half = build_mask_generator("rand", 8, ratio=(0.1, 0.5), mask_prob=0.5)
+    counts = torch.stack([half(g) for _ in range(400)]).flatten(1).sum(1)
+    assert 0.35 < (counts == 0).float().mean() < 0.65 and counts.max() <= int(0.5 * 64)
+
+
+def test_mask_shape_reaches_the_multicrop_view() -> None:
+    from tokenlab.data import build_transforms
+    from tokenlab.data.masking import RandomMaskGenerator
+
+    tf = build_transforms("multicrop", 32, patch_size=4, num_local=0, mask_shape="rand")
+    assert isinstance(tf.mask_generator, RandomMaskGenerator) and tf.mask_generator.grid == (8, 8)
+    assert type(build_transforms("multicrop", 32, patch_size=4, num_local=0).mask_generator) is BlockMaskGenerator
+    with pytest.raises(ValueError, match="mask shape"):
+        build_transforms("multicrop", 32, patch_size=4, mask_shape="grid")

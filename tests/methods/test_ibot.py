@@ -193,7 +193,7 @@ def test_schedules_follow_their_definitions() -> None:
 
 
 def test_last_layer_frozen_during_first_epoch_only() -> None:
-    method = tiny_ibot(freeze_last_layer_epochs=1, clip_grad_per_param=None)
+    method = tiny_ibot(freeze_last_layer_epochs=1)
     last = method.head.last_layer_parameters()
     for step, frozen in ((0, True), (4, True), (5, False)):
         method.zero_grad(set_to_none=True)
@@ -204,15 +204,72 @@ def test_last_layer_frozen_during_first_epoch_only() -> None:
         assert all((p.grad is None) == frozen for p in last if p.requires_grad), step
 
 
-def test_per_parameter_gradient_clipping() -> None:
-    method = tiny_ibot(clip_grad_per_param=1e-3, freeze_last_layer_epochs=0)
-    (method.training_step(_batch(), _ctx())["loss"] * 1e3).backward()
-    method.before_optimizer_step(_ctx())
-    norms = [p.grad.norm().item() for p in method.trainable_module().parameters() if p.grad is not None]
-    assert max(norms) <= 1e-3 * (1 + 1e-4)
-    ctx = StepContext(step=0, epoch=0, plan=_ctx().plan, device=torch.device("cpu"), amp_dtype=torch.float16)
-    with pytest.raises(ValueError, match="amp=bf16"):
-        method.before_optimizer_step(ctx)
+def test_patch_temperature_has_its_own_schedule_and_reaches_the_patch_loss() -> None:
+    """Published iBOT: teacher_patch_temp / warmup_teacher_patch_temp, warmed over the same epochs as the [CLS] one."""
+    method = tiny_ibot(warmup_teacher_temp=0.04, teacher_temp=0.06, warmup_teacher_patch_temp=0.02,
+                       teacher_patch_temp=0.09, warmup_teacher_temp_epochs=2)  # fmt: skip
+    method.on_train_start(TrainPlan(total_steps=40, steps_per_epoch=10, epochs=4))
+    for s in (0, 10, 19):
+        assert method.current_teacher_patch_temp(s) == pytest.approx(0.02 + 0.07 * s / 20)
+        assert method.current_teacher_temp(s) == pytest.approx(0.04 + 0.02 * s / 20)
+    assert method.current_teacher_patch_temp(25) == pytest.approx(0.09)
+    # the patch loss uses tau_p: recompute it at step 0 (tau_p = 0.02)
+    import torch.nn.functional as F
+
+    batch = _batch(b=2)
+    out = method.training_step(batch, _ctx())
+    assert out["teacher_patch_temp"].item() == pytest.approx(0.02)
+    globals_, mask = torch.cat(batch["crops"][:2]), torch.cat(batch["masks"]).flatten(1)
+    with torch.no_grad():
+        _, t_patch = method.teacher["head"](*method.teacher["backbone"].forward_features(globals_))
+        _, s_patch = method.head(*method.model.forward_features(globals_, mask))
+    ce = -(F.softmax(t_patch / 0.02, -1) * F.log_softmax(s_patch / 0.1, -1)).sum(-1)
+    expected = ((ce * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    assert out["loss_patch"].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_pred_start_epoch_delays_masking_and_the_patch_temperature_warm_up() -> None:
+    method = tiny_ibot(pred_start_epoch=1, warmup_teacher_temp_epochs=1, warmup_teacher_patch_temp=0.04,
+                       teacher_patch_temp=0.07)  # fmt: skip
+    plan = _ctx().plan  # 5 steps per epoch, 20 steps
+    method.on_train_start(plan)
+    assert [method.current_teacher_patch_temp(s) for s in range(5)] == pytest.approx([0.04] * 5)
+    assert method.current_teacher_patch_temp(5) == pytest.approx(0.04)
+    assert method.current_teacher_patch_temp(7) == pytest.approx(0.04 + 0.03 * 2 / 5)
+    assert method.current_teacher_patch_temp(10) == pytest.approx(0.07)
+    assert method.current_teacher_temp(5) == pytest.approx(0.07)  # the [CLS] warm-up is not delayed
+    batch = _batch()
+    early = method.training_step(batch, _ctx(step=4, epoch=0))
+    assert early["mask_ratio"].item() == 0.0 and early["loss_patch"].item() == 0.0
+    late = method.training_step(batch, _ctx(step=5, epoch=1))
+    assert late["mask_ratio"].item() > 0.0 and late["loss_patch"].item() > 0.0
+
+
+def test_separate_patch_prototypes_share_the_mlp_and_the_teacher_stays_shared() -> None:
+    """Published shared_head=False: one MLP, a second prototype layer for patches; shared_head_teacher=True (default)
+    keeps one prototype layer in the teacher, the EMA of the student's [CLS] one."""
+    method = tiny_ibot(shared_head=False)
+    assert not method.head.shared and method.teacher["head"].shared
+    assert method.head.patch_last_layer is not None and not hasattr(method.head, "patch_head")
+    s_names = {n for n, _ in method.head.named_parameters()}
+    t_names = {n for n, _ in method.teacher["head"].named_parameters()}
+    assert t_names < s_names and {n.split(".")[0] for n in s_names - t_names} == {"patch_last_layer"}
+    out = method.training_step(_batch(), _ctx())
+    out["loss"].backward()
+    assert all(p.grad is not None for p in method.head.patch_last_layer.parameters() if p.requires_grad)
+    before = {n: p.clone() for n, p in method.teacher["head"].named_parameters()}
+    student = dict(method.head.named_parameters())
+    method.update_teacher(0.5)
+    for n, p in method.teacher["head"].named_parameters():
+        torch.testing.assert_close(p, 0.5 * before[n] + 0.5 * student[n].detach())
+    separate_teacher = tiny_ibot(shared_head=False, shared_head_teacher=False)
+    assert not separate_teacher.teacher["head"].shared
+    with pytest.raises(ValueError, match="shared_head_teacher"):
+        tiny_ibot(shared_head=False, patch_out_dim=32)
+    assert (
+        tiny_ibot(shared_head=False, shared_head_teacher=False, patch_out_dim=32).patch_loss.center.center.shape[-1]
+        == 32
+    )
 
 
 def test_collapse_metrics_pinned() -> None:
@@ -371,6 +428,9 @@ def _cfg(run_dir: Path, *extra: str):
             "optim.lr=0.001",
             "optim.weight_decay=0.04",
             "optim.weight_decay_end=0.4",
+            "optim.decay_embeddings=true",
+            "optim.clip_grad=3.0",
+            "train.clip_mode=per_param",
             "schedule.epochs=2",
             "train.deterministic=true",
             "train.max_nonfinite=1",
@@ -444,7 +504,10 @@ def test_two_process_gloo_run(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("name", [r for r in list_recipes() if r.startswith("ibot_") and not r.endswith("_base")])
+_IBOT_SHARED_BASES = ("ibot_in1k_base", "ibot_in1k_finetune_base")  # only used as `_base_` of size recipes
+
+
+@pytest.mark.parametrize("name", [r for r in list_recipes() if r.startswith("ibot_") and r not in _IBOT_SHARED_BASES])
 def test_ibot_recipes_fit_their_method_and_transform(name: str) -> None:
     import inspect
 
@@ -463,6 +526,8 @@ def test_ibot_recipes_fit_their_method_and_transform(name: str) -> None:
     if cls is IBOT:
         assert cfg.data.val_split is None and cfg.train.max_nonfinite == 1
         assert cfg.optim.weight_decay == 0.04 and cfg.optim.weight_decay_end == 0.4
+        # published: per-parameter clipping at 3.0, weight decay on pos_embed / cls_token / mask token
+        assert cfg.optim.clip_grad == 3.0 and cfg.train.clip_mode == "per_param" and cfg.optim.decay_embeddings
         sample = tf({"image": torch.randint(0, 255, (3, 40, 40), dtype=torch.uint8), "label": 0})
         grid = cfg.data.img_size // cfg.data.transform.patch_size
         assert len(sample["crops"]) == 2 + cfg.data.transform.num_local and sample["masks"][0].shape == (grid, grid)
@@ -487,3 +552,82 @@ def test_centres_move_once_per_optimizer_step_under_accumulation() -> None:
         a, b = getattr(acc, loss).center.center, getattr(big, loss).center.center
         assert b.abs().sum() > 0
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_published_pretraining_recipe_values() -> None:
+    """ViT-S/16 as in the published README command (75.2 k-NN / 77.9 linear): norm_last_layer false; ViT-B keeps the
+    prototype gains fixed (the published default)."""
+    small, base = load_config("ibot_in1k_vit_small"), load_config("ibot_in1k_vit_base")
+    assert small.method.kwargs.norm_last_layer is False and base.method.kwargs.norm_last_layer is True
+    k = small.method.kwargs
+    assert (k.out_dim, k.shared_head, k.teacher_temp, k.warmup_teacher_temp, k.warmup_teacher_temp_epochs) == (
+        8192,
+        True,
+        0.07,
+        0.04,
+        30,
+    )
+    assert (k.teacher_patch_temp, k.warmup_teacher_patch_temp, k.pred_start_epoch, k.freeze_last_layer_epochs) == (
+        0.07,
+        0.04,
+        0,
+        1,
+    )
+    assert (k.teacher_momentum, k.center_momentum, k.student_temp) == (0.996, 0.9, 0.1)
+    t = small.data.transform
+    assert (t.num_local, list(t.global_scale), list(t.local_scale), list(t.mask_ratio), t.mask_prob) == (
+        10,
+        [0.25, 1.0],
+        [0.05, 0.25],
+        [0.1, 0.5],
+        0.5,
+    )
+    assert small.schedule.epochs == 800 and small.schedule.warmup_epochs == 10
+    assert small.optim.lr == pytest.approx(5e-4 * 1024 / 256) and small.data.batch_size * 8 == 1024
+    assert small.optim.min_lr == 1e-6 and small.model.kwargs.drop_path_rate == 0.1
+
+
+def test_published_finetune_recipes() -> None:
+    from tokenlab.engine.builders import build_optimizer
+
+    for name, model, epochs, drop_path, decay in (
+        ("ibot_in1k_finetune_vit_small", "ibot_vit_small_patch16_224", 200, 0.1, 0.75),
+        ("ibot_in1k_finetune_vit_base", "ibot_vit_base_patch16_224", 100, 0.2, 0.65),
+    ):
+        cfg = load_config(name)
+        assert cfg.model.name == model and cfg.schedule.epochs == epochs and cfg.optim.layer_decay == decay
+        assert cfg.model.kwargs.drop_path_rate == drop_path and cfg.schedule.warmup_epochs == 20
+        assert cfg.data.eval.crop_pct == 0.875 and cfg.data.eval.interpolation == "bicubic"
+        assert cfg.method.name == "supervised" and not cfg.optim.decay_embeddings
+    vit = timm.create_model("ibot_vit_tiny_patch4_32", num_classes=10, **MODEL_KW)  # depth 2: scales 0.75^(3..0)
+    opt = build_optimizer(load_config("ibot_in1k_finetune_vit_small"), vit)
+    scales = {p_id: g["lr_scale"] for g in opt.param_groups for p_id in map(id, g["params"])}
+    assert scales[id(vit.pos_embed)] == pytest.approx(0.75**3) and scales[id(vit.head.weight)] == pytest.approx(1.0)
+    assert scales[id(vit.blocks[0].attn.qkv.weight)] == pytest.approx(0.75**2)
+
+
+def test_fp16_scaler_unscales_before_per_parameter_clipping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Published iBOT under fp16: scaler.unscale_ first, then clip each parameter's gradient at 3.0. The CPU grad
+    scaler stands in for CUDA's: the gradients the clipping sees equal those of the same step without a scaler."""
+    from tokenlab.engine import builders as B
+
+    seen: dict[str, list[list[float]]] = {"before": [], "after": []}
+    real = B.clip_gradients
+
+    def spy(params, max_norm, mode="global"):
+        params = [p for p in params if p.grad is not None]
+        assert mode == "per_param" and max_norm == 3.0
+        seen["before"].append([p.grad.norm().item() for p in params])
+        out = real(params, max_norm, mode)
+        seen["after"].append([p.grad.norm().item() for p in params])
+        return out
+
+    monkeypatch.setattr(B, "clip_gradients", spy)
+    for name, scaled in (("plain", False), ("scaled", True)):
+        trainer = Trainer(_cfg(tmp_path / name, "schedule.max_steps=1", "checkpoint.export=false"), TinyCrops())
+        if scaled:
+            trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+        trainer.fit()
+    plain, scaled_norms = seen["before"]
+    np.testing.assert_allclose(scaled_norms, plain, rtol=1e-4, atol=1e-7)
+    assert max(max(a) for a in seen["after"]) <= 3.0 * (1 + 1e-5)

@@ -81,12 +81,33 @@ def test_ibot_head_shared_and_separate() -> None:
     cls, patches = torch.randn(2, 6), torch.randn(2, 5, 6)
     c, p = shared(cls, patches)
     assert shared.shared and c.shape == (2, 10) and p.shape == (2, 5, 10)
-    assert torch.allclose(p[:, 0], shared.cls_head(patches[:, 0]))
+    assert torch.allclose(p[:, 0], shared(patches[:, 0])[0])
     separate = IBOTHead(6, out_dim=10, patch_out_dim=12, shared=False, hidden_dim=8, bottleneck_dim=4)
     c, p = separate(cls, patches)
     assert not separate.shared and c.shape == (2, 10) and p.shape == (2, 5, 12)
     assert len(separate.last_layer_parameters()) == 2 * len(shared.last_layer_parameters())
     assert separate(cls)[1] is None
+
+
+def test_separate_ibot_head_shares_the_mlp_as_published() -> None:
+    """Published iBOTHead(shared_head=False): [CLS] and patches share the MLP and bottleneck; only the prototype
+    layer differs."""
+    torch.manual_seed(0)
+    shared = IBOTHead(6, out_dim=10, hidden_dim=8, bottleneck_dim=4)
+    separate = IBOTHead(6, out_dim=10, shared=False, hidden_dim=8, bottleneck_dim=4)
+    extra = sum(p.numel() for p in separate.patch_last_layer.parameters())
+    assert sum(p.numel() for p in separate.parameters()) == sum(p.numel() for p in shared.parameters()) + extra
+    cls, patches = torch.randn(2, 6), torch.randn(2, 5, 6)
+    c, p = separate(cls, patches)
+    assert torch.allclose(p, separate.patch_last_layer(separate.bottleneck(patches)))
+    assert torch.allclose(c, separate.last_layer(separate.bottleneck(cls)))
+    assert not torch.allclose(p[:, 0], separate(patches[:, 0])[0])  # other prototypes
+    gains = separate.patch_last_layer.parametrizations.weight.original0
+    assert torch.all(gains == 1) and not gains.requires_grad  # norm_last_layer applies to both layers
+    free = IBOTHead(6, out_dim=10, shared=False, hidden_dim=8, bottleneck_dim=4, norm_last_layer=False)
+    assert free.patch_last_layer.parametrizations.weight.original0.requires_grad
+    separate.share_prototypes()
+    assert separate.shared and torch.allclose(separate(cls, patches)[1][:, 0], separate(patches[:, 0])[0])
 
 
 def test_ibot_head_shared_size_mismatch() -> None:

@@ -19,8 +19,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-linear", action="store_true", help="skip the linear probe")
     p.add_argument("--k", type=int, default=20, help="k-NN neighbours")
     p.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature")
-    p.add_argument("--linear-epochs", type=int, default=100, help="linear-probe epochs over the cached features")
-    p.add_argument("--linear-lrs", default="0.01,0.03,0.1,0.3", help="linear-probe lr grid (chosen on held-out train)")
+    p.add_argument(
+        "--linear-protocol",
+        choices=("cached", "augmented"),
+        default="cached",
+        help="cached: fast probe on cached centre-crop features, lr chosen on held-out train (default); augmented: "
+        "iBOT's protocol (random resized crop + flip every epoch, no standardisation, 45-lr grid, best on the test "
+        "split)",
+    )
+    p.add_argument("--linear-epochs", type=int, default=100, help="linear-probe epochs")
+    p.add_argument(
+        "--linear-lrs",
+        help="linear-probe lr grid (default: 0.01,0.03,0.1,0.3 cached; iBOT's {1..9}e-4..{1..9}e0 augmented)",
+    )
+    p.add_argument("--crop-pct", type=float, default=224 / 256, help="eval centre-crop fraction (iBOT: 224/256)")
+    p.add_argument("--interpolation", default="bicubic", help="eval resize interpolation (iBOT: bicubic)")
     p.add_argument("--random-init", action="store_true", help="also evaluate the same architecture untrained")
     p.add_argument("--train-subset", type=int, help="fixed random subset of the train split")
     p.add_argument("--test-subset", type=int, help="fixed random subset of the test split")
@@ -53,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, args.amp)
     _check_outputs(args)
     kinds = [k for k in args.kind.split(",") if k]
-    lrs = [float(v) for v in args.linear_lrs.split(",") if v]
+    linear_kwargs = {"epochs": args.linear_epochs, "seed": args.seed}
+    if args.linear_lrs:
+        linear_kwargs["lrs"] = [float(v) for v in args.linear_lrs.split(",") if v]
     report = evaluate_ssl_run(
         args.run,
         args.data,
@@ -64,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         linear=not args.no_linear,
         k=args.k,
         temperature=args.temperature,
-        linear_kwargs={"epochs": args.linear_epochs, "lrs": lrs, "seed": args.seed},
+        linear_kwargs=linear_kwargs,
         batch_size=args.batch_size,
         workers=args.workers,
         device=device,
@@ -74,8 +89,13 @@ def run(args: argparse.Namespace) -> int:
         random_init=args.random_init,
         seed=args.seed,
         out=args.out,
+        crop_pct=args.crop_pct,
+        interpolation=args.interpolation,
+        linear_protocol=args.linear_protocol,
     )
-    print(f"{report.model} on {report.data} ({report.num_train} train / {report.num_test} test)")
+    print(f"{report.model} on {report.data} ({report.num_train} train / {report.num_test} test); linear probe: "
+          f"{report.linear_protocol} protocol; preprocessing: crop_pct {report.preprocessing['crop_pct']:.4f}, "
+          f"{report.preprocessing['interpolation']}")  # fmt: skip
     print(f"{'weights':<11} {'features':<12} {'k-NN top-1':>10} {'linear top-1':>12}")
     for label, by_kind in report.results.items():
         for kind, res in by_kind.items():

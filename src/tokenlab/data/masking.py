@@ -1,4 +1,4 @@
-"""Block-wise token masks for masked image modelling (iBOT, BEiT style).
+"""Token masks for masked image modelling (iBOT, BEiT style): block-wise (default) or random.
 
 iBOT [0] masks the patch tokens of each global crop with BEiT's [1] block-wise scheme: an image is masked with
 probability ``mask_prob``; a masked image gets a ratio ``r ~ U(a, b)`` (iBOT: pred_ratio 0.3 +- 0.2), and rectangular
@@ -12,6 +12,10 @@ never exceeds the target, hence never exceeds ``b``. One deliberate difference: 
 height or width (the published loader requires it to be strictly smaller), so tiny grids such as CIFAR's 2 x 2 can be
 masked at all; on 14 x 14 this moves the mean ratio by less than 0.1 %.
 
+``RandomMaskGenerator`` is the published ``pred_shape='rand'`` option: the same per-image ratio draw, then exactly
+``int(r * H * W)`` tokens chosen uniformly at random. ``build_mask_generator(shape, ...)`` picks one by name
+(``MASK_SHAPES``; the multi-crop view's ``mask_shape`` option).
+
 - [0]: iBOT: Image BERT Pre-Training with Online Tokenizer, 2021, https://arxiv.org/abs/2111.07832
 - [1]: BEiT: BERT Pre-Training of Image Transformers, 2021, https://arxiv.org/abs/2106.08254
 """
@@ -24,7 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
+__all__ = ["MASK_SHAPES", "Block", "BlockMaskGenerator", "RandomMaskGenerator", "build_mask_generator"]
+
 logger = logging.getLogger(__name__)
+
+#: Mask shapes of ``build_mask_generator`` (iBOT's ``--pred_shape``).
+MASK_SHAPES = ("block", "rand")
 
 # iBOT's 16-patch minimum block was chosen for a 14 x 14 grid (224 px, patch 16).
 _REFERENCE_GRID_AREA = 14 * 14
@@ -145,3 +154,41 @@ class BlockMaskGenerator:
                 window.fill_(True)
                 return Block(top, left, block_h, block_w)
         return None
+
+
+class RandomMaskGenerator(BlockMaskGenerator):
+    """Random (non-block) masks, iBOT's ``pred_shape='rand'``: ``int(r * H * W)`` tokens drawn uniformly.
+
+    Same arguments as ``BlockMaskGenerator``; ``min_block``, ``aspect`` and ``max_attempts`` are not used. The
+    ``blocks`` returned by ``sample`` are 1 x 1 blocks, one per masked token.
+    """
+
+    def sample(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[Block]]:
+        """Return the ``(H, W)`` bool mask and one 1 x 1 ``Block`` per masked token."""
+        height, width = self.grid
+        mask = torch.zeros(height * width, dtype=torch.bool)
+        if float(torch.rand((), generator=generator)) >= self.mask_prob:
+            return mask.reshape(height, width), []
+        count = int(_uniform(*self.ratio, generator) * height * width)
+        chosen = torch.randperm(height * width, generator=generator)[:count]
+        mask[chosen] = True
+        blocks = [Block(int(i) // width, int(i) % width, 1, 1) for i in chosen.sort().values]
+        return mask.reshape(height, width), blocks
+
+
+def build_mask_generator(
+    shape: str,
+    grid: int | tuple[int, int],
+    ratio: tuple[float, float] = (0.1, 0.5),
+    mask_prob: float = 1.0,
+    min_block: int | None = None,
+) -> BlockMaskGenerator:
+    """The mask generator of ``shape`` (``block``: BEiT blocks, iBOT's default; ``rand``: random tokens).
+
+    Raises:
+        ValueError: an unknown shape, or arguments the generator rejects.
+    """
+    if shape not in MASK_SHAPES:
+        raise ValueError(f"unknown mask shape {shape!r}; valid: {', '.join(MASK_SHAPES)}")
+    cls = BlockMaskGenerator if shape == "block" else RandomMaskGenerator
+    return cls(grid, ratio, mask_prob, min_block)

@@ -42,7 +42,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from tokenlab.data.masking import BlockMaskGenerator
+from tokenlab.data.masking import BlockMaskGenerator, build_mask_generator
 
 logger = logging.getLogger(__name__)
 
@@ -673,11 +673,12 @@ def build_transforms(kind: str, img_size: int, **kwargs: Any) -> Any:
         ratio = kwargs.pop("mask_ratio", (0.1, 0.5))
         mask_prob = kwargs.pop("mask_prob", 1.0)
         min_block = kwargs.pop("min_block", None)
+        shape = kwargs.pop("mask_shape", "block")  # block | rand (data.masking.MASK_SHAPES)
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         kwargs.setdefault("local_size", _round_to(img_size * 96 / 224, patch_size))
         grid = img_size // patch_size
-        kwargs.setdefault("mask_generator", BlockMaskGenerator(grid, ratio, mask_prob, min_block))
+        kwargs.setdefault("mask_generator", build_mask_generator(shape, grid, ratio, mask_prob, min_block))
         return MultiCropTransform(global_size=img_size, **kwargs)
     if kind == "segmentation":
         from tokenlab.data.segmentation import build_segmentation_transforms

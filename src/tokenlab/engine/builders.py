@@ -7,7 +7,7 @@ per-method entry point. The engine still knows methods only by their protocol (`
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sized
+from collections.abc import Iterable, Mapping, Sized
 from typing import Any, cast
 
 import numpy as np
@@ -29,6 +29,7 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "build_schedules",
+    "clip_gradients",
     "data_meta",
     "dataset_len",
     "param_groups",
@@ -252,19 +253,26 @@ def _no_decay_names(module: nn.Module) -> set[str]:
     return names
 
 
-def param_groups(module: nn.Module, weight_decay: float, layer_decay: float | None) -> list[dict[str, Any]]:
+def param_groups(
+    module: nn.Module, weight_decay: float, layer_decay: float | None, decay_embeddings: bool = False
+) -> list[dict[str, Any]]:
     """Optimizer parameter groups: with and without weight decay, or timm's layer-decay groups.
 
-    Without decay: 1-d tensors, biases and ``no_weight_decay()``. With ``layer_decay`` set, timm's layer-decay
-    groups (``lr_scale``); every group gets ``lr_scale`` and ``wd_scale``.
+    Without decay: 1-d tensors and biases, and (unless ``decay_embeddings``) the names of ``no_weight_decay()``
+    (timm's set: ``pos_embed``, ``cls_token``, our ``mask_token``, ...). ``decay_embeddings=True`` is DINO/iBOT's
+    ``get_params_groups`` rule: only biases and 1-d tensors are left undecayed, so the position embedding, the class
+    token and the mask token are decayed too. With ``layer_decay`` set, timm's layer-decay groups (``lr_scale``);
+    every group gets ``lr_scale`` and ``wd_scale``.
     """
-    skip = _no_decay_names(module)
+    skip = set() if decay_embeddings else _no_decay_names(module)
     if layer_decay is not None:
         if not hasattr(module, "group_matcher"):
             raise ValueError(f"optim.layer_decay needs a model with group_matcher(); {type(module).__name__} has none")
         from timm.optim import param_groups_layer_decay
 
-        groups = param_groups_layer_decay(module, weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay)
+        groups = param_groups_layer_decay(
+            module, weight_decay, no_weight_decay_list=tuple(skip), layer_decay=layer_decay
+        )
     else:
         decay, no_decay = [], []
         for name, p in module.named_parameters():
@@ -287,9 +295,37 @@ def build_optimizer(cfg: DictConfig, module: nn.Module) -> torch.optim.Optimizer
     from timm.optim import create_optimizer_v2
 
     o = cfg.optim
-    groups = param_groups(module, o.weight_decay, o.layer_decay)
+    groups = param_groups(module, o.weight_decay, o.layer_decay, bool(o.get("decay_embeddings", False)))
     betas = tuple(o.betas)
     return create_optimizer_v2(groups, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, betas=betas, eps=o.eps)
+
+
+CLIP_MODES = ("global", "per_param")
+
+
+@torch.no_grad()
+def clip_gradients(params: Iterable[torch.Tensor], max_norm: float, mode: str = "global") -> torch.Tensor:
+    """Clip gradients in place; returns the global gradient norm before clipping (float32 scalar).
+
+    ``global``: ``torch.nn.utils.clip_grad_norm_`` (one norm over every gradient). ``per_param``: iBOT/DINO's
+    ``clip_gradients``: each parameter's gradient ``g`` is scaled by ``min(1, max_norm / (||g||_2 + 1e-6))`` on its
+    own. Under fp16 the trainer unscales the gradients first (as iBOT does).
+
+    Raises:
+        ValueError: an unknown ``mode``.
+    """
+    if mode not in CLIP_MODES:
+        raise ValueError(f"unknown train.clip_mode {mode!r}; valid: {', '.join(CLIP_MODES)}")
+    with_grad = [p for p in params if p.grad is not None]
+    if mode == "global":
+        return torch.nn.utils.clip_grad_norm_(with_grad, max_norm)
+    grads = [p.grad for p in with_grad if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)
+    for g, n in zip(grads, norms, strict=True):
+        g.mul_((max_norm / (n + 1e-6)).clamp(max=1.0))
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
 
 def build_schedules(cfg: DictConfig, steps_per_epoch: int) -> tuple[np.ndarray, np.ndarray]:

@@ -44,6 +44,7 @@ _NULLABLE: dict[str, type] = {
 _CHOICES: dict[str, tuple[str, ...]] = {
     "train.amp": AMP_CHOICES,
     "train.distributed": ("ddp", "fsdp"),
+    "train.clip_mode": ("global", "per_param"),
     "schedule.kind": ("cosine", "poly"),
 }
 

@@ -561,9 +561,9 @@ class Trainer:
             self.method.before_optimizer_step(ctx)
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
-            if self.cfg.optim.clip_grad is not None:
+            if self.cfg.optim.clip_grad is not None:  # after unscaling (fp16); train.clip_mode: global | per_param
                 params = self.method.trainable_module().parameters()
-                norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad)
+                norm = B.clip_gradients(params, self.cfg.optim.clip_grad, self.cfg.train.get("clip_mode", "global"))
                 terms["grad_norm"] = norm.detach().float()
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)

@@ -1,14 +1,26 @@
-"""Linear probe on cached frozen features (the second standard SSL evaluation).
+"""Linear probes of a frozen backbone (the second standard SSL evaluation), in two protocols.
 
-The backbone stays frozen; its features are extracted once (``tokenlab.eval.knn.extract_features``, kinds
-``cls``, ``cls_avgpool``, ``last4_cls``, ...). The probe standardises each feature with the training mean and std
-(a BatchNorm without affine parameters, as in DINO/iBOT's linear evaluation) and trains one linear layer with
-softmax cross-entropy, SGD (momentum 0.9) and a cosine learning-rate schedule:
+``cached`` (default, fast): the features are extracted once (``tokenlab.eval.knn.extract_features``, kinds
+``cls``, ``cls_avgpool``, ``last4_cls``, ...) from centre crops; the probe standardises each feature with the
+training mean and std and trains one linear layer with softmax cross-entropy, SGD (momentum 0.9) and a cosine
+learning-rate schedule:
 
     z = (f - mu) / sigma,   logits = W z + b,   L = -(1/B) sum_b log softmax(logits_b)_{y_b}
 
 The learning rate is picked from a small grid on a held-out part of the training features (never on the test
 split), then the probe is retrained on every training feature with that rate and evaluated once on the test split.
+
+``augmented`` (the published iBOT protocol, ``eval_linear_multi.py``): the linear layer sees features of freshly
+augmented training images every epoch (random resized crop, scale 0.08-1, + horizontal flip; no colour
+augmentation), without standardisation (``logits = W f + b``, W ~ N(0, 0.01), b = 0), SGD momentum 0.9, no weight
+decay, the learning rate ``lr x batch / 256`` with a per-epoch cosine to 0 over 100 epochs, one classifier per
+learning rate of the grid ``{1..9} x 10^{-4..0}`` trained side by side on the same batches; every classifier is
+evaluated on the test split after every epoch and the best accuracy over (lr, epoch) is reported, as published (so
+the choice is made on the reported split; the ``cached`` protocol does not do that).
+
+Evaluation preprocessing for both (and the k-NN): iBOT's, resize 256 bicubic + centre crop 224, i.e. ``crop_pct``
+224/256 with bicubic interpolation through ``EvalTransform``, scaled to other input sizes
+(``SSL_EVAL_CROP_PCT``, ``SSL_EVAL_INTERPOLATION``); results record the preprocessing and the protocol.
 
 ``evaluate_ssl_run`` is what ``tokenlab eval-ssl`` runs: the exported backbone of a run (``RUN/model``), optionally
 next to the same architecture randomly initialised, through k-NN and the linear probe on cached features.
@@ -30,11 +42,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenlab.eval.knn import FeatureSet, KNNResult, extract_features, knn_classify
+from tokenlab.eval.knn import FeatureSet, KNNResult, extract_features, features_of, knn_classify
 from tokenlab.models.contract import as_backbone
+from tokenlab.utils.amp import autocast
 from tokenlab.utils.runs import EVAL_SSL_FILE, export_stem
 
 __all__ = [
+    "LINEAR_PROTOCOLS",
+    "PUBLISHED_LINEAR_LRS",
+    "SSL_EVAL_CROP_PCT",
+    "SSL_EVAL_INTERPOLATION",
     "FrozenEvalResult",
     "LinearResult",
     "SSLRunResult",
@@ -42,10 +59,19 @@ __all__ = [
     "evaluate_ssl_run",
     "finetune_run",
     "linear_probe",
+    "linear_probe_augmented",
     "train_linear",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Linear-probe protocols: fast probe on cached centre-crop features, or iBOT's probe on augmented images.
+LINEAR_PROTOCOLS = ("cached", "augmented")
+#: iBOT's learning-rate grid of eval_linear_multi.py: {1, ..., 9} x 10^k, k = -4 .. 0 (scaled by batch / 256).
+PUBLISHED_LINEAR_LRS = tuple(n * 10.0**k for k in range(-4, 1) for n in range(1, 10))
+#: iBOT's k-NN / linear evaluation preprocessing: Resize(256, bicubic) + CenterCrop(224).
+SSL_EVAL_CROP_PCT = 224 / 256
+SSL_EVAL_INTERPOLATION = "bicubic"
 
 
 @dataclass
@@ -55,9 +81,13 @@ class LinearResult:
     Attributes:
         top1: Top-1 accuracy on the test features, in [0, 1].
         top5: Top-5 accuracy (1 with 5 classes or fewer).
-        lr: Learning rate chosen on the held-out training features.
-        val_top1: Held-out accuracy of every tried learning rate.
-        epochs: Training epochs over the cached features.
+        lr: Learning rate chosen (``augmented``: before the ``batch / 256`` scaling).
+        val_top1: Accuracy of every tried learning rate on the split it was chosen on (``cached``: held-out training
+            features; ``augmented``: the test split, best over epochs).
+        epochs: Training epochs.
+        protocol: ``cached`` or ``augmented`` (``LINEAR_PROTOCOLS``).
+        selected_on: Where the learning rate (and, ``augmented``, the epoch) was chosen.
+        best_epoch: ``augmented``: the epoch (1-based) of the reported accuracy.
     """
 
     top1: float
@@ -65,6 +95,9 @@ class LinearResult:
     lr: float
     val_top1: dict[float, float] = field(default_factory=dict)
     epochs: int = 0
+    protocol: str = "cached"
+    selected_on: str = "held-out training features"
+    best_epoch: int | None = None
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -191,6 +224,102 @@ def linear_probe(
     return LinearResult(top1, top5, best, val_top1, epochs)
 
 
+def linear_probe_augmented(
+    model: nn.Module,
+    train_set: Any,
+    test: FeatureSet,
+    kind: str = "cls",
+    lrs: Sequence[float] = PUBLISHED_LINEAR_LRS,
+    epochs: int = 100,
+    batch_size: int = 256,
+    weight_decay: float = 0.0,
+    num_classes: int | None = None,
+    device: str | torch.device = "cpu",
+    amp: str | torch.dtype | None = None,
+    workers: int = 0,
+    val_every: int = 1,
+    seed: int = 0,
+) -> LinearResult:
+    """The published iBOT linear probe: one classifier per lr on augmented images, best (lr, epoch) on ``test``.
+
+    Args:
+        model: Frozen backbone (eval mode, no gradient).
+        train_set: Map-style data set of ``{"image", "label"}`` samples with the training augmentation (random
+            resized crop + flip); drawn through the engine's seeded training loader.
+        test: Features of the reported split (centre crops; computed once, they do not change).
+        kind: Feature kind (``last4_cls`` for ViT-S, ``cls_avgpool`` for ViT-B/L, as published).
+        lrs: Learning-rate grid (each is scaled by ``batch_size / 256``).
+        epochs: Epochs over ``train_set`` (100).
+        batch_size: Mini-batch size (the last incomplete batch is dropped).
+        weight_decay: SGD weight decay (0 in iBOT's lr-only sweep).
+        num_classes: C (defaults to the training set's ``classes``, else ``max test label + 1``).
+        device: Where the backbone and the classifiers run.
+        amp: Autocast of the backbone.
+        workers: Loader processes.
+        val_every: Evaluate every this many epochs (and after the last).
+        seed: Seeds the initialisation, the order and the augmentation.
+
+    Raises:
+        ValueError: an empty lr grid, non-positive lr/epochs/batch size, a data set smaller than one batch, or
+            feature sizes that differ.
+    """
+    from tokenlab.data.sampler import ResumableSampler, build_train_loader
+
+    if not lrs or min(lrs) <= 0 or epochs < 1 or batch_size < 1 or val_every < 1:
+        raise ValueError(f"need lrs > 0, epochs >= 1, batch_size >= 1, val_every >= 1; got {lrs}, {epochs}, "
+                         f"{batch_size}, {val_every}")  # fmt: skip
+    n = len(train_set)
+    batch = min(batch_size, n)
+    device = torch.device(device)
+    model.eval().to(device)
+    sampler = ResumableSampler(n, shuffle=True, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    dim = test.features.shape[1]
+    named = getattr(getattr(train_set, "dataset", train_set), "classes", None)  # a Subset's data set has them
+    classes = int(num_classes or (len(named) if named else int(test.labels.max()) + 1))
+    linears = [nn.Linear(dim, classes) for _ in lrs]
+    with torch.no_grad():
+        for linear in linears:
+            linear.weight.normal_(0.0, 0.01, generator=g)
+            linear.bias.zero_()
+    heads = nn.ModuleList(linears).to(device)
+    scale = batch / 256  # iBOT's linear scaling rule
+    groups: list[dict[str, Any]] = [
+        {"params": list(h.parameters()), "lr": lr * scale, "base_lr": lr * scale}
+        for h, lr in zip(heads, lrs, strict=True)
+    ]
+    opt = torch.optim.SGD(groups, lr=float(lrs[0]) * scale, momentum=0.9, weight_decay=weight_decay)
+    best: dict[float, tuple[float, float, int]] = {}  # lr -> (top1, top5, epoch)
+    test_x, test_y = test.features.float().to(device), test.labels.to(device)
+    for epoch in range(epochs):
+        for group in opt.param_groups:  # torch's CosineAnnealingLR(T_max=epochs, eta_min=0), stepped per epoch
+            group["lr"] = group["base_lr"] * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+        heads.train()
+        for sample in build_train_loader(train_set, batch, sampler, epoch, num_workers=workers):
+            with torch.no_grad(), autocast(device, amp):
+                feats = features_of(model, sample["image"].to(device, non_blocking=True), kind)
+            feats, target = feats.float(), sample["label"].to(device)
+            if feats.shape[1] != dim:
+                raise ValueError(f"feature sizes differ: train {feats.shape[1]}, test {dim}")
+            loss = sum(F.cross_entropy(head(feats), target) for head in heads)  # independent heads: one backward
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[union-attr]
+            opt.step()
+        if (epoch + 1) % val_every and epoch + 1 != epochs:
+            continue
+        heads.eval()
+        with torch.no_grad():
+            for head, lr in zip(heads, lrs, strict=True):
+                top1, top5 = _accuracy(head(test_x), test_y)
+                if float(lr) not in best or top1 >= best[float(lr)][0]:
+                    best[float(lr)] = (top1, top5, epoch + 1)
+        logger.info("augmented linear probe epoch %d: best top-1 so far %.4f", epoch + 1, max(best.values())[0])
+    lr = max(best, key=lambda k: (best[k][0], -best[k][2]))
+    top1, top5, at = best[lr]
+    return LinearResult(top1, top5, lr, {k: v[0] for k, v in best.items()}, epochs, "augmented",
+                        "test split (best over learning rates and epochs, as published)", at)  # fmt: skip
+
+
 @dataclass
 class FrozenEvalResult:
     """k-NN and linear-probe results of one frozen backbone.
@@ -225,6 +354,8 @@ def evaluate_frozen(
     device: str | torch.device = "cpu",
     amp: str | torch.dtype | None = None,
     cache_dir: str | Path | None = None,
+    linear_protocol: str = "cached",
+    augmented_train: Any = None,
 ) -> FrozenEvalResult:
     """Extract (or read cached) features of both splits once, then run the k-NN and/or the linear probe.
 
@@ -237,11 +368,20 @@ def evaluate_frozen(
         k: Neighbours of the k-NN.
         temperature: Temperature of the k-NN vote weights.
         linear: Run the linear probe.
-        linear_kwargs: Extra kwargs of ``linear_probe``.
+        linear_kwargs: Extra kwargs of ``linear_probe`` (``cached``) or ``linear_probe_augmented``.
         device: Where the backbone runs.
         amp: Autocast for feature extraction (``tokenlab.utils.amp``: a name or a dtype).
         cache_dir: Folder of ``train_<kind>.safetensors`` / ``test_<kind>.safetensors`` caches.
+        linear_protocol: ``cached`` (fast, default) or ``augmented`` (iBOT's; see the module docstring).
+        augmented_train: The ``augmented`` protocol's training set (augmenting transform).
+
+    Raises:
+        ValueError: an unknown protocol, or ``augmented`` without ``augmented_train``.
     """
+    if linear_protocol not in LINEAR_PROTOCOLS:
+        raise ValueError(f"unknown linear protocol {linear_protocol!r}; valid: {', '.join(LINEAR_PROTOCOLS)}")
+    if linear and linear_protocol == "augmented" and augmented_train is None:
+        raise ValueError("the augmented linear protocol needs the augmented training set (augmented_train)")
     cache = Path(cache_dir) if cache_dir is not None else None
     train = extract_features(
         model, train_loader, kind, device, amp, cache / f"train_{kind}.safetensors" if cache else None
@@ -253,9 +393,14 @@ def evaluate_frozen(
     if knn:
         result.knn = knn_classify(train, test, k=min(k, len(train)), temperature=temperature)
         logger.info("k-NN (k=%d, T=%g, %s): top-1 %.4f", result.knn.k, temperature, kind, result.knn.top1)
-    if linear:
+    if linear and linear_protocol == "augmented":
+        extra = {"device": device, "amp": amp} | dict(linear_kwargs or {})
+        result.linear = linear_probe_augmented(model, augmented_train, test, kind, **extra)
+    elif linear:
         result.linear = linear_probe(train, test, **dict(linear_kwargs or {}))
-        logger.info("linear probe (%s, lr %g): top-1 %.4f", kind, result.linear.lr, result.linear.top1)
+    if result.linear is not None:
+        logger.info("linear probe (%s, %s, lr %g): top-1 %.4f", linear_protocol, kind, result.linear.lr,
+                    result.linear.top1)  # fmt: skip
     return result
 
 
@@ -274,6 +419,8 @@ class SSLRunResult:
         num_train, num_test: Images in the feature bank / probe fit and in the report split.
         results: ``{"pretrained" | "random": {feature kind: FrozenEvalResult}}``.
         skipped: Unreadable images left out of the two splits.
+        preprocessing: The evaluation transform's keys (``EvalTransform.meta()``: size, crop_pct, interpolation).
+        linear_protocol: ``cached`` or ``augmented``.
     """
 
     run: str
@@ -285,10 +432,13 @@ class SSLRunResult:
     num_test: int
     results: dict[str, dict[str, FrozenEvalResult]] = field(default_factory=dict)
     skipped: int = 0
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    linear_protocol: str = "cached"
 
     def to_dict(self) -> dict[str, Any]:
         """This result as plain JSON-ready data."""
         return {
+            "preprocessing": self.preprocessing, "linear_protocol": self.linear_protocol,
             "run": self.run, "data": self.data, "model": self.model, "train_split": self.train_split,
             "test_split": self.test_split, "num_train": self.num_train, "num_test": self.num_test,
             "results": {label: {kind: r.to_dict() for kind, r in by_kind.items()}
@@ -317,10 +467,15 @@ def evaluate_ssl_run(
     random_init: bool = False,
     seed: int = 0,
     out: str | Path | None = None,
+    crop_pct: float | None = SSL_EVAL_CROP_PCT,
+    interpolation: str | None = SSL_EVAL_INTERPOLATION,
+    linear_protocol: str = "cached",
 ) -> SSLRunResult:
     """k-NN / linear probe of ``RUN/model`` (and of a random initialisation of it); writes ``RUN/eval_ssl.json``.
 
-    Images get the export's evaluation preprocessing (``eval_transform_from_meta``).
+    Images get iBOT's evaluation preprocessing by default (``crop_pct`` 224/256, bicubic: resize 256 + centre crop
+    224 at 224 px, scaled at other sizes) through ``EvalTransform`` with the export's size, mean and std; ``None``
+    for ``crop_pct`` / ``interpolation`` keeps the export's own (``eval_transform_from_meta``).
 
     Args:
         run: Run directory or exported model stem.
@@ -342,38 +497,66 @@ def evaluate_ssl_run(
         workers: DataLoader workers.
         device: Where the backbone runs.
         seed: Seed of the subsets and of ``random_init``.
+        crop_pct: Centre-crop fraction of the evaluation transform (None: the export's).
+        interpolation: Resize interpolation of the evaluation transform (None: the export's).
+        linear_protocol: ``cached`` (fast probe on cached features) or ``augmented`` (iBOT's protocol: training
+            images with random resized crop + flip, lr grid, best on the test split).
+
+    Raises:
+        ValueError: an unknown protocol, or a bad ``crop_pct`` / ``interpolation``.
     """
     import json
 
     import timm
     from torch.utils.data import DataLoader, Subset
 
-    from tokenlab.data import build_dataset, eval_transform_from_meta
+    from tokenlab.data import build_dataset, build_transforms, eval_transform_from_meta
     from tokenlab.models import load_exported
 
+    if linear_protocol not in LINEAR_PROTOCOLS:
+        raise ValueError(f"unknown linear protocol {linear_protocol!r}; valid: {', '.join(LINEAR_PROTOCOLS)}")
     run = Path(run)
     model, meta = load_exported(run)
     run_dir = run if run.is_dir() else run.parent
     fallback = (
         None if meta.get("img_size") else int(as_backbone(model).pretrained_cfg.get("input_size", (3, 224, 224))[-1])
     )
-    transform = eval_transform_from_meta(meta, img_size=fallback)
+    stored = eval_transform_from_meta(meta, img_size=fallback)
+    transform = build_transforms(
+        "eval",
+        stored.img_size,
+        crop_pct=stored.crop_pct if crop_pct is None else crop_pct,
+        mean=stored.mean,
+        std=stored.std,
+        interpolation=stored.interpolation if interpolation is None else interpolation,
+    )
     splits, skipped = {}, 0
+    augmented: Any = None
     for name, split, size, offset in (("train", train_split, train_subset, 0), ("test", test_split, test_subset, 1)):
         dataset = build_dataset(data, split=split, transform=transform)
         skipped += len(dataset.skipped)
         idx = _subset_indices(len(dataset), size, seed + offset)
         splits[name] = dataset if idx is None else Subset(dataset, idx)
+        if name == "train" and linear and linear_protocol == "augmented":
+            # iBOT's probe training view: RandomResizedCrop (0.08-1) + flip, nothing else
+            train_tf = build_transforms("classification", stored.img_size, rand_augment=None, re_prob=0.0,
+                                        mean=stored.mean, std=stored.std)  # fmt: skip
+            augmented = build_dataset(data, split=split, transform=train_tf)
+            augmented = augmented if idx is None else Subset(augmented, idx)
     loaders = {
         name: DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers) for name, ds in splits.items()
     }
     tag = f"{data.replace('/', '_')}_{len(splits['train'])}_{len(splits['test'])}_s{seed}"
+    tag += f"_{transform.img_size}_c{transform.crop_pct:.4f}_{transform.interpolation}"  # cached features per transform
     models = {"pretrained": model}
     if random_init:
         torch.manual_seed(seed)
         models["random"] = timm.create_model(meta["model"], **meta.get("model_kwargs", {}))
+    if linear_protocol == "augmented":
+        linear_kwargs = {"batch_size": batch_size, "workers": workers} | dict(linear_kwargs or {})
     result = SSLRunResult(str(run), data, meta["model"], train_split, test_split, len(splits["train"]),
-                          len(splits["test"]), skipped=skipped)  # fmt: skip
+                          len(splits["test"]), skipped=skipped, preprocessing=transform.meta(),
+                          linear_protocol=linear_protocol)  # fmt: skip
     for label, backbone in models.items():
         result.results[label] = {}
         for kind in kinds:
@@ -390,6 +573,8 @@ def evaluate_ssl_run(
                 device,
                 amp,
                 run_dir / "ssl_features" / f"{label}_{tag}",
+                linear_protocol,
+                augmented,
             )
     out = Path(out) if out is not None else run_dir / EVAL_SSL_FILE
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,16 +17,25 @@ crops u_3 .. u_V:
     patch term  L_mim = mean_{q} (1/B) sum_b (1/|M_qb|) sum_{i in M_qb} CE(P_t(h_t(f_t(u_q))_i), h_s(f_s(u_q, M_q))_i)
     loss        L = lambda_1 L_cls + lambda_2 L_mim
 
-where ``P_t(t) = softmax((t - c) / tau_t(s))`` with a separate center ``c`` for [CLS] and patches (momentum 0.9)
+where ``P_t(t) = softmax((t - c) / tau_t(s))`` with a separate center ``c`` and a separate teacher temperature for
+[CLS] (``tau_t``) and patches (``tau_p``, iBOT's ``teacher_patch_temp``), centres with momentum 0.9,
 and ``CE(p, s) = -sum_k p_k log softmax(s / tau_s)_k``; the losses are ``tokenlab.losses.dino_cls`` and
 ``tokenlab.losses.ibot_patch``. Local crops are never masked. Per-step values come from schedules built up front
-from the engine's step plan: the teacher temperature warms linearly 0.04 -> 0.07 (30 epochs in the paper), the
-teacher momentum follows the cosine above. The learning rate (5e-4 x batch / 256, warm-up, cosine) and the weight
+from the engine's step plan: the teacher temperatures warm linearly 0.04 -> 0.07 (30 epochs in the paper), the
+teacher momentum follows the cosine above. ``pred_start_epoch`` delays masked image modelling (iBOT: 50 for Swin):
+before it no patch is masked (the patch loss is 0) and the patch temperature stays at its warm-up value, and its
+warm-up starts at that epoch. The learning rate (5e-4 x batch / 256, warm-up, cosine) and the weight
 decay (cosine 0.04 -> 0.4) are the engine's ``optim`` schedules; set them in the recipe.
 
-Safeguards done here through the method hooks: per-parameter gradient clipping (each parameter's gradient norm
-capped at 3.0, as in iBOT; the engine's ``optim.clip_grad`` is a global norm), the prototype layer frozen during
-the first epoch (its gradients are dropped, so the optimizer skips it), and a collapse detector logged every step:
+Heads: ``shared_head=True`` (the published ViT recipes) uses one head for [CLS] and patches; ``False`` shares the MLP
+and gives the patches their own prototype layer (the published ``iBOTHead``). The teacher's head is then still
+shared by default (published ``shared_head_teacher=True``): its patch targets come from its [CLS] prototype layer,
+the EMA of the student's, and the student's patch prototype layer has no teacher counterpart.
+
+Safeguards: the engine clips gradients (iBOT recipes: ``optim.clip_grad: 3.0`` with ``train.clip_mode: per_param``,
+each parameter's gradient norm capped separately as in iBOT, after the fp16 scaler unscales them); done here through
+the method hooks: the prototype layers frozen during the first epoch (their gradients are dropped, so the optimizer
+skips them), and a collapse detector logged every step:
 ``teacher_entropy`` (mean entropy of the teacher's [CLS] distribution), ``teacher_marginal_entropy`` (entropy of
 its batch mean; collapse to one prototype sends both to 0, collapse to uniform sends the first to log K) and
 ``teacher_feature_std`` (per-dimension std over the batch of the L2-normalised teacher [CLS] features, averaged
@@ -101,7 +110,9 @@ class IBOT(Method):
             classifier is removed.
         out_dim: K prototypes of the [CLS] head (iBOT: 8192).
         patch_out_dim: K of the patch head (defaults to ``out_dim``; must equal it with a shared head).
-        shared_head: One head for [CLS] and patches (iBOT) or separate heads.
+        shared_head: One head for [CLS] and patches (iBOT's ViT recipes) or a separate patch prototype layer (the
+            MLP stays shared, as published).
+        shared_head_teacher: Keep the teacher's head shared even when the student's is not (published default).
         hidden_dim: Hidden size of the head MLP (2048).
         bottleneck_dim: L2-normalised bottleneck size (256).
         head_layers: Linear layers in the head MLP (3).
@@ -110,14 +121,16 @@ class IBOT(Method):
         student_temp: tau_s (0.1).
         teacher_temp: Final tau_t (0.07).
         warmup_teacher_temp: First tau_t (0.04).
-        warmup_teacher_temp_epochs: Epochs of the linear tau_t warm-up (30).
+        warmup_teacher_temp_epochs: Epochs of the linear warm-up of both teacher temperatures (30).
+        teacher_patch_temp: Final teacher temperature of the patch loss tau_p (0.07).
+        warmup_teacher_patch_temp: First tau_p (0.04).
+        pred_start_epoch: Epochs without masked image modelling at the start (0; iBOT uses 50 for Swin).
         teacher_momentum: First EMA momentum m (0.996; 0.9995 advised at batch 256; lower for short runs).
         teacher_momentum_end: Last EMA momentum (1.0).
         center_momentum: Momentum of both centers (0.9).
         cls_weight: lambda_1.
         patch_weight: lambda_2.
-        freeze_last_layer_epochs: Epochs during which the prototype layer is not updated (1).
-        clip_grad_per_param: Cap on each parameter's gradient norm (3.0); None turns it off.
+        freeze_last_layer_epochs: Epochs during which the prototype layers are not updated (1).
         export: Which backbone the engine evaluates and exports: ``"teacher"`` or ``"student"``.
 
     Raises:
@@ -133,6 +146,7 @@ class IBOT(Method):
         out_dim: int = 8192,
         patch_out_dim: int | None = None,
         shared_head: bool = True,
+        shared_head_teacher: bool = True,
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         head_layers: int = 3,
@@ -142,13 +156,15 @@ class IBOT(Method):
         teacher_temp: float = 0.07,
         warmup_teacher_temp: float = 0.04,
         warmup_teacher_temp_epochs: float = 30,
+        teacher_patch_temp: float = 0.07,
+        warmup_teacher_patch_temp: float = 0.04,
+        pred_start_epoch: float = 0,
         teacher_momentum: float = 0.996,
         teacher_momentum_end: float = 1.0,
         center_momentum: float = 0.9,
         cls_weight: float = 1.0,
         patch_weight: float = 1.0,
         freeze_last_layer_epochs: float = 1,
-        clip_grad_per_param: float | None = 3.0,
         export: str = "teacher",
     ) -> None:
         super().__init__(model)
@@ -159,8 +175,11 @@ class IBOT(Method):
             )
         if export not in EXPORT_CHOICES:
             raise ValueError(f"unknown export {export!r}; valid: {', '.join(EXPORT_CHOICES)}")
-        if min(teacher_temp, warmup_teacher_temp) <= 0:
-            raise ValueError(f"teacher temperatures must be > 0, got {warmup_teacher_temp} -> {teacher_temp}")
+        if min(teacher_temp, warmup_teacher_temp, teacher_patch_temp, warmup_teacher_patch_temp) <= 0:
+            raise ValueError(
+                f"teacher temperatures must be > 0, got {warmup_teacher_temp} -> {teacher_temp} ([CLS]) and "
+                f"{warmup_teacher_patch_temp} -> {teacher_patch_temp} (patches)"
+            )
         if not 0.0 <= teacher_momentum <= teacher_momentum_end <= 1.0:
             raise ValueError(
                 f"teacher momentum must satisfy 0 <= start <= end <= 1, got {teacher_momentum} -> "
@@ -168,10 +187,14 @@ class IBOT(Method):
             )
         if cls_weight < 0 or patch_weight < 0 or cls_weight + patch_weight == 0:
             raise ValueError(f"loss weights must be >= 0 and not both 0, got {cls_weight}, {patch_weight}")
-        if clip_grad_per_param is not None and clip_grad_per_param <= 0:
-            raise ValueError(f"clip_grad_per_param must be > 0 or None, got {clip_grad_per_param}")
-        if warmup_teacher_temp_epochs < 0 or freeze_last_layer_epochs < 0:
-            raise ValueError("warmup_teacher_temp_epochs and freeze_last_layer_epochs must be >= 0")
+        if min(warmup_teacher_temp_epochs, freeze_last_layer_epochs, pred_start_epoch) < 0:
+            raise ValueError("warmup_teacher_temp_epochs, freeze_last_layer_epochs and pred_start_epoch must be >= 0")
+        patch_dim = out_dim if patch_out_dim is None else patch_out_dim
+        if not shared_head and shared_head_teacher and patch_dim != out_dim:
+            raise ValueError(
+                f"with shared_head_teacher=true the teacher's patch targets have out_dim={out_dim} prototypes; got "
+                f"patch_out_dim={patch_dim} (set shared_head_teacher=false for a separate patch size)"
+            )
         backbone = as_backbone(model)
         if getattr(model, "num_classes", 0):
             logger.info("iBOT: removing the %d-class classifier of %s", backbone.num_classes, type(model).__name__)
@@ -187,20 +210,25 @@ class IBOT(Method):
             use_bn=use_bn,
             norm_last_layer=norm_last_layer,
         )
-        self.teacher = nn.ModuleDict({"backbone": copy.deepcopy(model), "head": copy.deepcopy(self.head)})
+        teacher_head = copy.deepcopy(self.head)
+        if shared_head_teacher:
+            teacher_head.share_prototypes()  # the teacher's patch targets use its [CLS] prototypes (published)
+        self.teacher = nn.ModuleDict({"backbone": copy.deepcopy(model), "head": teacher_head})
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         self.cls_loss = DINOClsLoss(out_dim, student_temp, center_momentum)
-        self.patch_loss = IBOTPatchLoss(self.head.patch_out_dim, student_temp, center_momentum)
+        self.patch_loss = IBOTPatchLoss(teacher_head.patch_out_dim, student_temp, center_momentum)
         self.teacher_temp, self.warmup_teacher_temp = teacher_temp, warmup_teacher_temp
         self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
+        self.teacher_patch_temp, self.warmup_teacher_patch_temp = teacher_patch_temp, warmup_teacher_patch_temp
+        self.pred_start_epoch = pred_start_epoch
         self.teacher_momentum, self.teacher_momentum_end = teacher_momentum, teacher_momentum_end
         self.cls_weight, self.patch_weight = cls_weight, patch_weight
         self.freeze_last_layer_epochs = freeze_last_layer_epochs
-        self.clip_grad_per_param = clip_grad_per_param
         self.export = export
         self._plan: TrainPlan | None = None
         self.teacher_temp_schedule = np.zeros(0)
+        self.teacher_patch_temp_schedule = np.zeros(0)
         self.momentum_schedule = np.zeros(0)
 
     # ---- the engine's hooks -------------------------------------------------------------------------------------
@@ -223,10 +251,23 @@ class IBOT(Method):
         return {"backbone": self.export}
 
     def on_train_start(self, plan: TrainPlan) -> None:
-        """Per-iteration teacher temperature (linear warm-up, then constant) and teacher momentum (cosine)."""
+        """Per-iteration teacher temperatures and momentum.
+
+        Temperatures: linear warm-up, then constant; the patch one is held at its warm-up value until
+        ``pred_start_epoch``. Momentum: cosine.
+        """
         warm = int(round(self.warmup_teacher_temp_epochs * plan.steps_per_epoch))
         self.teacher_temp_schedule = linear_warmup_then_constant(
             self.teacher_temp, plan.total_steps, warm, self.warmup_teacher_temp
+        )
+        delay = min(plan.total_steps, int(round(self.pred_start_epoch * plan.steps_per_epoch)))
+        self.teacher_patch_temp_schedule = np.concatenate(
+            [
+                np.full(delay, self.warmup_teacher_patch_temp),
+                linear_warmup_then_constant(
+                    self.teacher_patch_temp, plan.total_steps - delay, warm, self.warmup_teacher_patch_temp
+                ),
+            ]
         )
         self.momentum_schedule = cosine_schedule(self.teacher_momentum, self.teacher_momentum_end, plan.total_steps)
         self._plan = plan
@@ -246,6 +287,10 @@ class IBOT(Method):
         """The teacher temperature at optimizer step ``step`` (the last value past the schedule)."""
         return float(self.teacher_temp_schedule[min(step, len(self.teacher_temp_schedule) - 1)])
 
+    def current_teacher_patch_temp(self, step: int) -> float:
+        """The teacher temperature of the patch loss at optimizer step ``step``."""
+        return float(self.teacher_patch_temp_schedule[min(step, len(self.teacher_patch_temp_schedule) - 1)])
+
     def current_momentum(self, step: int) -> float:
         """The teacher EMA momentum at optimizer step ``step`` (the last value past the schedule)."""
         return float(self.momentum_schedule[min(step, len(self.momentum_schedule) - 1)])
@@ -258,7 +303,10 @@ class IBOT(Method):
         b = crops[0].shape[0]
         globals_ = torch.cat(crops[:n_global])  # G x (B, 3, H, W) -> (G B, 3, H, W)
         mask = _global_mask(batch.get("masks"), self.model, globals_, n_global)  # (G B, N) bool
+        if ctx.epoch < self.pred_start_epoch:
+            mask = torch.zeros_like(mask)  # no masked image modelling yet (published pred_start_epoch)
         temp = self.current_teacher_temp(ctx.step)
+        patch_temp = self.current_teacher_patch_temp(ctx.step)
 
         with torch.no_grad():
             t_feat, t_patch_feat = as_backbone(self.teacher["backbone"]).forward_features(globals_)
@@ -278,40 +326,24 @@ class IBOT(Method):
             metrics = collapse_metrics(probs, t_feat)
         apply = ctx.last_micro_batch  # the centres move once per optimizer step, over all its micro-batches
         loss_cls = self.cls_loss(student_cls_views, teacher_cls_views, temp, apply_center=apply)
-        loss_patch = self.patch_loss(s_patch, t_patch, mask, temp, apply_center=apply)
+        loss_patch = self.patch_loss(s_patch, t_patch, mask, patch_temp, apply_center=apply)
         loss = self.cls_weight * loss_cls + self.patch_weight * loss_patch
         out = {
             "loss": loss,
             "loss_cls": loss_cls.detach(),
             "loss_patch": loss_patch.detach(),
             "teacher_temp": loss.new_tensor(temp),
+            "teacher_patch_temp": loss.new_tensor(patch_temp),
             "teacher_momentum": loss.new_tensor(self.current_momentum(ctx.step)),
             "mask_ratio": mask.float().mean().detach(),
         }
         return out | metrics
 
     def before_optimizer_step(self, ctx: StepContext) -> None:
-        """Per-parameter gradient clipping, then drop the prototype layer's gradients during the first epoch."""
-        if self.clip_grad_per_param is not None:
-            if ctx.amp_dtype == torch.float16:
-                raise ValueError(
-                    "method.kwargs.clip_grad_per_param runs before the fp16 grad scaler unscales the gradients; use "
-                    "train.amp=bf16, or set clip_grad_per_param=null and optim.clip_grad"
-                )
-            self.clip_gradients(self.clip_grad_per_param)
+        """Drop the prototype layers' gradients during the first ``freeze_last_layer_epochs`` epochs."""
         if ctx.step < self.freeze_last_layer_epochs * ctx.plan.steps_per_epoch:
             for p in self.head.last_layer_parameters():
                 p.grad = None
-
-    @torch.no_grad()
-    def clip_gradients(self, max_norm: float) -> None:
-        """Scale each student parameter's gradient so its L2 norm is at most ``max_norm``."""
-        grads = [p.grad for p in self.trainable_module().parameters() if p.grad is not None]
-        if not grads:
-            return
-        norms = torch._foreach_norm(grads)
-        for g, n in zip(grads, norms, strict=True):
-            g.mul_((max_norm / (n + 1e-6)).clamp(max=1.0))
 
     @torch.no_grad()
     def after_step(self, ctx: StepContext) -> None:
@@ -321,14 +353,21 @@ class IBOT(Method):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """``theta_t <- m theta_t + (1 - m) theta_s`` for backbone and head."""
+        """``theta_t <- m theta_t + (1 - m) theta_s`` for backbone and head, matched by name.
+
+        A student parameter without teacher counterpart (the patch prototype layer when only the student's head is
+        not shared) is left out, as in iBOT's EMA over the common parameter names.
+        """
         student = nn.ModuleDict({"backbone": self.model, "head": self.head})
-        t_params: list[torch.Tensor] = [p for p in self.teacher.parameters()]
-        s_params = [p for p in student.parameters()]
+        s_named = dict(student.named_parameters())
+        pairs = [(t, s_named[name]) for name, t in self.teacher.named_parameters() if name in s_named]
+        t_params: list[torch.Tensor] = [t for t, _ in pairs]
         torch._foreach_mul_(t_params, momentum)
-        torch._foreach_add_(t_params, [p.detach() for p in s_params], alpha=1.0 - momentum)
-        for t_buf, s_buf in zip(self.teacher.buffers(), student.buffers(), strict=True):  # the teacher is a copy
-            t_buf.copy_(s_buf)
+        torch._foreach_add_(t_params, [s.detach() for _, s in pairs], alpha=1.0 - momentum)
+        s_buffers = dict(student.named_buffers())
+        for name, t_buf in self.teacher.named_buffers():  # the teacher is a copy
+            if name in s_buffers:
+                t_buf.copy_(s_buffers[name])
 
     @torch.no_grad()
     def validation_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

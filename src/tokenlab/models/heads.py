@@ -10,7 +10,8 @@ are thin subclasses that only choose the blocks and add what is special to them.
       z = MLP(x),   u = z / ||z||_2,   out_k = g_k * <v_k / ||v_k||_2, u>
 
   with the gains ``g`` fixed to 1 by default (``norm_last_layer``), which keeps training stable.
-- ``IBOTHead``: the [CLS] and patch projections of iBOT, one shared ``DINOHead`` or two separate ones.
+- ``IBOTHead``: the [CLS] and patch projections of iBOT: one ``DINOHead`` for both (shared) or, as in the published
+  iBOT head with ``shared_head=False``, one MLP for both and a separate prototype layer for the patch tokens.
 
 - [0]: DINO: Emerging Properties in Self-Supervised Vision Transformers, 2021, https://arxiv.org/abs/2104.14294
 - [1]: iBOT: Image BERT Pre-Training with Online Tokenizer, 2021, https://arxiv.org/abs/2111.07832
@@ -112,35 +113,40 @@ class DINOHead(ProjectionHead):
         # BatchNorm1d needs (R, C): with it, every leading axis is folded into one before the MLP.
         self._fold_batch = use_bn
         self.apply(_init_linear)
-        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-        gain = self.last_layer.parametrizations.weight.original0
-        with torch.no_grad():
-            gain.fill_(1.0)
-        gain.requires_grad_(not norm_last_layer)
+        self.last_layer = _prototype_layer(bottleneck_dim, out_dim, norm_last_layer)
         self.in_dim, self.out_dim = in_dim, out_dim
+        self.bottleneck_dim, self.norm_last_layer = bottleneck_dim, norm_last_layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., C) -> (..., K) prototype scores (cosine similarities times the gains)."""
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> (..., D) the L2-normalised bottleneck ``u`` (the input of the prototype layer)."""
         if self._fold_batch:
             lead = x.shape[:-1]
             z = self.layers(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)  # (..., C) -> (R, C) -> (..., D)
         else:
             z = self.layers(x)
-        return self.last_layer(F.normalize(z, dim=-1, p=2))
+        return F.normalize(z, dim=-1, p=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> (..., K) prototype scores (cosine similarities times the gains)."""
+        return self.last_layer(self.bottleneck(x))
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
         """Parameters of the prototype layer (iBOT freezes them during the first epoch)."""
         return list(self.last_layer.parameters())
 
 
-class IBOTHead(nn.Module):
-    """The [CLS] and patch projections of iBOT.
+class IBOTHead(DINOHead):
+    """The [CLS] and patch projections of iBOT: one MLP, one or two prototype layers.
+
+    Shared (iBOT's ViT recipes): [CLS] and patch tokens go through the same head. Not shared: as in the published
+    ``iBOTHead(shared_head=False)``, both still go through the same MLP and L2-normalised bottleneck, and only the
+    weight-normalised prototype layer differs (``patch_last_layer``, ``patch_out_dim`` prototypes).
 
     Args:
         in_dim: Backbone feature size C.
         out_dim: K prototypes of the [CLS] head (8192).
-        patch_out_dim: K of the patch head when not shared (defaults to ``out_dim``).
-        shared: One head for both (iBOT's default) or two separate heads.
+        patch_out_dim: K of the patch prototype layer when not shared (defaults to ``out_dim``).
+        shared: One prototype layer for both (iBOT's default recipes) or a separate one for the patches.
         **kwargs: ``DINOHead`` options (hidden_dim, bottleneck_dim, num_layers, use_bn, norm_last_layer).
 
     Raises:
@@ -155,34 +161,53 @@ class IBOTHead(nn.Module):
         shared: bool = True,
         **kwargs: object,
     ) -> None:
-        super().__init__()
+        super().__init__(in_dim, out_dim, **kwargs)  # type: ignore[arg-type]
         patch_out_dim = out_dim if patch_out_dim is None else patch_out_dim
         if shared and patch_out_dim != out_dim:
             raise ValueError(f"a shared head has one output size; got out_dim={out_dim}, patch_out_dim={patch_out_dim}")
-        self.cls_head = DINOHead(in_dim, out_dim, **kwargs)  # type: ignore[arg-type]
-        self.patch_head = None if shared else DINOHead(in_dim, patch_out_dim, **kwargs)  # type: ignore[arg-type]
-        self.out_dim, self.patch_out_dim = out_dim, patch_out_dim
+        self.patch_last_layer: nn.Module | None = (
+            None if shared else _prototype_layer(self.bottleneck_dim, patch_out_dim, self.norm_last_layer)
+        )
+        self.patch_out_dim = patch_out_dim
 
     @property
     def shared(self) -> bool:
-        """Whether [CLS] and patch tokens share one head."""
-        return self.patch_head is None
+        """Whether [CLS] and patch tokens share the prototype layer (they always share the MLP)."""
+        return self.patch_last_layer is None
 
-    def forward(
+    def share_prototypes(self) -> None:
+        """Drop the separate patch prototype layer: patches then use the [CLS] one.
+
+        The published teacher head (``shared_head_teacher=True``) when the student's is not shared.
+        """
+        self.patch_last_layer = None
+        self.patch_out_dim = self.out_dim
+
+    def forward(  # type: ignore[override]
         self, cls: torch.Tensor, patches: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``cls`` (B, C) -> (B, K); ``patches`` (B, N, C) -> (B, N, K_patch) (``None`` passes through)."""
-        cls_out = self.cls_head(cls)
+        cls_out = self.last_layer(self.bottleneck(cls))
         if patches is None:
             return cls_out, None
-        return cls_out, (self.patch_head or self.cls_head)(patches)
+        return cls_out, (self.patch_last_layer or self.last_layer)(self.bottleneck(patches))
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the last layers (frozen during the first epochs of iBOT)."""
-        params = self.cls_head.last_layer_parameters()
-        if self.patch_head is not None:
-            params += self.patch_head.last_layer_parameters()
+        """Parameters of the prototype layers (frozen during the first epochs of iBOT)."""
+        params = list(self.last_layer.parameters())
+        if self.patch_last_layer is not None:
+            params += list(self.patch_last_layer.parameters())
         return params
+
+
+def _prototype_layer(in_dim: int, out_dim: int, norm_last_layer: bool) -> nn.Module:
+    """Weight-normalised, bias-free ``Linear(in_dim, out_dim)`` with gains 1 (frozen when ``norm_last_layer``)."""
+    layer = weight_norm(nn.Linear(in_dim, out_dim, bias=False))
+    gain = layer.parametrizations.weight.original0
+    with torch.no_grad():
+        gain.fill_(1.0)
+    gain.requires_grad_(not norm_last_layer)
+    return layer
 
 
 def _init_linear(module: nn.Module) -> None:

@@ -5,7 +5,11 @@ https://arxiv.org/abs/2111.07832) replaces masked patch embeddings by a learned,
 before the positional embedding. We do not write a second ViT: ``MaskedViT`` subclasses timm's and only changes
 ``forward_features`` to accept the ``(B, N)`` mask and to return ``(cls, patches)`` like FAN does.
 ``dynamic_img_size`` is on, so global (224) and local (96) crops share one model, with the position embedding
-interpolated per input size.
+interpolated per input size. ``pos_embed_interp`` chooses how: ``"ibot"`` (default) is the published iBOT/DINO
+``interpolate_pos_encoding``: bicubic, no anti-aliasing, with the scale factor ``(n_new + 0.1) / n_old`` per axis
+given to ``F.interpolate`` (so the sampling grid is stretched by that factor, not by ``n_new / n_old``);
+``"timm"`` is timm's ``resample_abs_pos_embed`` (bicubic to the exact size, anti-aliased when shrinking). The two
+differ at every size but the native one (local crops 96 px: 6 x 6 from 14 x 14).
 """
 
 from __future__ import annotations
@@ -27,9 +31,38 @@ from tokenlab.models._loading import unwrap_state_dict
 from tokenlab.models._registry import base_cfg
 from tokenlab.models.fan import TokenOutput
 
-__all__ = ["IBOT_ENTRIES", "ImportReport", "MaskedViT", "checkpoint_filter_fn", "import_ibot_checkpoint"]
+__all__ = [
+    "IBOT_ENTRIES",
+    "POS_EMBED_INTERPOLATIONS",
+    "ImportReport",
+    "MaskedViT",
+    "checkpoint_filter_fn",
+    "import_ibot_checkpoint",
+    "interpolate_pos_embed_ibot",
+]
 
 logger = logging.getLogger(__name__)
+
+#: How ``MaskedViT`` resizes its position embedding for other input sizes (see the module docstring).
+POS_EMBED_INTERPOLATIONS = ("ibot", "timm")
+
+
+def interpolate_pos_embed_ibot(
+    pos_embed: torch.Tensor, old_grid: Sequence[int], new_grid: Sequence[int]
+) -> torch.Tensor:
+    """iBOT/DINO's position-embedding interpolation of the patch part of ``pos_embed`` (1, N_old, C).
+
+    Bicubic, ``align_corners=False``, no anti-aliasing, with ``scale_factor = (n_new + 0.1) / n_old`` per axis (the
+    +0.1 avoids a floating-point floor below ``n_new``; PyTorch then maps coordinates with that factor). Returns
+    (1, H_new * W_new, C) in the input's dtype.
+    """
+    (gh, gw), (nh, nw) = tuple(old_grid), tuple(new_grid)
+    dim = pos_embed.shape[-1]
+    grid = pos_embed.float().reshape(1, gh, gw, dim).permute(0, 3, 1, 2)  # (1, N, C) -> (1, C, gh, gw)
+    out = nn.functional.interpolate(grid, scale_factor=((nh + 0.1) / gh, (nw + 0.1) / gw), mode="bicubic")
+    if tuple(out.shape[-2:]) != (nh, nw):
+        raise ValueError(f"position-embedding interpolation gave {tuple(out.shape[-2:])}, expected {(nh, nw)}")
+    return out.permute(0, 2, 3, 1).reshape(1, nh * nw, dim).to(pos_embed.dtype)  # (1, C, nh, nw) -> (1, N, C)
 
 
 class MaskedViT(VisionTransformer):
@@ -37,12 +70,21 @@ class MaskedViT(VisionTransformer):
 
     Args:
         use_mask_token: Add the learned mask embedding (``mask_token``, zero-initialised).
+        pos_embed_interp: ``"ibot"`` (published iBOT interpolation for other input sizes) or ``"timm"``.
         **kwargs: Passed to ``timm.models.vision_transformer.VisionTransformer``.
+
+    Raises:
+        ValueError: an unknown ``pos_embed_interp``.
     """
 
-    def __init__(self, use_mask_token: bool = True, **kwargs: Any) -> None:
+    def __init__(self, use_mask_token: bool = True, pos_embed_interp: str = "ibot", **kwargs: Any) -> None:
+        if pos_embed_interp not in POS_EMBED_INTERPOLATIONS:
+            raise ValueError(
+                f"unknown pos_embed_interp {pos_embed_interp!r}; valid: {', '.join(POS_EMBED_INTERPOLATIONS)}"
+            )
         kwargs.setdefault("dynamic_img_size", True)
         super().__init__(**kwargs)
+        self.pos_embed_interp = pos_embed_interp
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim)) if use_mask_token else None
         self.has_aux_head = False
         self.patch_size = self.patch_embed.patch_size[0]
@@ -51,6 +93,25 @@ class MaskedViT(VisionTransformer):
     def no_weight_decay(self) -> set[str]:
         """Parameters excluded from weight decay (timm API), the mask token included."""
         return super().no_weight_decay() | {"mask_token"}
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Prefix tokens + position embedding; other grid sizes use ``pos_embed_interp`` (timm's path otherwise)."""
+        native = tuple(self.patch_embed.grid_size)
+        if (
+            self.pos_embed_interp == "timm"
+            or not self.dynamic_img_size
+            or self.pos_embed is None
+            or self.cls_token is None
+            or self.no_embed_class
+            or self.reg_token is not None
+            or tuple(x.shape[1:3]) == native
+        ):
+            return super()._pos_embed(x)
+        b, h, w, c = x.shape
+        prefix = self.pos_embed[:, : self.num_prefix_tokens]
+        patches = interpolate_pos_embed_ibot(self.pos_embed[:, self.num_prefix_tokens :], native, (h, w))
+        tokens = torch.cat([self.cls_token.expand(b, -1, -1), x.reshape(b, h * w, c)], dim=1)
+        return self.pos_drop(tokens + torch.cat([prefix, patches], dim=1))
 
     def grid_size(self, img_size: int | Sequence[int]) -> tuple[int, int]:
         """The (H, W) token grid for an input of ``img_size``."""
