@@ -95,6 +95,20 @@ def test_eval_transform_is_identity_on_geometry() -> None:
     assert np.array_equal(denormalize(out_img, tf.mean, tf.std), image.permute(1, 2, 0).numpy())
 
 
+def test_scale_jitter_is_relative_to_the_base_size() -> None:
+    # mmsegmentation's Resize(img_scale=(2048, 1024), ratio_range=(0.5, 2.0)) scales a Cityscapes image by the drawn
+    # ratio itself; with the crop as the base, the same ratio would shrink it to fit one crop first.
+    image, mask = _coordinate_pair()
+    native = SegmentationTransform(crop_size=32, scale_range=(1.0, 1.0), hflip=0.0, color_jitter=0.0, base_size=S)
+    fitted = SegmentationTransform(crop_size=32, scale_range=(1.0, 1.0), hflip=0.0, color_jitter=0.0)
+    for tf, step in ((native, 1.0), (fitted, 2.0)):
+        out, _ = tf(image, mask, generator=torch.Generator().manual_seed(0))
+        x = (torch.from_numpy(denormalize(out, tf.mean, tf.std)).float()[..., 0] - 2) / 4  # source column
+        assert abs(float(x[:, 1:].sub(x[:, :-1]).mean()) - step) < 0.1
+    with pytest.raises(ValueError, match="base_size must be a positive int"):
+        SegmentationTransform(base_size=(1024, 0))
+
+
 def test_bad_transform_arguments() -> None:
     with pytest.raises(ValueError, match="scale_range must satisfy"):
         SegmentationTransform(scale_range=(2.0, 1.0))
@@ -151,6 +165,36 @@ def test_cityscapes_label_ids_are_mapped_to_train_ids(tmp_path) -> None:
     assert mask[0].tolist() == [0, 1, 13, IGNORE]  # road, sidewalk, car, unlabeled
     assert mask[1].tolist() == [18, IGNORE, IGNORE, 11]  # bicycle, ego vehicle, 255, person
     assert len(ds.class_names) == 19
+
+
+def test_cityscapes_tree_with_train_ids_and_several_cities(tmp_path) -> None:
+    # A tiny tree in the Cityscapes layout: leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png with
+    # gtFine/<split>/<city>/..._gtFine_labelTrainIds.png (cityscapesScripts' createTrainIdLabelImgs output).
+    rng = np.random.default_rng(0)
+    for city, frames in (("aachen", 2), ("bremen", 1)):
+        for f in range(frames):
+            stem = f"{city}_000000_{f:06d}"
+            _write(tmp_path / "leftImg8bit" / "train" / city / f"{stem}_leftImg8bit.png",
+                   rng.integers(0, 255, (8, 16, 3), dtype=np.uint8))  # fmt: skip
+            train_ids = rng.integers(0, 19, (8, 16)).astype(np.uint8)
+            train_ids[0, :4] = IGNORE
+            _write(tmp_path / "gtFine" / "train" / city / f"{stem}_gtFine_labelTrainIds.png", train_ids)
+            _write(tmp_path / "gtFine" / "train" / city / f"{stem}_gtFine_labelIds.png", np.zeros((8, 16), np.uint8))
+    ps = cityscapes_pairs(tmp_path, "train")
+    assert ps.label_map is None and ps.image_root == tmp_path / "leftImg8bit" / "train"
+    assert [p[0].name for p in ps.pairs] == ["aachen_000000_000000_leftImg8bit.png",
+                                             "aachen_000000_000001_leftImg8bit.png",
+                                             "bremen_000000_000000_leftImg8bit.png"]  # fmt: skip
+    assert all(m.name.endswith("_gtFine_labelTrainIds.png") for _, m in ps.pairs)
+    ds = build_segmentation_dataset("cityscapes", tmp_path, "train")
+    mask = ds[2]["mask"]
+    assert mask.shape == (8, 16) and (mask[0, :4] == IGNORE).all() and int(mask[1:].max()) < 19
+    assert ds.check() == 3
+    (tmp_path / "gtFine" / "train" / "bremen" / "bremen_000000_000000_gtFine_labelTrainIds.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no ground truth for .*bremen_000000_000000_leftImg8bit\.png"):
+        cityscapes_pairs(tmp_path, "train")
+    with pytest.raises(FileNotFoundError, match=r"no Cityscapes images at .*leftImg8bit/val"):
+        cityscapes_pairs(tmp_path, "val")
 
 
 def test_synthetic_split(synthetic_root) -> None:

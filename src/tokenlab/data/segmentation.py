@@ -89,8 +89,9 @@ class PairSet:
 class SegmentationTransform:
     """Joint image + mask transform built from ``torchvision.transforms.v2``.
 
-    ``train=True``: scale jitter (the image is resized so it fits ``crop_size`` times a factor drawn from
-    ``scale_range``), optional random rotation, random crop of ``crop_size`` (padded with 0 / the ignore index when
+    ``train=True``: scale jitter (the image is resized so it fits ``base_size`` times a factor drawn from
+    ``scale_range``; mmsegmentation's ``Resize(img_scale=base_size, ratio_range=scale_range)``), optional random
+    rotation, random crop of ``crop_size`` (padded with 0 / the ignore index when
     the image is smaller), horizontal flip, colour jitter (image only). ``train=False``: optional resize to
     ``resize`` (shorter side), no randomness. Both end with conversion to float and normalisation.
 
@@ -98,6 +99,8 @@ class SegmentationTransform:
         crop_size: Training crop (int or (H, W)).
         train: Augment (True) or only convert (False).
         scale_range: Range of the scale-jitter factor.
+        base_size: The (H, W) box the scale-jitter factor multiplies (default ``crop_size``). The published
+            Cityscapes recipe uses (1024, 2048), the native size, so the factor is relative to the full image.
         hflip: Probability of a horizontal flip.
         rotate_degrees: Maximum absolute rotation; 0 disables rotation.
         color_jitter: Strength of brightness/contrast/saturation jitter; 0 disables it.
@@ -118,10 +121,10 @@ class SegmentationTransform:
         ignore_index: int = 255,
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        base_size: int | Sequence[int] | None = None,
     ) -> None:
-        crop = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(int(c) for c in crop_size)
-        if len(crop) != 2 or min(crop) < 1:
-            raise ValueError(f"crop_size must be a positive int or (H, W), got {crop_size!r}")
+        crop = _size_pair(crop_size, "crop_size")
+        base = crop if base_size is None else _size_pair(base_size, "base_size")
         lo, hi = (float(s) for s in scale_range)
         if not 0 < lo <= hi:
             raise ValueError(f"scale_range must satisfy 0 < low <= high, got {tuple(scale_range)}")
@@ -133,7 +136,7 @@ class SegmentationTransform:
         fill = {tv_tensors.Image: 0, tv_tensors.Mask: ignore_index}
         ops: list[Any] = []
         if train:
-            ops.append(v2.ScaleJitter(crop, scale_range=(lo, hi), antialias=True))
+            ops.append(v2.ScaleJitter(base, scale_range=(lo, hi), antialias=True))
             if rotate_degrees > 0:
                 ops.append(v2.RandomRotation(rotate_degrees, interpolation=v2.InterpolationMode.BILINEAR, fill=fill))
             ops += [v2.RandomCrop(crop, pad_if_needed=True, fill=fill), v2.RandomHorizontalFlip(hflip)]
@@ -245,6 +248,14 @@ class SegmentationDataset(Dataset):
         # (seed, epoch, index) by ``SeededDataset``, so the draws change every epoch and survive a resume.
         image, mask = self.transform(image, mask)
         return {"image": image, "mask": mask, "index": index}
+
+
+def _size_pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
+    """``size`` as a positive ``(H, W)``; an int is square."""
+    pair = (size, size) if isinstance(size, int) else tuple(int(c) for c in size)
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"{name} must be a positive int or (H, W), got {size!r}")
+    return pair[0], pair[1]
 
 
 def _read_image(path: Path, mode: str | None) -> np.ndarray:
@@ -404,6 +415,7 @@ def build_segmentation_transforms(
     ignore_index: int = 255,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    base_size: int | Sequence[int] | None = None,
 ) -> SegmentationTransform:
     """The ``"segmentation"`` view of the data layer: training crop ``img_size`` or evaluation at native size.
 
@@ -412,4 +424,5 @@ def build_segmentation_transforms(
     return SegmentationTransform(
         crop_size=img_size, train=train, scale_range=scale_range, hflip=hflip, rotate_degrees=rotate_degrees,
         color_jitter=color_jitter, resize=eval_resize, ignore_index=ignore_index, mean=mean, std=std,
+        base_size=base_size,
     )  # fmt: skip
