@@ -200,6 +200,8 @@ class FANSegFormer(nn.Module):
             raise ValueError(f"unknown neck {neck!r}; valid: {', '.join(NECKS)}")
         if taps not in TAPS:
             raise ValueError(f"unknown taps {taps!r}; valid: {', '.join(TAPS)}")
+        if taps == "hybrid" and "_hybrid" not in backbone:
+            raise ValueError(f"taps='hybrid' needs a hybrid-stem FAN (e.g. fan_tiny_8_p4_hybrid), got {backbone!r}")
         if taps == "hybrid" and neck != "none":
             raise ValueError(
                 "taps='hybrid' already gives strides 4, 8, 16, 16 (the published setting); set neck='none'"
