@@ -109,6 +109,29 @@ def test_scale_jitter_is_relative_to_the_base_size() -> None:
         SegmentationTransform(base_size=(1024, 0))
 
 
+def test_cat_max_ratio_redraws_crops_one_class_dominates() -> None:
+    # Left half class 0, right half class 1; a 32-wide crop of the 64-wide image is balanced (largest class < 75 %)
+    # only when its left edge lies in 9..23 (15 of 33 offsets): mmsegmentation's cat_max_ratio=0.75 redraws up to 10x.
+    image = torch.zeros(3, S, S, dtype=torch.uint8)
+    mask = torch.zeros(S, S, dtype=torch.uint8)
+    mask[:, S // 2 :] = 1
+    mask[:4] = IGNORE  # ignored pixels do not count
+
+    def balanced_share(ratio: float) -> float:
+        tf = SegmentationTransform(crop_size=32, scale_range=(1.0, 1.0), hflip=0.0, color_jitter=0.0, base_size=S,
+                                   cat_max_ratio=ratio)  # fmt: skip
+        ok = 0
+        for seed in range(60):
+            _, out = tf(image, mask, generator=torch.Generator().manual_seed(seed))
+            counts = torch.bincount(out[out != IGNORE].flatten(), minlength=2)
+            ok += int(counts.max() / counts.sum() < 0.75)
+        return ok / 60
+
+    assert balanced_share(1.0) < 0.7 and balanced_share(0.75) > 0.95
+    with pytest.raises(ValueError, match="cat_max_ratio must be in"):
+        SegmentationTransform(cat_max_ratio=0.0)
+
+
 def test_bad_transform_arguments() -> None:
     with pytest.raises(ValueError, match="scale_range must satisfy"):
         SegmentationTransform(scale_range=(2.0, 1.0))
