@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--split", default="val")
     e.add_argument("--out", default=None, help="output folder (default RUN/segmentation)")
     e.add_argument("--corruptions", default=None, help="names or groups (common, fast, ...); omit for clean only")
-    e.add_argument("--severities", default="1-5")
+    e.add_argument("--severities", default="1-5", help="e.g. 1-3 (the published Cityscapes-C test)")
     e.add_argument("--cache-dir", default=None, help="corruption cache (default ROOT/../corruption-cache)")
     e.add_argument("--mode", default="whole", help="whole | slide")
     e.add_argument("--crop", type=int, default=512, help="sliding-window size")
