@@ -96,6 +96,14 @@ def test_published_hybrid_taps_feed_stem_stages_block_and_class_tokens() -> None
         torch.testing.assert_close(feats[1], cls.patch_embed.backbone(x))
         torch.testing.assert_close(feats[2], cls.forward_intermediates(x, [7])[0])
         assert seg(x).shape == (1, 3, 64, 96)
+    # Only the patch-token path of the class-attention blocks reaches the taps: the class token's own parameters get
+    # zero gradients (not None, so DDP needs no find_unused_parameters), as in the published model
+    seg.train()
+    seg(x).square().mean().backward()
+    zero = {n for n, p in seg.named_parameters() if not p.grad.abs().any()}
+    assert "backbone.cls_token" in zero and "backbone.cls_attn_blocks.1.mlp.fc1.weight" in zero
+    assert all(n.startswith("backbone.cls_") for n in zero)
+    assert not {f"backbone.cls_attn_blocks.{i}.{k}" for i in (0, 1) for k in ("norm1.weight", "gamma1")} & zero
     xl = FANSegFormer("fan_small_12_p4_hybrid", num_classes=2, neck="none", taps="hybrid", indices=[4], decoder_dim=8)
     assert xl.indices == [4] and [p.in_channels for p in xl.decode_head.proj] == [128, 256, 384, 384]
 
