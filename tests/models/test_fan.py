@@ -223,6 +223,8 @@ def test_width_change_downsample_halves_the_grid_and_keeps_the_contract() -> Non
     feats = model.forward_intermediates(x, [1, 2], stem_stages=True, class_tokens=True)
     assert [tuple(f.shape) for f in feats] == [(1, 128, 24, 16), (1, 256, 12, 8), (1, 64, 6, 4), (1, 96, 3, 2),
                                                (1, 96, 3, 2)]  # fmt: skip
+    with pytest.raises(ValueError, match="final width 96"):
+        model.forward_intermediates(x, [1], norm=True)
     model.set_grad_checkpointing(True)
     model.train()
     model.forward_tokens(x).cls_logits.sum().backward()

@@ -375,6 +375,9 @@ class FAN(nn.Module):
         x, (H, W) = self._embed(x, None, maps if stem_stages else None)
         x, (H, W), taken = self._run_blocks(x, H, W, set(idx))
         for t, (h, w) in taken:
+            if norm and t.shape[-1] != self.num_features:
+                raise ValueError(f"norm=True needs blocks of the final width {self.num_features}; a tapped block is "
+                                 f"{t.shape[-1]} wide (channel_dims)")  # fmt: skip
             t = self.norm(t) if norm else t
             maps.append(t.transpose(1, 2).reshape(t.shape[0], -1, h, w))  # (B, N, C) -> (B, C, H, W)
         if class_tokens:
