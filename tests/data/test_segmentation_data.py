@@ -132,6 +132,18 @@ def test_cat_max_ratio_redraws_crops_one_class_dominates() -> None:
         SegmentationTransform(cat_max_ratio=0.0)
 
 
+def test_padding_with_the_mean_colour_normalises_to_zero() -> None:
+    image, mask = _coordinate_pair()
+    tf = SegmentationTransform(crop_size=96, scale_range=(1.0, 1.0), hflip=0.0, color_jitter=0.0, base_size=S,
+                               image_fill=[124, 116, 104])  # fmt: skip
+    out, out_mask = tf(image, mask, generator=torch.Generator().manual_seed(0))
+    padded = out_mask == IGNORE
+    assert padded.float().mean() > 0.5  # 64 px image in a 96 px crop
+    assert out[:, padded].abs().max() < 0.01  # the mean colour: ~0 after normalisation, as mmseg's Pad after Normalize
+    with pytest.raises(ValueError, match="image_fill must be one value or one per channel"):
+        SegmentationTransform(image_fill=[1, 2])
+
+
 def test_bad_transform_arguments() -> None:
     with pytest.raises(ValueError, match="scale_range must satisfy"):
         SegmentationTransform(scale_range=(2.0, 1.0))

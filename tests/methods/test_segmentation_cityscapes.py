@@ -43,6 +43,7 @@ def test_cityscapes_recipe_has_the_published_numbers(name: str) -> None:
     assert (cfg.data.name, cfg.data.img_size, cfg.data.batch_size) == ("cityscapes", 1024, 8)
     assert list(cfg.data.transform.scale_range) == [0.5, 2.0] and list(cfg.data.transform.base_size) == [1024, 2048]
     assert cfg.data.transform.cat_max_ratio == 0.75 and cfg.data.transform.hflip == 0.5
+    assert list(cfg.data.transform.image_fill) == [124, 116, 104]
     # 160k iterations with a 1500-iteration warm-up: one process at batch 8 has 2975 // 8 = 371 steps per epoch
     lr, _ = build_schedules(cfg, 2975 // 8)
     assert len(lr) == 159_901 and int(np.argmax(lr)) == 1500 and lr.max() == pytest.approx(6e-5)

@@ -104,6 +104,8 @@ class SegmentationTransform:
             Cityscapes recipe uses (1024, 2048), the native size, so the factor is relative to the full image.
         cat_max_ratio: Largest share one class may take of a training crop's labelled pixels (mmsegmentation's
             ``RandomCrop(cat_max_ratio=...)``, 0.75 in the published Cityscapes recipe); 1 disables the check.
+        image_fill: 8-bit value (one or per channel) of image pixels added by padding or rotation. mmsegmentation
+            pads after normalising with 0, i.e. with the mean colour: ``[124, 116, 104]`` (the ImageNet mean).
         hflip: Probability of a horizontal flip.
         rotate_degrees: Maximum absolute rotation; 0 disables rotation.
         color_jitter: Strength of brightness/contrast/saturation jitter; 0 disables it.
@@ -126,6 +128,7 @@ class SegmentationTransform:
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
         base_size: int | Sequence[int] | None = None,
         cat_max_ratio: float = 1.0,
+        image_fill: int | Sequence[int] = 0,
     ) -> None:
         crop = _size_pair(crop_size, "crop_size")
         base = crop if base_size is None else _size_pair(base_size, "base_size")
@@ -139,7 +142,10 @@ class SegmentationTransform:
         self.crop_size = crop
         self.train = train
         self.mean, self.std = tuple(mean), tuple(std)
-        fill = {tv_tensors.Image: 0, tv_tensors.Mask: ignore_index}
+        img_fill = [int(v) for v in image_fill] if isinstance(image_fill, Sequence) else int(image_fill)
+        if isinstance(img_fill, list) and len(img_fill) not in (1, 3):
+            raise ValueError(f"image_fill must be one value or one per channel (3), got {image_fill!r}")
+        fill = {tv_tensors.Image: img_fill, tv_tensors.Mask: ignore_index}
         ops: list[Any] = []
         if train:
             ops.append(v2.ScaleJitter(base, scale_range=(lo, hi), antialias=True))
@@ -457,6 +463,7 @@ def build_segmentation_transforms(
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
     base_size: int | Sequence[int] | None = None,
     cat_max_ratio: float = 1.0,
+    image_fill: int | Sequence[int] = 0,
 ) -> SegmentationTransform:
     """The ``"segmentation"`` view of the data layer: training crop ``img_size`` or evaluation at native size.
 
@@ -465,5 +472,5 @@ def build_segmentation_transforms(
     return SegmentationTransform(
         crop_size=img_size, train=train, scale_range=scale_range, hflip=hflip, rotate_degrees=rotate_degrees,
         color_jitter=color_jitter, resize=eval_resize, ignore_index=ignore_index, mean=mean, std=std,
-        base_size=base_size, cat_max_ratio=cat_max_ratio,
+        base_size=base_size, cat_max_ratio=cat_max_ratio, image_fill=image_fill,
     )  # fmt: skip
