@@ -95,6 +95,55 @@ def test_eval_transform_is_identity_on_geometry() -> None:
     assert np.array_equal(denormalize(out_img, tf.mean, tf.std), image.permute(1, 2, 0).numpy())
 
 
+def test_scale_jitter_is_relative_to_the_base_size() -> None:
+    # mmsegmentation's Resize(img_scale=(2048, 1024), ratio_range=(0.5, 2.0)) scales a Cityscapes image by the drawn
+    # ratio itself; with the crop as the base, the same ratio would shrink it to fit one crop first.
+    image, mask = _coordinate_pair()
+    native = SegmentationTransform(crop_size=32, scale_range=(1.0, 1.0), hflip=0.0, color_jitter=0.0, base_size=S)
+    fitted = SegmentationTransform(crop_size=32, scale_range=(1.0, 1.0), hflip=0.0, color_jitter=0.0)
+    for tf, step in ((native, 1.0), (fitted, 2.0)):
+        out, _ = tf(image, mask, generator=torch.Generator().manual_seed(0))
+        x = (torch.from_numpy(denormalize(out, tf.mean, tf.std)).float()[..., 0] - 2) / 4  # source column
+        assert abs(float(x[:, 1:].sub(x[:, :-1]).mean()) - step) < 0.1
+    with pytest.raises(ValueError, match="base_size must be a positive int"):
+        SegmentationTransform(base_size=(1024, 0))
+
+
+def test_cat_max_ratio_redraws_crops_one_class_dominates() -> None:
+    # Left half class 0, right half class 1; a 32-wide crop of the 64-wide image is balanced (largest class < 75 %)
+    # only when its left edge lies in 9..23 (15 of 33 offsets): mmsegmentation's cat_max_ratio=0.75 redraws up to 10x.
+    image = torch.zeros(3, S, S, dtype=torch.uint8)
+    mask = torch.zeros(S, S, dtype=torch.uint8)
+    mask[:, S // 2 :] = 1
+    mask[:4] = IGNORE  # ignored pixels do not count
+
+    def balanced_share(ratio: float) -> float:
+        tf = SegmentationTransform(crop_size=32, scale_range=(1.0, 1.0), hflip=0.0, color_jitter=0.0, base_size=S,
+                                   cat_max_ratio=ratio)  # fmt: skip
+        ok = 0
+        for seed in range(60):
+            _, out = tf(image, mask, generator=torch.Generator().manual_seed(seed))
+            counts = torch.bincount(out[out != IGNORE].flatten(), minlength=2)
+            ok += int(counts.max() / counts.sum() < 0.75)
+        return ok / 60
+
+    assert balanced_share(1.0) < 0.7 and balanced_share(0.75) > 0.95
+    with pytest.raises(ValueError, match="cat_max_ratio must be in"):
+        SegmentationTransform(cat_max_ratio=0.0)
+
+
+def test_padding_with_the_mean_colour_normalises_to_zero() -> None:
+    image, mask = _coordinate_pair()
+    tf = SegmentationTransform(crop_size=96, scale_range=(1.0, 1.0), hflip=0.0, color_jitter=0.0, base_size=S,
+                               image_fill=[124, 116, 104])  # fmt: skip
+    out, out_mask = tf(image, mask, generator=torch.Generator().manual_seed(0))
+    padded = out_mask == IGNORE
+    assert padded.float().mean() > 0.5  # 64 px image in a 96 px crop
+    assert out[:, padded].abs().max() < 0.01  # the mean colour: ~0 after normalisation, as mmseg's Pad after Normalize
+    with pytest.raises(ValueError, match="image_fill must be one value or one per channel"):
+        SegmentationTransform(image_fill=[1, 2])
+
+
 def test_bad_transform_arguments() -> None:
     with pytest.raises(ValueError, match="scale_range must satisfy"):
         SegmentationTransform(scale_range=(2.0, 1.0))
@@ -151,6 +200,36 @@ def test_cityscapes_label_ids_are_mapped_to_train_ids(tmp_path) -> None:
     assert mask[0].tolist() == [0, 1, 13, IGNORE]  # road, sidewalk, car, unlabeled
     assert mask[1].tolist() == [18, IGNORE, IGNORE, 11]  # bicycle, ego vehicle, 255, person
     assert len(ds.class_names) == 19
+
+
+def test_cityscapes_tree_with_train_ids_and_several_cities(tmp_path) -> None:
+    # A tiny tree in the Cityscapes layout: leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png with
+    # gtFine/<split>/<city>/..._gtFine_labelTrainIds.png (cityscapesScripts' createTrainIdLabelImgs output).
+    rng = np.random.default_rng(0)
+    for city, frames in (("aachen", 2), ("bremen", 1)):
+        for f in range(frames):
+            stem = f"{city}_000000_{f:06d}"
+            _write(tmp_path / "leftImg8bit" / "train" / city / f"{stem}_leftImg8bit.png",
+                   rng.integers(0, 255, (8, 16, 3), dtype=np.uint8))  # fmt: skip
+            train_ids = rng.integers(0, 19, (8, 16)).astype(np.uint8)
+            train_ids[0, :4] = IGNORE
+            _write(tmp_path / "gtFine" / "train" / city / f"{stem}_gtFine_labelTrainIds.png", train_ids)
+            _write(tmp_path / "gtFine" / "train" / city / f"{stem}_gtFine_labelIds.png", np.zeros((8, 16), np.uint8))
+    ps = cityscapes_pairs(tmp_path, "train")
+    assert ps.label_map is None and ps.image_root == tmp_path / "leftImg8bit" / "train"
+    assert [p[0].name for p in ps.pairs] == ["aachen_000000_000000_leftImg8bit.png",
+                                             "aachen_000000_000001_leftImg8bit.png",
+                                             "bremen_000000_000000_leftImg8bit.png"]  # fmt: skip
+    assert all(m.name.endswith("_gtFine_labelTrainIds.png") for _, m in ps.pairs)
+    ds = build_segmentation_dataset("cityscapes", tmp_path, "train")
+    mask = ds[2]["mask"]
+    assert mask.shape == (8, 16) and (mask[0, :4] == IGNORE).all() and int(mask[1:].max()) < 19
+    assert ds.check() == 3
+    (tmp_path / "gtFine" / "train" / "bremen" / "bremen_000000_000000_gtFine_labelTrainIds.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no ground truth for .*bremen_000000_000000_leftImg8bit\.png"):
+        cityscapes_pairs(tmp_path, "train")
+    with pytest.raises(FileNotFoundError, match=r"no Cityscapes images at .*leftImg8bit/val"):
+        cityscapes_pairs(tmp_path, "val")
 
 
 def test_synthetic_split(synthetic_root) -> None:

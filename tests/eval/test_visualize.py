@@ -11,6 +11,7 @@ from PIL import Image
 
 from tokenlab.eval.metrics import expected_calibration_error
 from tokenlab.eval.visualize import (
+    plot_block_attention,
     plot_class_attention,
     plot_corruption_bars,
     plot_reliability,
@@ -38,6 +39,26 @@ def test_token_and_attention_maps(tmp_path: Path):
     w, h = _png(p)
     assert w > 3 * 32 and h > 2 * 32
     _png(plot_class_attention(images, torch.rand(2, 4, 8, 8).softmax(-1), tmp_path / "attn.png"))
+
+
+def test_block_attention_from_a_fan(tmp_path: Path):
+    import timm
+
+    import tokenlab  # noqa: F401  (registers the FAN models)
+
+    model = timm.create_model("fan_nano_6_p16_224", num_classes=2, patch_size=8).eval()
+    images = torch.rand(2, 3, 32, 32)
+    maps = model.forward_attention_maps(images, indices=[0, 5])
+    w, h = _png(plot_block_attention(images, maps, tmp_path / "blocks.png", query=(0.25, 0.75), blocks=[0, 5]))
+    assert w > 3 * 64 and h > 2 * 64
+    small = [maps[0], maps[1][..., :2, :2, :2, :2]]  # grids may differ between blocks (xlarge downsample)
+    _png(plot_block_attention(images, small, tmp_path / "mixed.png"))
+    with pytest.raises(ValueError, match="nothing to plot"):
+        plot_block_attention(images, [], tmp_path / "x.png")
+    with pytest.raises(ValueError, match=r"\(n, heads, H, W, H, W\)"):
+        plot_block_attention(images, [torch.rand(2, 4, 4, 4)], tmp_path / "x.png")
+    with pytest.raises(ValueError, match="fractions"):
+        plot_block_attention(images, maps, tmp_path / "x.png", query=(2.0, 0.5))
 
 
 def test_robustness_plots(tmp_path: Path):

@@ -135,6 +135,114 @@ def test_class_attention_maps_and_intermediates() -> None:
     assert [tuple(f.shape) for f in feats] == [(2, 128, 8, 4)] * 3
 
 
+def test_token_mixing_attention_maps_are_the_blocks_attention() -> None:
+    model = timm.create_model("fan_nano_6_p16_224", num_classes=3, patch_size=8).eval()
+    x = torch.randn(2, 3, 32, 48)
+    maps = model.forward_attention_maps(x)
+    assert len(maps) == 6 and all(m.shape == (2, 4, 4, 6, 4, 6) for m in maps)
+    assert torch.allclose(maps[2].sum(dim=(-1, -2)), torch.ones(2, 4, 4, 6), atol=1e-5)  # a softmax over keys
+    # The map applied to v and projected reproduces the block's own token mixing (the SDPA path).
+    blk = model.blocks[0]
+    tokens, _ = model._embed(x, None)
+    a = maps[0].reshape(2, 4, 24, 24)
+    v = blk.attn.kv(blk.norm1(tokens)).reshape(2, 24, 2, 4, 32)[:, :, 1].transpose(1, 2)  # (B, h, N, d)
+    mixed = blk.attn.proj((a @ v).transpose(1, 2).reshape(2, 24, 128))
+    with torch.no_grad():
+        assert torch.allclose(mixed, blk.attn(blk.norm1(tokens)), atol=1e-5)
+    assert len(model.forward_attention_maps(x, indices=[-1])) == 1
+
+
+def _published_xlarge_param_count(num_classes: int = 1000) -> int:
+    """Parameters of ``fan_Xlarge_16_p4_hybrid`` counted by hand from the published code.
+
+    Source: NVlabs/FAN ``models/fan.py`` at ee1b7df (``fan_Xlarge_16_p4_hybrid``, ``FAN``, ``FANBlock``,
+    ``TokenMixing``, ``ChannelProcessing``, ``Mlp``/``DWConv``, ``OverlapPatchEmbed``, ``ClassAttentionBlock``) and
+    ``models/convnext_utils.py`` (``ConvNeXt`` with ``depths=[3, 7]``, ``dims=[128, 256, ...]``, ``use_head=False``,
+    truncated to the first two stages by ``HybridEmbed``): depth 23, ``channel_dims = [528] * 20 + [768] * 3``,
+    ``num_heads = [11] * 20 + [16] * 3``, mlp_ratio 4, qkv bias, a 3x3 stride-2 downsample after block 19.
+    """
+
+    def fan_block(c: int, heads: int) -> int:
+        # norm1, norm2, norm_v (2c each); attn q (c^2+c), kv (2c^2+2c), proj (c^2+c); channel q (c^2+c);
+        # mlp fc1 (4c^2+4c), fc2 (4c^2+c), dwconv conv1/conv2 (9*4c+4c each), bn (2*4c), gamma (4c);
+        # gamma1/gamma2 (2c); temperature (heads)
+        return 6 * c + 4 * c * c + 4 * c + c * c + c + 8 * c * c + 5 * c + 2 * 40 * c + 8 * c + 4 * c + 2 * c + heads
+
+    def convnext_block(c: int) -> int:  # dwconv 7x7 (49c+c), norm (2c), fc1 (4c^2+4c), fc2 (4c^2+c), gamma (c)
+        return 50 * c + 2 * c + 8 * c * c + 5 * c + c
+
+    def class_attention_block(c: int) -> int:  # norm1, norm2 (4c); q, k, v, proj (4c^2+4c); gammas (2c); mlp
+        return 4 * c + 4 * c * c + 4 * c + 2 * c + 8 * c * c + 5 * c
+
+    stem = (3 * 16 * 128 + 128) + 2 * 128  # 4x4 stride-4 conv + LayerNorm
+    stages = 3 * convnext_block(128) + (2 * 128 + 128 * 4 * 256 + 256) + 7 * convnext_block(256)
+    proj = 256 * 4 * 528 + 528  # HybridEmbed 2x2 stride-2 conv to 528
+    pos = 64 * 528 + 528  # Fourier encoding: 1x1 conv from 2 * 32 to 528
+    blocks = 20 * fan_block(528, 11) + 3 * fan_block(768, 16)
+    downsample = 9 * 528 * 768 + 768 + 2 * 768
+    head = 768 + 2 * class_attention_block(768) + 2 * 768 + 768 * num_classes + num_classes  # cls token, norm
+    return stem + stages + proj + pos + blocks + downsample + head
+
+
+def test_xlarge_hybrid_matches_the_published_architecture() -> None:
+    with torch.device("meta"):
+        model = timm.create_model("fan_xlarge_16_p4_hybrid", num_classes=1000)
+    assert sum(p.numel() for p in model.parameters()) == _published_xlarge_param_count() == 120_407_316
+    sd = model.state_dict()
+    assert list(sd["blocks.19.downsample.proj.weight"].shape) == [768, 528, 3, 3]
+    assert list(sd["blocks.20.attn.q.weight"].shape) == [768, 768] and list(
+        sd["pos_embed.token_projection.weight"].shape
+    ) == [528, 64, 1, 1]
+    assert list(sd["blocks.22.mlp.temperature"].shape) == [16, 1, 1] and list(sd["blocks.0.mlp.temperature"].shape) == [
+        11,
+        1,
+        1,
+    ]
+    assert "patch_embed.backbone.stages.1.blocks.6.conv_dw.weight" in sd and len(model.blocks) == 23
+    assert model.num_features == 768 and model.patch_size == 16
+
+
+def test_width_change_downsample_halves_the_grid_and_keeps_the_contract() -> None:
+    # The xlarge layout in small: 2 blocks at 64 wide, a downsample, 1 block at 96 wide (xlarge itself is built on
+    # the meta device above; a real one takes half a minute to initialise on a CPU).
+    from tokenlab.models.fan import FAN
+
+    model = FAN(num_classes=4, embed_dim=64, depth=3, num_heads=(4, 4, 6), channel_dims=(64, 64, 96), stem="hybrid")
+    model.eval()
+    down = model.blocks[1].downsample
+    assert down.proj.bias.abs().max() == 0 and down.norm.eps == 1e-5  # published init / PyTorch default eps
+    assert abs(float(down.proj.weight.detach().std()) - (2 / (9 * 96)) ** 0.5) < 2e-3  # fan-out normal
+    assert not hasattr(model.blocks[0], "downsample") and model.num_features == 96
+    x = torch.randn(1, 3, 96, 64)
+    out = model.forward_tokens(x)
+    assert out.grid == model.grid_size((96, 64)) == (3, 2)  # 6x4 stem grid, halved (ceil) by the downsample
+    assert out.cls_logits.shape == (1, 4) and model.forward_features(x)[1].shape == (1, 6, 96)
+    assert model.class_attention_maps(x).shape == (1, 6, 3, 2)
+    maps = model.forward_attention_maps(x, indices=[1, 2])
+    assert [tuple(m.shape) for m in maps] == [(1, 4, 6, 4, 6, 4), (1, 6, 3, 2, 3, 2)]
+    feats = model.forward_intermediates(x, [1, 2], stem_stages=True, class_tokens=True)
+    assert [tuple(f.shape) for f in feats] == [(1, 128, 24, 16), (1, 256, 12, 8), (1, 64, 6, 4), (1, 96, 3, 2),
+                                               (1, 96, 3, 2)]  # fmt: skip
+    with pytest.raises(ValueError, match="final width 96"):
+        model.forward_intermediates(x, [1], norm=True)
+    model.set_grad_checkpointing(True)
+    model.train()
+    model.forward_tokens(x).cls_logits.sum().backward()
+    assert down.proj.weight.grad is not None
+
+
+def test_bad_channel_dims_and_stem_features_have_clear_errors() -> None:
+    from tokenlab.models.fan import FAN
+
+    with pytest.raises(ValueError, match="one entry per block"):
+        FAN(embed_dim=64, depth=3, num_heads=4, channel_dims=(64, 64))
+    with pytest.raises(ValueError, match="must equal embed_dim"):
+        FAN(embed_dim=64, depth=2, num_heads=4, channel_dims=(32, 64))
+    vit = timm.create_model("fan_nano_6_p16_224", num_classes=2, patch_size=8)
+    with pytest.raises(ValueError, match="hybrid"):
+        vit.forward_intermediates(torch.randn(1, 3, 32, 32), stem_stages=True)
+
+
 @pytest.mark.slow
 def test_torch_compile_fan_tiny_runs() -> None:
     model = timm.create_model("fan_tiny_12_p16_224", num_classes=4, patch_size=8).eval()

@@ -70,3 +70,79 @@ def test_backbone_initialised_from_exported_classifier(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="no classification model"):
         load_backbone_weights(other, tmp_path / "missing")
     assert json.loads((tmp_path / "run" / "model.json").read_text())["model"] == "fan_nano_6_p16_224_token"
+
+
+def test_published_hybrid_taps_feed_stem_stages_block_and_class_tokens() -> None:
+    from tokenlab.models.segmentation import PUBLISHED_HYBRID_BLOCK
+
+    # NVlabs/FAN segmentation configs: in_channels [128, 256, C, C] with out_idx 7 / 9 / 15 / 18 (tiny..large)
+    assert PUBLISHED_HYBRID_BLOCK == {"fan_tiny_8_p4_hybrid": 7, "fan_small_12_p4_hybrid": 9,
+                                      "fan_base_16_p4_hybrid": 15, "fan_large_16_p4_hybrid": 18}  # fmt: skip
+    seg = FANSegFormer("fan_tiny_8_p4_hybrid_token", num_classes=3, neck="none", taps="hybrid", decoder_dim=16).eval()
+    assert seg.indices == [7]
+    assert [p.in_channels for p in seg.decode_head.proj] == [128, 256, 192, 192]
+    assert hasattr(seg.backbone, "cls_attn_blocks") and not hasattr(seg.backbone, "norm")
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        feats = seg.forward_features(x)
+        assert [tuple(f.shape) for f in feats] == [(1, 128, 16, 24), (1, 256, 8, 12), (1, 192, 4, 6), (1, 192, 4, 6)]
+        # the same weights as a classification FAN whose final norm is removed: its patch tokens are the 4th level,
+        # its ConvNeXt trunk output is the 2nd
+        cls = timm.create_model("fan_tiny_8_p4_hybrid_token", num_classes=0).eval()
+        cls.load_state_dict(seg.backbone.state_dict(), strict=False)
+        cls.norm = torch.nn.Identity()
+        patches = cls.forward_features(x)[1]
+        torch.testing.assert_close(feats[3], patches.transpose(1, 2).reshape(1, 192, 4, 6))
+        torch.testing.assert_close(feats[1], cls.patch_embed.backbone(x))
+        torch.testing.assert_close(feats[2], cls.forward_intermediates(x, [7])[0])
+        assert seg(x).shape == (1, 3, 64, 96)
+    # Only the patch-token path of the class-attention blocks reaches the taps: the class token's own parameters get
+    # zero gradients (not None, so DDP needs no find_unused_parameters), as in the published model
+    seg.train()
+    seg(x).square().mean().backward()
+    zero = {n for n, p in seg.named_parameters() if not p.grad.abs().any()}
+    assert "backbone.cls_token" in zero and "backbone.cls_attn_blocks.1.mlp.fc1.weight" in zero
+    assert all(n.startswith("backbone.cls_") for n in zero)
+    assert not {f"backbone.cls_attn_blocks.{i}.{k}" for i in (0, 1) for k in ("norm1.weight", "gamma1")} & zero
+    xl = FANSegFormer("fan_small_12_p4_hybrid", num_classes=2, neck="none", taps="hybrid", indices=[4], decoder_dim=8)
+    assert xl.indices == [4] and [p.in_channels for p in xl.decode_head.proj] == [128, 256, 384, 384]
+
+
+def test_hybrid_taps_errors_and_backbone_weights_keep_class_attention(tmp_path) -> None:
+    with pytest.raises(ValueError, match="neck='none'"):
+        FANSegFormer("fan_tiny_8_p4_hybrid", taps="hybrid")
+    with pytest.raises(ValueError, match="hybrid-stem FAN"):
+        FANSegFormer(num_classes=2, neck="none", taps="hybrid", **TINY)
+    with pytest.raises(ValueError, match="exactly one block index"):
+        FANSegFormer("fan_tiny_8_p4_hybrid", neck="none", taps="hybrid", indices=[3, 7])
+    with pytest.raises(ValueError, match="unknown taps 'stem'"):
+        FANSegFormer(taps="stem", **TINY)
+    cls = timm.create_model("fan_tiny_8_p4_hybrid", num_classes=10)
+    save_exported(cls, tmp_path / "model", {"model": "fan_tiny_8_p4_hybrid", "model_kwargs": {"num_classes": 10}})
+    seg = FANSegFormer("fan_tiny_8_p4_hybrid", num_classes=4, neck="none", taps="hybrid", decoder_dim=16)
+    load_backbone_weights(seg, tmp_path / "model")
+    torch.testing.assert_close(seg.backbone.cls_attn_blocks[1].attn.q.weight, cls.cls_attn_blocks[1].attn.q.weight)
+    torch.testing.assert_close(seg.backbone.cls_token, cls.cls_token)
+
+
+def test_decoder_lr_multiplier_reaches_the_optimizer_groups() -> None:
+    from tokenlab.engine.builders import param_groups
+
+    seg = FANSegFormer(num_classes=3, head_lr_mult=10.0, **TINY)
+    assert seg.lr_scales() == {"decode_head": 10.0, "neck": 10.0}
+    groups = param_groups(seg, 0.01, None)
+    head = {id(p) for n, p in seg.named_parameters() if n.startswith(("decode_head.", "neck."))}
+    for g in groups:
+        ids = {id(p) for p in g["params"]}
+        assert g["lr_scale"] == (10.0 if ids <= head else 1.0) and (ids <= head or not ids & head)
+    assert sum(len(g["params"]) for g in groups) == len(list(seg.parameters()))
+    assert {(g["lr_scale"], g["weight_decay"]) for g in groups} == {(1.0, 0.0), (1.0, 0.01), (10.0, 0.0), (10.0, 0.01)}
+    assert FANSegFormer(num_classes=3, **TINY).lr_scales() == {}
+    with pytest.raises(ValueError, match="head_lr_mult"):
+        FANSegFormer(num_classes=3, head_lr_mult=0.0, **TINY)
+
+
+def test_fuse_conv_starts_as_the_released_head() -> None:
+    head = SegFormerHead([64, 64, 64, 64], 19, embed_dim=256)
+    w = head.fuse[0].weight  # Kaiming normal, fan-out (256 outputs of a 1x1 conv), ReLU gain
+    assert abs(float(w.detach().std()) - (2 / 256) ** 0.5) < 3e-3

@@ -1,4 +1,4 @@
-"""``tokenlab segment train|eval``: fine-tune a FAN segmentation model, and score an exported one (mIoU)."""
+"""``tokenlab segment train|eval|corrupt``: fine-tune, score (mIoU) and write corrupted splits (Cityscapes-C)."""
 
 from __future__ import annotations
 
@@ -27,13 +27,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--split", default="val")
     e.add_argument("--out", default=None, help="output folder (default RUN/segmentation)")
     e.add_argument("--corruptions", default=None, help="names or groups (common, fast, ...); omit for clean only")
-    e.add_argument("--severities", default="1-5")
+    e.add_argument("--severities", default="1-5", help="e.g. 1-3 (the published Cityscapes-C test)")
     e.add_argument("--cache-dir", default=None, help="corruption cache (default ROOT/../corruption-cache)")
     e.add_argument("--mode", default="whole", help="whole | slide")
     e.add_argument("--crop", type=int, default=512, help="sliding-window size")
     e.add_argument("--stride", type=int, default=341, help="sliding-window stride")
     add_runtime_flags(e, {"device": "cpu", "amp": "none", "batch_size": 16})
     e.add_argument("--overlays", type=int, default=8, help="examples in overlays.png (0: none)")
+    c = seg.add_parser("corrupt", help="write the corrupted copy of a split, e.g. Cityscapes-C from Cityscapes val")
+    c.add_argument("--data", default="cityscapes", help="layout: synthetic | cityscapes | folder")
+    c.add_argument("--root", required=True, help="data root")
+    c.add_argument("--split", default="val")
+    c.add_argument("--cache-dir", default=None, help="where the tree goes (default ROOT/../corruption-cache)")
+    c.add_argument("--corruptions", default="all", help="names or groups (default all 19, as published)")
+    c.add_argument("--severities", default="1-5")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, at most 8)")
     p.set_defaults(handler=run)
 
 
@@ -42,7 +51,19 @@ def run(args: argparse.Namespace) -> int:
     if args.segment_command == "train":
         extra = [f"method.kwargs.init_from={args.init_from}"] if args.init_from is not None else []
         return run_training(args, extra)  # engine.train builds the segmentation data
+    if args.segment_command == "corrupt":
+        return _corrupt(args)
     return _eval(args)
+
+
+def _corrupt(args: argparse.Namespace) -> int:
+    from tokenlab.eval.segmentation import generate_corrupted_split
+
+    cache = generate_corrupted_split(args.data, args.root, args.split, args.cache_dir, args.corruptions,
+                                     args.severities, args.seed, args.workers)  # fmt: skip
+    print(f"{len(cache.corruptions)} corruptions x severities {cache.severities} of {cache.num_images} images "
+          f"({len(cache.generated_cells)} cells generated now) at {cache.root}")  # fmt: skip
+    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:

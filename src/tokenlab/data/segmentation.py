@@ -89,15 +89,23 @@ class PairSet:
 class SegmentationTransform:
     """Joint image + mask transform built from ``torchvision.transforms.v2``.
 
-    ``train=True``: scale jitter (the image is resized so it fits ``crop_size`` times a factor drawn from
-    ``scale_range``), optional random rotation, random crop of ``crop_size`` (padded with 0 / the ignore index when
-    the image is smaller), horizontal flip, colour jitter (image only). ``train=False``: optional resize to
-    ``resize`` (shorter side), no randomness. Both end with conversion to float and normalisation.
+    ``train=True``: scale jitter (the image is resized so it fits ``base_size`` times a factor drawn from
+    ``scale_range``; mmsegmentation's ``Resize(img_scale=base_size, ratio_range=scale_range)``), optional random
+    rotation, random crop of ``crop_size`` (padded with 0 / the ignore index when the image is smaller; with
+    ``cat_max_ratio`` < 1 redrawn up to 10 times while one class covers that share of the labelled pixels),
+    horizontal flip, colour jitter (image only). ``train=False``: optional resize to ``resize`` (shorter side), no
+    randomness. Both end with conversion to float and normalisation.
 
     Args:
         crop_size: Training crop (int or (H, W)).
         train: Augment (True) or only convert (False).
         scale_range: Range of the scale-jitter factor.
+        base_size: The (H, W) box the scale-jitter factor multiplies (default ``crop_size``). The published
+            Cityscapes recipe uses (1024, 2048), the native size, so the factor is relative to the full image.
+        cat_max_ratio: Largest share one class may take of a training crop's labelled pixels (mmsegmentation's
+            ``RandomCrop(cat_max_ratio=...)``, 0.75 in the published Cityscapes recipe); 1 disables the check.
+        image_fill: 8-bit value (one or per channel) of image pixels added by padding or rotation. mmsegmentation
+            pads after normalising with 0, i.e. with the mean colour: ``[124, 116, 104]`` (the ImageNet mean).
         hflip: Probability of a horizontal flip.
         rotate_degrees: Maximum absolute rotation; 0 disables rotation.
         color_jitter: Strength of brightness/contrast/saturation jitter; 0 disables it.
@@ -118,25 +126,33 @@ class SegmentationTransform:
         ignore_index: int = 255,
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        base_size: int | Sequence[int] | None = None,
+        cat_max_ratio: float = 1.0,
+        image_fill: int | Sequence[int] = 0,
     ) -> None:
-        crop = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(int(c) for c in crop_size)
-        if len(crop) != 2 or min(crop) < 1:
-            raise ValueError(f"crop_size must be a positive int or (H, W), got {crop_size!r}")
+        crop = _size_pair(crop_size, "crop_size")
+        base = crop if base_size is None else _size_pair(base_size, "base_size")
         lo, hi = (float(s) for s in scale_range)
         if not 0 < lo <= hi:
             raise ValueError(f"scale_range must satisfy 0 < low <= high, got {tuple(scale_range)}")
         if not 0.0 <= hflip <= 1.0:
             raise ValueError(f"hflip must be a probability in [0, 1], got {hflip}")
+        if not 0.0 < cat_max_ratio <= 1.0:
+            raise ValueError(f"cat_max_ratio must be in (0, 1], got {cat_max_ratio}")
         self.crop_size = crop
         self.train = train
         self.mean, self.std = tuple(mean), tuple(std)
-        fill = {tv_tensors.Image: 0, tv_tensors.Mask: ignore_index}
+        img_fill = [int(v) for v in image_fill] if isinstance(image_fill, Sequence) else int(image_fill)
+        if isinstance(img_fill, list) and len(img_fill) not in (1, 3):
+            raise ValueError(f"image_fill must be one value or one per channel (3), got {image_fill!r}")
+        fill = {tv_tensors.Image: img_fill, tv_tensors.Mask: ignore_index}
         ops: list[Any] = []
         if train:
-            ops.append(v2.ScaleJitter(crop, scale_range=(lo, hi), antialias=True))
+            ops.append(v2.ScaleJitter(base, scale_range=(lo, hi), antialias=True))
             if rotate_degrees > 0:
                 ops.append(v2.RandomRotation(rotate_degrees, interpolation=v2.InterpolationMode.BILINEAR, fill=fill))
-            ops += [v2.RandomCrop(crop, pad_if_needed=True, fill=fill), v2.RandomHorizontalFlip(hflip)]
+            ops += [_CatMaxRandomCrop(crop, cat_max_ratio, ignore_index, pad_if_needed=True, fill=fill),
+                    v2.RandomHorizontalFlip(hflip)]  # fmt: skip
             if color_jitter > 0:
                 ops.append(v2.ColorJitter(color_jitter, color_jitter, color_jitter))
         elif resize is not None:
@@ -164,6 +180,39 @@ class SegmentationTransform:
                 torch.manual_seed(seed)
                 out_img, out_msk = self.ops(img, msk)
         return out_img.as_subclass(torch.Tensor), out_msk.as_subclass(torch.Tensor)
+
+
+class _CatMaxRandomCrop(v2.RandomCrop):
+    """``v2.RandomCrop`` that redraws while one class dominates the crop (mmsegmentation's ``cat_max_ratio``).
+
+    A crop is kept when its labelled pixels hold more than one class and the largest takes less than
+    ``cat_max_ratio`` of them; after 10 rejected draws the next draw is kept unchecked (as mmsegmentation does).
+    """
+
+    def __init__(self, size: tuple[int, int], cat_max_ratio: float, ignore_index: int, **kwargs: Any) -> None:
+        super().__init__(size, **kwargs)
+        self.cat_max_ratio = cat_max_ratio
+        self.ignore_index = ignore_index
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        """Crop parameters, redrawn while one class dominates the crop's part of the mask."""
+        params = super().make_params(flat_inputs)
+        mask = next((x for x in flat_inputs if isinstance(x, tv_tensors.Mask)), None)
+        if self.cat_max_ratio >= 1.0 or mask is None:
+            return params
+        for _ in range(10):
+            if self._balanced(mask, params):
+                break
+            params = super().make_params(flat_inputs)
+        return params
+
+    def _balanced(self, mask: torch.Tensor, params: dict[str, Any]) -> bool:
+        pad_left, pad_top = params["padding"][0], params["padding"][1]  # crop offsets are in the padded frame
+        top, left = max(params["top"] - pad_top, 0), max(params["left"] - pad_left, 0)
+        bottom, right = params["top"] - pad_top + params["height"], params["left"] - pad_left + params["width"]
+        labels, counts = mask[..., top : max(bottom, 0), left : max(right, 0)].unique(return_counts=True)
+        counts = counts[labels != self.ignore_index]
+        return counts.numel() > 1 and float(counts.max()) / float(counts.sum()) < self.cat_max_ratio
 
 
 class SegmentationDataset(Dataset):
@@ -245,6 +294,14 @@ class SegmentationDataset(Dataset):
         # (seed, epoch, index) by ``SeededDataset``, so the draws change every epoch and survive a resume.
         image, mask = self.transform(image, mask)
         return {"image": image, "mask": mask, "index": index}
+
+
+def _size_pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
+    """``size`` as a positive ``(H, W)``; an int is square."""
+    pair = (size, size) if isinstance(size, int) else tuple(int(c) for c in size)
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"{name} must be a positive int or (H, W), got {size!r}")
+    return pair[0], pair[1]
 
 
 def _read_image(path: Path, mode: str | None) -> np.ndarray:
@@ -404,6 +461,9 @@ def build_segmentation_transforms(
     ignore_index: int = 255,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    base_size: int | Sequence[int] | None = None,
+    cat_max_ratio: float = 1.0,
+    image_fill: int | Sequence[int] = 0,
 ) -> SegmentationTransform:
     """The ``"segmentation"`` view of the data layer: training crop ``img_size`` or evaluation at native size.
 
@@ -412,4 +472,5 @@ def build_segmentation_transforms(
     return SegmentationTransform(
         crop_size=img_size, train=train, scale_range=scale_range, hflip=hflip, rotate_degrees=rotate_degrees,
         color_jitter=color_jitter, resize=eval_resize, ignore_index=ignore_index, mean=mean, std=std,
+        base_size=base_size, cat_max_ratio=cat_max_ratio, image_fill=image_fill,
     )  # fmt: skip

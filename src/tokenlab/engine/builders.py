@@ -253,6 +253,16 @@ def _no_decay_names(module: nn.Module) -> set[str]:
     return names
 
 
+def _lr_scales(module: nn.Module) -> dict[str, float]:
+    """``{parameter-name prefix: lr multiplier}`` declared by ``lr_scales()`` of ``module`` or any submodule."""
+    scales: dict[str, float] = {}
+    for prefix, sub in module.named_modules():
+        fn = getattr(sub, "lr_scales", None)
+        if callable(fn):
+            scales |= {f"{prefix}.{k}" if prefix else k: float(v) for k, v in fn().items()}
+    return scales
+
+
 def param_groups(
     module: nn.Module, weight_decay: float, layer_decay: float | None, decay_embeddings: bool = False
 ) -> list[dict[str, Any]]:
@@ -262,7 +272,8 @@ def param_groups(
     (timm's set: ``pos_embed``, ``cls_token``, our ``mask_token``, ...). ``decay_embeddings=True`` is DINO/iBOT's
     ``get_params_groups`` rule: only biases and 1-d tensors are left undecayed, so the position embedding, the class
     token and the mask token are decayed too. With ``layer_decay`` set, timm's layer-decay groups (``lr_scale``);
-    every group gets ``lr_scale`` and ``wd_scale``.
+    every group gets ``lr_scale`` and ``wd_scale``. A model's ``lr_scales()`` (e.g. the segmentation decoder at
+    10x) splits the groups and multiplies their ``lr_scale``.
     """
     skip = set() if decay_embeddings else _no_decay_names(module)
     if layer_decay is not None:
@@ -284,6 +295,13 @@ def param_groups(
                 decay.append(p)
         groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
         groups = [g for g in groups if g["params"]]
+    scales = _lr_scales(module)
+    if scales:
+        scale_of = {id(p): next((v for k, v in scales.items() if n.startswith(k + ".")), 1.0)
+                    for n, p in module.named_parameters()}  # fmt: skip
+        groups = [{**g, "params": [p for p in g["params"] if scale_of[id(p)] == s],
+                   "lr_scale": g.get("lr_scale", 1.0) * s}
+                  for g in groups for s in sorted({scale_of[id(p)] for p in g["params"]})]  # fmt: skip
     for g in groups:
         g["wd_scale"] = 1.0 if g["weight_decay"] > 0 else 0.0
         g.setdefault("lr_scale", 1.0)

@@ -4,6 +4,11 @@ Inference is either whole-image (``mode="whole"``) or sliding-window (``mode="sl
 ``crop x crop`` windows at ``stride``, logits averaged where windows overlap, the image zero-padded up to one crop
 when smaller) for images too large for one pass. Scores come from :mod:`tokenlab.eval.seg_metrics`.
 
+Cityscapes-C (the published FAN robustness set) is the Cityscapes val split passed through the same seeded
+corruption code as ImageNet-C (``tokenlab.eval.corruptions``): ``generate_corrupted_split`` writes it once
+(published: 19 corruptions x severities 1-5, ``segmentation/tools/gen_city_c.py``) and ``evaluate_corruptions``
+reads the same cache (the published test, ``tools/test_city_c.py``, scores severities 1-3 of each corruption).
+
 Images are evaluated at their native size, normalised with the exported model's ``mean``/``std`` (the keys
 ``eval_transform_from_meta`` reads): a segmentation label map cannot be centre-cropped without dropping labelled
 pixels, and the sliding window handles any size. Corrupted images come from the evaluation issue's seeded
@@ -43,6 +48,7 @@ __all__ = [
     "evaluate_corruptions",
     "evaluate_segmentation",
     "evaluate_segmentation_run",
+    "generate_corrupted_split",
     "overlay_examples",
     "predict_logits",
 ]
@@ -218,6 +224,40 @@ def evaluate_corruptions(
     return robustness_summary(clean, table)
 
 
+def default_cache_dir(root: str | Path) -> Path:
+    """Where the corrupted copies of a data root go unless told otherwise: ``root/../corruption-cache``."""
+    return Path(root).parent / "corruption-cache"
+
+
+def generate_corrupted_split(
+    data: str,
+    root: str | Path,
+    split: str = "val",
+    cache_dir: str | Path | None = None,
+    corruptions: str | Sequence[str] | None = "all",
+    severities: str | Sequence[int] | None = "1-5",
+    seed: int = 0,
+    workers: int | None = None,
+    progress: bool = True,
+) -> Any:
+    """Write the corrupted copies of a split's images, e.g. Cityscapes-C from ``leftImg8bit/val``.
+
+    The split's image tree (``<group>/<image>``: Cityscapes ``<city>/<name>_leftImg8bit.png``) goes through
+    ``tokenlab.eval.corruptions.generate_corruptions`` at native size into ``cache_dir`` (default
+    ``default_cache_dir(root)``); ``evaluate_corruptions`` / ``tokenlab segment eval --corruptions`` with the same
+    cache, seed and corruptions reuse it and pair every corrupted image with its clean mask. Returns the
+    ``CorruptionCache`` (its ``root`` holds ``corruption/severity/<group>/<image>``).
+    """
+    from tokenlab.data.segmentation import pair_set
+    from tokenlab.eval.corruptions import generate_corruptions
+
+    ps = pair_set(data, root, split)
+    assert ps.image_root is not None
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
+    return generate_corruptions(ps.image_root, cache, corruptions, severities, seed=seed, workers=workers,
+                                progress=progress)  # fmt: skip
+
+
 @torch.no_grad()
 def overlay_examples(
     model: nn.Module,
@@ -347,7 +387,7 @@ def evaluate_segmentation_run(
                                              **predict_kw)  # fmt: skip
     else:
         assert ps.image_root is not None
-        cache = Path(cache_dir) if cache_dir is not None else Path(root).parent / "corruption-cache"
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
         result.robustness = evaluate_corruptions(model, ds, ps.image_root, cache, corruptions, severities,
                                                  batch_size=batch_size, workers=workers, **predict_kw)  # fmt: skip
         result.clean = result.robustness.clean

@@ -1,7 +1,7 @@
 """Pictures (matplotlib, Agg backend, PNG) of evaluations and training runs.
 
-Token-label maps, class-attention maps, corruption bars and severity curves comparing runs, reliability diagrams,
-and training curves from ``metrics.jsonl``.
+Token-label maps, class-attention maps, per-block token-mixing attention maps (``FAN.forward_attention_maps``),
+corruption bars and severity curves comparing runs, reliability diagrams, and training curves from ``metrics.jsonl``.
 
 Every function takes plain data (tensors, dicts read from ``eval.json`` / ``tokens.json`` / ``metrics.jsonl``),
 writes one PNG and returns its path; nothing here computes a metric.
@@ -31,6 +31,7 @@ from tokenlab.utils.metrics_log import read_metrics  # noqa: E402
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "plot_block_attention",
     "plot_class_attention",
     "plot_corruption_bars",
     "plot_reliability",
@@ -152,6 +153,63 @@ def plot_class_attention(
             axes[i, 1 + j].imshow(img)
             axes[i, 1 + j].imshow(up, cmap="inferno", alpha=0.6)
             axes[i, 1 + j].set_title("mean of heads" if j == 0 else f"head {j - 1}", fontsize=9)
+        for ax in axes[i]:
+            ax.set_axis_off()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_block_attention(
+    images: torch.Tensor,
+    maps: Sequence[torch.Tensor],
+    path: str | Path,
+    query: tuple[float, float] = (0.5, 0.5),
+    blocks: Sequence[int] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Per image: the image with a query point, then one panel per block with that query token's attention.
+
+    ``maps`` is what ``FAN.forward_attention_maps`` returns: one ``(n, heads, H, W, H, W)`` tensor per block (grids
+    may differ between blocks, e.g. after the xlarge downsample). Each panel is the head-mean attention of the token
+    under ``query`` over all tokens of that block, up-sampled onto the image.
+
+    Args:
+        images: (n, 3, S, S) in [0, 1].
+        maps: Per-block token-mixing attention, ``maps[k][i, h, qi, qj]`` an ``(H, W)`` map.
+        path: Output PNG.
+        query: Query position as fractions (row, column) of the image height and width; default the centre.
+        blocks: Block numbers for the panel titles (default 0, 1, ...).
+        title: Figure title.
+    """
+    if not maps:
+        raise ValueError("nothing to plot: no attention maps")
+    if not (0 <= query[0] <= 1 and 0 <= query[1] <= 1):
+        raise ValueError(f"query {query} must be fractions of the image size in [0, 1]")
+    names = list(blocks) if blocks is not None else list(range(len(maps)))
+    if len(names) != len(maps):
+        raise ValueError(f"{len(names)} block names for {len(maps)} attention maps")
+    for m in maps:
+        if m.ndim != 6 or m.shape[0] != images.shape[0] or m.shape[2:4] != m.shape[4:6]:
+            raise ValueError(f"expected (n, heads, H, W, H, W) attention maps for {images.shape[0]} images, "
+                             f"got {tuple(m.shape)}")  # fmt: skip
+    n = images.shape[0]
+    size = (int(images.shape[-2]), int(images.shape[-1]))
+    fig, axes = plt.subplots(n, 1 + len(maps), figsize=(2.2 * (1 + len(maps)), 2.2 * n), squeeze=False)
+    for i in range(n):
+        img = images[i].permute(1, 2, 0).numpy()
+        axes[i, 0].imshow(img)
+        axes[i, 0].plot(query[1] * (size[1] - 1), query[0] * (size[0] - 1), "c+", ms=12, mew=2)
+        axes[i, 0].set_title("image + query", fontsize=9)
+        for j, m in enumerate(maps):
+            H, W = m.shape[2:4]
+            qi, qj = min(int(query[0] * H), H - 1), min(int(query[1] * W), W - 1)
+            att = m[i, :, qi, qj].float().mean(0)  # (heads, H, W) -> (H, W)
+            up = F.interpolate(att[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+            axes[i, 1 + j].imshow(img)
+            axes[i, 1 + j].imshow(up, cmap="inferno", alpha=0.6)
+            axes[i, 1 + j].set_title(f"block {names[j]}", fontsize=9)
         for ax in axes[i]:
             ax.set_axis_off()
     if title:

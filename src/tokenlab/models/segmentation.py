@@ -16,15 +16,26 @@ feature to predict the segmentation mask M":
     F    = Linear(L*D, D)(Concat(F_i'))               (+ BatchNorm + ReLU, as in the released head)
     M    = Linear(D, K)(F)                            then bilinear up-sampling to the input size
 
-FAN is isotropic: every block works at the token stride (``patch_size``; 16 for the hybrid stem). SegFormer
-expects a pyramid, so an optional ``SimplePyramidNeck`` (the ViT-for-detection recipe: transposed convs up by 4
-and 2, identity, max-pool down by 2) turns four block outputs into strides {s/4, s/2, s, 2s}. With
-``neck="none"`` the levels stay at the token stride and the decoder only fuses them.
+Where the decoder's four inputs come from (``taps``):
+
+- ``"hybrid"``, the published FAN-hybrid SegFormer setting (NVlabs/FAN ``segmentation/mmseg/models/backbones/
+  fan.py`` and ``local_configs/fan/fan_hybrid/*.city.160k.py``): the ConvNeXt stem's stage outputs at strides 4 and
+  8 (128 and 256 channels), the output of one FAN block (published: the last block; block 18 of 22 for the large
+  model) and the patch tokens after the two class-attention blocks (no final norm), both at stride 16, e.g.
+  ``in_channels=[128, 256, 192, 192]`` for ``fan_tiny_8_p4_hybrid``. Needs a hybrid stem; no neck.
+- ``"blocks"``: four block outputs. FAN is isotropic, every block works at the token stride (``patch_size``), so an
+  optional ``SimplePyramidNeck`` (the ViT-for-detection recipe: transposed convs up by 4 and 2, identity, max-pool
+  down by 2) turns them into strides {s/4, s/2, s, 2s}. With ``neck="none"`` the levels stay at the token stride
+  and the decoder only fuses them.
+
+The published recipe trains the decoder at 10x the backbone's learning rate; ``head_lr_mult`` declares that
+multiplier through ``lr_scales()``, which the engine's optimizer builder turns into per-group ``lr_scale``.
 
 ``segformer_fan`` is registered with timm, so ``timm.create_model("segformer_fan", backbone=..., num_classes=K)``
 (and hence a training config) builds it by name. The classification-only parts of the backbone (class-attention
-blocks, class token, heads) are dropped: only ``forward_intermediates`` is used. Backbone weights from a
-``tokenlab`` classification run are loaded with ``load_backbone_weights`` (strict on the kept keys).
+blocks, class token, heads) are dropped, except the class token and class-attention blocks with ``taps="hybrid"``
+(they produce its last level): only ``forward_intermediates`` is used. Backbone weights from a ``tokenlab``
+classification run are loaded with ``load_backbone_weights`` (strict on the kept keys).
 """
 
 from __future__ import annotations
@@ -45,14 +56,31 @@ from tokenlab.models._registry import list_tokenlab_models
 from tokenlab.models.fan import FAN
 from tokenlab.utils.runs import export_stem, read_model_meta
 
-__all__ = ["FANSegFormer", "SegFormerHead", "SimplePyramidNeck", "default_indices", "load_backbone_weights"]
+__all__ = [
+    "PUBLISHED_HYBRID_BLOCK",
+    "FANSegFormer",
+    "SegFormerHead",
+    "SimplePyramidNeck",
+    "default_indices",
+    "load_backbone_weights",
+]
 
 logger = logging.getLogger(__name__)
 
 NECKS = ("pyramid", "none")
+TAPS = ("blocks", "hybrid")
 _TIMM_FACTORY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 # Parameters a classification FAN has that a segmentation backbone never uses (dropped after construction).
 _CLASSIFICATION_ONLY = ("cls_token", "cls_attn_blocks", "norm", "head", "aux_head")
+# ... except the class token and class-attention blocks, which make the last level of the published hybrid taps.
+_HYBRID_TAPS_DROP = ("norm", "head", "aux_head")
+# The block tapped by the published FAN-hybrid segmentation backbones (``out_idx``); other FANs: the last block.
+PUBLISHED_HYBRID_BLOCK = {
+    "fan_tiny_8_p4_hybrid": 7,
+    "fan_small_12_p4_hybrid": 9,
+    "fan_base_16_p4_hybrid": 15,
+    "fan_large_16_p4_hybrid": 18,
+}
 
 
 def default_indices(depth: int, levels: int = 4) -> list[int]:
@@ -93,7 +121,9 @@ class SegFormerHead(nn.Module):
 
     "A lightweight All-MLP decoder ... aggregating information from different layers" [0]: a per-level linear
     projection to ``embed_dim``, bilinear up-sampling to the finest level, a fusing linear (+BN+ReLU), dropout
-    and a linear classifier. 1x1 convolutions are the linears applied per pixel.
+    and a linear classifier. 1x1 convolutions are the linears applied per pixel. The fusing convolution starts
+    as the released head's (mmcv ``ConvModule``): Kaiming normal on the fan-out for ReLU; the others keep PyTorch's
+    default, as the released head's ``nn.Linear`` / ``nn.Conv2d`` do.
 
     Args:
         in_channels: Channels of each input level.
@@ -109,9 +139,9 @@ class SegFormerHead(nn.Module):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.proj = nn.ModuleList(nn.Conv2d(c, embed_dim, 1) for c in in_channels)
-        self.fuse = nn.Sequential(
-            nn.Conv2d(embed_dim * len(in_channels), embed_dim, 1, bias=False), nn.BatchNorm2d(embed_dim), nn.ReLU()
-        )
+        fuse = nn.Conv2d(embed_dim * len(in_channels), embed_dim, 1, bias=False)
+        nn.init.kaiming_normal_(fuse.weight, mode="fan_out", nonlinearity="relu")
+        self.fuse = nn.Sequential(fuse, nn.BatchNorm2d(embed_dim), nn.ReLU())
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(embed_dim, num_classes, 1)
 
@@ -135,8 +165,13 @@ class FANSegFormer(nn.Module):
     Args:
         backbone: Name of a registered FAN, e.g. ``"fan_tiny_12_p16_224"`` or ``"fan_tiny_8_p4_hybrid_token"``.
         num_classes: Segmentation classes K (the ignore index is not a class).
-        indices: Blocks whose outputs feed the decoder; default: 4 evenly spaced blocks ending at the last.
+        indices: Blocks whose outputs feed the decoder; default: 4 evenly spaced blocks ending at the last
+            (``taps="blocks"``), or the published block (``PUBLISHED_HYBRID_BLOCK``, else the last) for
+            ``taps="hybrid"``, which takes exactly one.
         neck: ``"pyramid"`` (strides s/4, s/2, s, 2s; needs 4 levels) or ``"none"`` (all at the token stride).
+            ``taps="hybrid"`` needs ``"none"``.
+        taps: ``"blocks"`` or ``"hybrid"`` (the published FAN-hybrid features), see the module docstring.
+        head_lr_mult: Learning-rate multiplier of the decoder (and neck) relative to the backbone (published: 10).
         decoder_dim: Width D of the decoder.
         decoder_dropout: Dropout before the classifier.
         backbone_kwargs: Extra constructor kwargs of the backbone (``patch_size``, ``img_size``,
@@ -154,6 +189,8 @@ class FANSegFormer(nn.Module):
         decoder_dropout: float = 0.1,
         backbone_kwargs: dict[str, Any] | None = None,
         img_size: int | None = None,
+        taps: str = "blocks",
+        head_lr_mult: float = 1.0,
     ) -> None:
         super().__init__()
         fans = [n for n in list_tokenlab_models() if n.startswith("fan_")]
@@ -161,6 +198,16 @@ class FANSegFormer(nn.Module):
             raise ValueError(f"unknown FAN backbone {backbone!r}; valid: {', '.join(fans)}")
         if neck not in NECKS:
             raise ValueError(f"unknown neck {neck!r}; valid: {', '.join(NECKS)}")
+        if taps not in TAPS:
+            raise ValueError(f"unknown taps {taps!r}; valid: {', '.join(TAPS)}")
+        if taps == "hybrid" and "_hybrid" not in backbone:
+            raise ValueError(f"taps='hybrid' needs a hybrid-stem FAN (e.g. fan_tiny_8_p4_hybrid), got {backbone!r}")
+        if taps == "hybrid" and neck != "none":
+            raise ValueError(
+                "taps='hybrid' already gives strides 4, 8, 16, 16 (the published setting); set neck='none'"
+            )
+        if head_lr_mult <= 0:
+            raise ValueError(f"head_lr_mult must be > 0, got {head_lr_mult}")
         bkw = dict(backbone_kwargs or {})
         if img_size is not None:
             bkw.setdefault("img_size", img_size)
@@ -169,19 +216,38 @@ class FANSegFormer(nn.Module):
         if not isinstance(model, FAN):
             raise ValueError(f"backbone {backbone!r} is not a FAN model ({type(model).__name__})")
         self.backbone: FAN = model
-        for name in _CLASSIFICATION_ONLY:
+        if taps == "hybrid" and model.stem != "hybrid":
+            raise ValueError(f"taps='hybrid' needs a hybrid-stem FAN (e.g. fan_tiny_8_p4_hybrid), got {backbone!r}")
+        self.taps = taps
+        self.dropped = _HYBRID_TAPS_DROP if taps == "hybrid" else _CLASSIFICATION_ONLY
+        for name in self.dropped:
             if hasattr(self.backbone, name):
                 delattr(self.backbone, name)
         self.backbone.has_aux_head = False
         depth = len(self.backbone.blocks)
-        self.indices = list(indices) if indices is not None else default_indices(depth, 4)
+        if indices is not None:
+            self.indices = list(indices)
+        elif taps == "hybrid":
+            self.indices = [PUBLISHED_HYBRID_BLOCK.get(backbone.removesuffix("_token"), depth - 1)]
+        else:
+            self.indices = default_indices(depth, 4)
         bad = [i for i in self.indices if not -depth <= i < depth]
         if bad:
             raise ValueError(f"block indices {bad} out of range for {backbone} with depth {depth}")
+        if taps == "hybrid" and len(self.indices) != 1:
+            raise ValueError(f"taps='hybrid' takes exactly one block index (the third level), got {self.indices}")
         self.indices = [i % depth for i in self.indices]
         dim = self.backbone.num_features
+        if taps == "hybrid":  # stem stages, the tapped block (its own width), the class-attention tokens
+            stem: Any = self.backbone.patch_embed  # a HybridPatchEmbed (checked above)
+            tapped: Any = self.backbone.blocks[self.indices[0]]
+            in_channels = [int(stage.blocks[-1].conv_dw.out_channels) for stage in stem.backbone.stages]
+            in_channels += [int(tapped.norm1.normalized_shape[0]), dim]
+        else:
+            in_channels = [dim] * len(self.indices)
         self.neck: nn.Module = SimplePyramidNeck(dim, len(self.indices)) if neck == "pyramid" else nn.Identity()
-        self.decode_head = SegFormerHead([dim] * len(self.indices), num_classes, decoder_dim, decoder_dropout)
+        self.decode_head = SegFormerHead(in_channels, num_classes, decoder_dim, decoder_dropout)
+        self.head_lr_mult = float(head_lr_mult)
         self.num_classes = num_classes
         self.patch_size = self.backbone.patch_size
         self.num_features = dim
@@ -193,11 +259,20 @@ class FANSegFormer(nn.Module):
         return {f"backbone.{n}" for n in ("pos_embed", "mask_token")}
 
     @torch.jit.ignore
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers by parameter-name prefix: the decoder (and neck) at ``head_lr_mult``."""
+        return {"decode_head": self.head_lr_mult, "neck": self.head_lr_mult} if self.head_lr_mult != 1.0 else {}
+
+    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """Stem, then one group per backbone block, then neck + decoder (for layer-wise lr decay)."""
+        """Stem, then one group per backbone block, then class attention, then neck + decoder (layer-wise lr decay)."""
         return dict(
             stem=r"^backbone\.(?:mask_token|pos_embed|patch_embed)",
-            blocks=[(r"^backbone\.blocks\.(\d+)", None), (r"^(?:neck|decode_head)\.", (99999,))],
+            blocks=[
+                (r"^backbone\.blocks\.(\d+)", None),
+                (r"^backbone\.(?:cls_token|cls_attn_blocks)", (99998,)),
+                (r"^(?:neck|decode_head)\.", (99999,)),
+            ],
         )
 
     @torch.jit.ignore
@@ -206,7 +281,9 @@ class FANSegFormer(nn.Module):
         self.backbone.set_grad_checkpointing(enable)
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The decoder's inputs: backbone maps after the neck, each ``(B, C, h_i, w_i)``."""
+        """The decoder's inputs: backbone maps (after the neck), each ``(B, C, h_i, w_i)``."""
+        if self.taps == "hybrid":
+            return self.backbone.forward_intermediates(x, self.indices, stem_stages=True, class_tokens=True)
         maps = self.backbone.forward_intermediates(x, self.indices)
         return self.neck(maps) if isinstance(self.neck, SimplePyramidNeck) else maps
 
@@ -236,9 +313,9 @@ def _classification_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor
 def load_backbone_weights(model: FANSegFormer, path: str | Path) -> dict[str, Any] | None:
     """Initialise ``model.backbone`` from a tokenlab classification model (a run dir, export stem or file).
 
-    Class-token, class-attention and head weights are dropped (the segmentation backbone has none); every other
-    key must match exactly, or a ValueError lists the differences (e.g. another ``patch_size``). Returns the
-    exported meta when there is one, so callers can check the architecture.
+    Head weights are dropped, and so are the class-token and class-attention ones unless the model keeps them
+    (``taps="hybrid"``); every other key must match exactly, or a ValueError lists the differences (e.g. another
+    ``patch_size``). Returns the exported meta when there is one, so callers can check the architecture.
     """
     state, meta = _classification_state_dict(path)
     # a token model (``*_token``) differs from its plain FAN only by ``aux_head``, which is dropped anyway
@@ -248,7 +325,7 @@ def load_backbone_weights(model: FANSegFormer, path: str | Path) -> dict[str, An
             f"{path} holds a {meta['model']!r} but the segmentation backbone is {model.backbone_name!r}; "
             f"set backbone={meta['model']!r} (and backbone_kwargs={meta.get('model_kwargs', {})})"
         )
-    kept = {k: v for k, v in state.items() if k.split(".", 1)[0] not in _CLASSIFICATION_ONLY}
+    kept = {k: v for k, v in state.items() if k.split(".", 1)[0] not in model.dropped}
     check_state_dict(model.backbone, kept, source=str(path))
     model.backbone.load_state_dict(kept, strict=True)
     logger.info("initialised %s backbone from %s (%d tensors)", model.backbone_name, path, len(kept))
