@@ -9,7 +9,10 @@ Stages, each resumable (a finished stage is skipped; an interrupted training res
 5. ``ibot``      (``--ibot``) a short iBOT pre-training of a tiny ViT, scored by k-NN against random weights;
 6. ``eval``      clean val, generated corruptions (mCE against the baseline, retention), rendition and shortcut;
 7. ``tokens``    token-label analysis against the object masks;
-8. ``report``    Markdown + HTML report with pictures, and a plain verdict.
+8. ``seed N``    (``--seeds`` > 1) the whole demo again for each extra seed, in ``out/seeds/<seed>``;
+9. ``report``    Markdown + HTML report with pictures, and a plain verdict: differences within two standard errors
+   of the evaluation set are called within noise; over seeds, mean ± sd per model and the paired student - baseline
+   difference with a 95 % t-interval.
 
 Stages 2-4 and 6-8 are the STL study of :mod:`tokenlab.studies.stl_study`; this module adds the data, the budget,
 the iBOT stage and the summary. Every number comes from this run: nothing is precomputed. The same seed gives the

@@ -424,12 +424,12 @@ def seed_statistics(
         interval is ``mean ± t_{0.975, n-1} · sd / sqrt(n)`` over the per-seed differences (NaN for one seed).
     """
     models: dict[str, dict[str, Any]] = {}
-    names = [n for n in next(iter(per_seed.values()), {})] if per_seed else []
+    names = list(next(iter(per_seed.values()), {}))
     for name in names:
         for key in keys:
-            vals = [m[name][key] for m in per_seed.values() if name in m and m[name].get(key) is not None]
+            vals = [float(v) for m in per_seed.values() if (v := (m.get(name) or {}).get(key)) is not None]
             if vals:
-                models.setdefault(name, {})[key] = _mean_sd([float(v) for v in vals])
+                models.setdefault(name, {})[key] = _mean_sd(vals)
     difference: dict[str, Any] = {}
     for key in keys:
         diffs = []
