@@ -37,7 +37,9 @@ def test_demo_cli_tiny_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert set(summary["metrics"]) == set(MODELS)
     for name, row in summary["metrics"].items():
         for key in ("clean_top1", "corrupted_top1", "retention", "rendition_top1", "shortcut_top1", "token_iou"):
-            assert row[key] is not None and math.isfinite(row[key]), (name, key)
+            assert row[key] is not None, (name, key)
+            # retention = corrupted / clean is undefined for a two-step model that got no val image right
+            assert math.isfinite(row[key]) or (key == "retention" and row["clean_top1"] == 0), (name, key)
     assert summary["metrics"]["student"]["mce_vs_baseline"] is not None
     assert set(summary["ibot_knn"]) == {"pretrained", "random"}
     _check_report(out)

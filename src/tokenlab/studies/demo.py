@@ -51,6 +51,7 @@ TRAIN_STAGES = (
     ("student", "synthetic_stl_student"),
 )
 IBOT_RECIPE = "ibot_synthetic_vit_tiny"
+IBOT_IMAGES = 2560  # training images of the iBOT stage (its budget before the demo moved to fresh images)
 # metrics summarised over seeds (mean ± sd per model; paired student - baseline difference)
 SEED_KEYS = ("clean_top1", "corrupted_top1", "rendition_top1", "shortcut_top1", "token_fg_accuracy", "token_iou")
 
@@ -307,9 +308,13 @@ class Demo:
         result_file = run_dir / EVAL_SSL_FILE
         if result_file.is_file():
             return False
+        # iBOT keeps its pre-fresh-data budget: epochs over the first IBOT_IMAGES training images, batch <= 64
+        images = min(IBOT_IMAGES, self.cfg.train_images())
         overrides = [
             *self._common_overrides(),
             "data.num_workers=0",
+            f"data.train_subset={images}",
+            f"data.batch_size={min(64, images)}",
             f"schedule.epochs={self.cfg.ibot_epochs}",
             f"schedule.warmup_epochs={min(1.0, self.cfg.ibot_epochs / 4)}",
             f"train.device={self.cfg.device}",
