@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
 
     def on_stage(name: str, i: int, n: int, elapsed: float) -> None:
-        eta = f", about {max(0.0, args.minutes * 60 - elapsed) / 60:.0f} min left" if i > 1 else ""
+        eta = f", about {max(0.0, args.minutes * args.seeds * 60 - elapsed) / 60:.0f} min left" if i > 1 else ""
         print(f"[{i}/{n}] {name}  ({elapsed / 60:.1f} min elapsed{eta})", flush=True)
 
     demo = Demo(args.out, cfg, progress=not args.no_progress, on_stage=on_stage)
