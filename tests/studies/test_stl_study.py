@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 
 from tokenlab.data import SynthConfig, generate
-from tokenlab.studies.stl_study import Stage, StlStudy, TrainStage, run_stages
+from tokenlab.studies.stl_study import (
+    Stage,
+    StlStudy,
+    TrainStage,
+    difference_se,
+    format_seed_table,
+    run_stages,
+    seed_statistics,
+    t_quantile_975,
+)
 
 pytestmark = pytest.mark.slow  # subprocesses / whole pipelines: tens of seconds on 2 cores
 
@@ -88,3 +97,48 @@ def test_run_stages_reports_finished_stages_when_interrupted() -> None:
         run_stages(stages, lambda name, i, n, _t: seen.append((name, i, n)), reports)
     assert seen == [("a", 1, 3), ("b", 2, 3), ("c", 3, 3)]
     assert [(r.name, r.skipped) for r in reports] == [("a", False), ("b", True)]
+
+
+def test_t_quantiles_match_the_table_values() -> None:
+    assert t_quantile_975(1) == pytest.approx(12.706, abs=1e-3)
+    assert t_quantile_975(4) == pytest.approx(2.776, abs=1e-3)
+    assert t_quantile_975(60) == pytest.approx(2.000, abs=1e-3)  # past the table: the series
+    assert t_quantile_975(10_000) == pytest.approx(1.960, abs=1e-3)
+    with pytest.raises(ValueError, match="2 seeds"):
+        t_quantile_975(0)
+
+
+def test_seed_statistics_pair_the_student_with_the_baseline_of_the_same_seed() -> None:
+    per_seed = {
+        0: {"baseline": {"clean_top1": 0.80, "token_iou": None}, "student": {"clean_top1": 0.82, "token_iou": 0.5}},
+        1: {"baseline": {"clean_top1": 0.70, "token_iou": None}, "student": {"clean_top1": 0.74, "token_iou": 0.6}},
+        2: {"baseline": {"clean_top1": 0.90, "token_iou": None}, "student": {"clean_top1": 0.90, "token_iou": 0.7}},
+    }
+    stats = seed_statistics(per_seed, ["clean_top1", "token_iou"])
+    base = stats["models"]["baseline"]["clean_top1"]
+    assert base["mean"] == pytest.approx(0.8) and base["sd"] == pytest.approx(0.1) and base["n"] == 3
+    assert "token_iou" not in stats["models"]["baseline"]  # None values are left out
+    d = stats["difference"]["clean_top1"]  # differences 0.02, 0.04, 0.00: mean 0.02, sd 0.02
+    assert d["mean"] == pytest.approx(0.02) and d["sd"] == pytest.approx(0.02)
+    half = 4.303 * 0.02 / 3**0.5
+    assert d["ci95"] == pytest.approx([0.02 - half, 0.02 + half], abs=1e-4)
+    assert "token_iou" not in stats["difference"]  # the baseline has no token IoU: nothing to pair
+    table = format_seed_table(stats["models"])
+    assert "80.0 ± 10.0" in table and "60.0 ± 10.0" in table
+    lines = StlStudy("unused", []).seed_verdict_lines(stats)
+    assert len(lines) == 1 and "within noise: the interval holds 0" in lines[0]
+
+
+def test_verdict_calls_small_differences_within_noise() -> None:
+    study = StlStudy("unused", [])
+    metrics = {"baseline": {"clean_top1": 0.80, "shortcut_top1": 0.40},
+               "student": {"clean_top1": 0.82, "shortcut_top1": 0.60}}  # fmt: skip
+    lines = study.verdict_lines(metrics, {"val": 1000, "shortcut": 500})
+    assert lines is not None and len(lines) == 2
+    band = 200 * difference_se(0.80, 0.82, 1000)  # about 3.5 points
+    assert 3 < band < 4
+    assert "level" in lines[0] and "within noise" in lines[0] and f"±{band:.1f}" in lines[0]
+    assert lines[1].startswith("- The STL student beat the baseline on accuracy on the shortcut")
+    assert "beyond the" in lines[1]
+    plain = study.verdict_lines(metrics)  # without counts: no noise band, the plain comparison
+    assert plain is not None and "beat" in plain[0] and "noise" not in plain[0]
