@@ -1,4 +1,5 @@
-"""Builders of tiny on-disk fixtures for the eval tests: image trees, masked data sets and exported runs."""
+"""Builders of tiny on-disk fixtures for the eval and CLI tests: image trees, masked data sets, exported runs and
+the overrides of a tiny training."""
 
 from __future__ import annotations
 
@@ -26,6 +27,20 @@ def make_tree(root: Path, classes: tuple[str, ...] = ("cat", "dog"), per_class: 
 
 
 TINY_KW = {"img_size": 32, "patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}
+# `tokenlab train` overrides for a tiny, quiet training on a 32 px synthetic set (the CLI tests)
+TINY_TRAIN = [
+    "data.img_size=32",
+    "data.batch_size=8",
+    "model.name=fan_nano_6_p16_224_token",
+    "model.kwargs.patch_size=8",
+    "model.kwargs.depth=1",
+    "model.kwargs.embed_dim=32",
+    "model.kwargs.num_heads=2",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "train.min_free_disk_mb=0",
+    "data.train_subset=24",
+]
 
 
 def make_run(run_dir: Path, classes: tuple[str, ...] = ("cat", "dog"), token: bool = True, seed: int = 0) -> Path:

@@ -1,6 +1,7 @@
 """`tokenlab train` end to end on a tiny synthetic set: stage 1 labeler, then stage 2 student from its run."""
 
 import pytest
+from evalhelpers import TINY_TRAIN
 
 from tokenlab.cli import main
 from tokenlab.data import SynthConfig, generate
@@ -8,18 +9,8 @@ from tokenlab.models import load_exported
 from tokenlab.utils.metrics_log import read_metrics
 
 TINY = [
-    "data.img_size=32",
-    "data.batch_size=8",
-    "model.name=fan_nano_6_p16_224_token",
-    "model.kwargs.patch_size=8",
-    "model.kwargs.depth=1",
-    "model.kwargs.embed_dim=32",
-    "model.kwargs.num_heads=2",
+    *TINY_TRAIN,
     "schedule.max_steps=2",
-    "log.progress=false",
-    "log.tensorboard=false",
-    "train.min_free_disk_mb=0",
-    "data.train_subset=24",
     "data.val_subset=8",
 ]
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+from evalhelpers import TINY_TRAIN
 
 from tokenlab.cli import main
 from tokenlab.data import SynthConfig, generate
@@ -15,17 +16,7 @@ from tokenlab.methods.supervised import Supervised
 from tokenlab.utils.metrics_log import read_metrics
 
 TINY = [
-    "data.img_size=32",
-    "data.batch_size=8",
-    "model.name=fan_nano_6_p16_224_token",
-    "model.kwargs.patch_size=8",
-    "model.kwargs.depth=1",
-    "model.kwargs.embed_dim=32",
-    "model.kwargs.num_heads=2",
-    "log.progress=false",
-    "log.tensorboard=false",
-    "train.min_free_disk_mb=0",
-    "data.train_subset=24",
+    *TINY_TRAIN,
     "data.val_split=null",
 ]
 

@@ -53,6 +53,16 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
     return path
 
 
+def _save_grid(fig: plt.Figure, axes: np.ndarray, path: str | Path, title: str | None) -> Path:
+    """Finish a grid of image panels (no axes, optional title) and save it."""
+    for ax in axes.flat:
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def _class_colors(k: int) -> np.ndarray:
     cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
     return np.array([cmap(i % cmap.N)[:3] for i in range(k)])
@@ -149,16 +159,16 @@ def plot_class_attention(
         axes[i, 0].imshow(img)
         axes[i, 0].set_title("image", fontsize=9)
         for j, m in enumerate(maps):
-            up = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
-            axes[i, 1 + j].imshow(img)
-            axes[i, 1 + j].imshow(up, cmap="inferno", alpha=0.6)
-            axes[i, 1 + j].set_title("mean of heads" if j == 0 else f"head {j - 1}", fontsize=9)
-        for ax in axes[i]:
-            ax.set_axis_off()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, path)
+            _heat_overlay(axes[i, 1 + j], img, m, size, "mean of heads" if j == 0 else f"head {j - 1}")
+    return _save_grid(fig, axes, path, title)
+
+
+def _heat_overlay(ax: Any, img: Any, heat: torch.Tensor, size: Sequence[int], title: str) -> None:
+    """Draw ``img`` with the (H, W) map ``heat`` up-sampled (bilinear) onto it, as attention pictures are read."""
+    up = F.interpolate(heat[None, None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0, 0].numpy()
+    ax.imshow(img)
+    ax.imshow(up, cmap="inferno", alpha=0.6)
+    ax.set_title(title, fontsize=9)
 
 
 def plot_block_attention(
@@ -206,16 +216,8 @@ def plot_block_attention(
             H, W = m.shape[2:4]
             qi, qj = min(int(query[0] * H), H - 1), min(int(query[1] * W), W - 1)
             att = m[i, :, qi, qj].float().mean(0)  # (heads, H, W) -> (H, W)
-            up = F.interpolate(att[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
-            axes[i, 1 + j].imshow(img)
-            axes[i, 1 + j].imshow(up, cmap="inferno", alpha=0.6)
-            axes[i, 1 + j].set_title(f"block {names[j]}", fontsize=9)
-        for ax in axes[i]:
-            ax.set_axis_off()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, path)
+            _heat_overlay(axes[i, 1 + j], img, att, size, f"block {names[j]}")
+    return _save_grid(fig, axes, path, title)
 
 
 def plot_corruption_bars(
