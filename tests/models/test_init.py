@@ -5,11 +5,14 @@ the depthwise convolutions of its channel-processing MLP (``fan.Mlp._init_weight
 defaults; these tests fail if a from-scratch model drifts back to the defaults.
 """
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import tokenlab  # noqa: F401
@@ -78,3 +81,48 @@ def test_head_init_scale_only_on_the_large_hybrid_baseline() -> None:
     assert large_token.aux_head.weight.std().item() == pytest.approx(0.02, rel=0.1)
     tiny = timm.create_model("fan_tiny_8_p4_hybrid", num_classes=10)
     assert tiny.head.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+# --- at the published initialisation, against the published implementation (reference/README.md) ---------------
+_PUB = Path(__file__).parent / "reference" / "fan_published_init"
+_PUB_KW = {"img_size": 64, "embed_dim": 48, "depth": 2, "num_heads": 4, "num_classes": 10}
+
+
+def _published_init_run(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model.eval().forward_tokens(x)
+    ref = json.loads(_PUB.with_suffix(".json").read_text())
+    return (out.cls_logits - torch.tensor(ref["cls_logits"])).abs().max(), (
+        out.token_logits - torch.tensor(ref["token_logits"])
+    ).abs().max()
+
+
+def test_logits_equal_the_published_implementation_at_its_initialisation() -> None:
+    model = timm.create_model("fan_tiny_12_p16_224_token", **_PUB_KW)
+    model.load_state_dict(load_file(_PUB.with_suffix(".safetensors")), strict=True)
+    cls_err, tok_err = _published_init_run(model)
+    assert cls_err < 1e-5 and tok_err < 1e-5  # measured ~5e-8 / 1e-7
+    for m in model.modules():  # the bar is sharp enough to see the old norm_v eps (1e-6): ~2e-4 off
+        if isinstance(m, ChannelProcessing):
+            m.norm_v.eps = 1e-6
+    assert max(_published_init_run(model)) > 1e-5
+
+
+def test_our_from_scratch_init_matches_the_published_init_per_tensor() -> None:
+    """Same distribution per tensor: constants equal, random tensors' mean and std within sampling error."""
+    published = load_file(_PUB.with_suffix(".safetensors"))
+    torch.manual_seed(0)
+    ours = timm.create_model("fan_tiny_12_p16_224_token", **_PUB_KW).state_dict()
+    assert set(ours) == set(published)
+    for key, p in published.items():
+        o = ours[key]
+        assert o.shape == p.shape, key
+        if not p.is_floating_point() or p.numel() < 64 or p.std() == 0:
+            if p.numel() > 1 and p.is_floating_point() and p.std() > 0:
+                continue  # a handful of random values: too few to compare statistics
+            assert torch.equal(o, p) or (p.std() == 0 and torch.allclose(o, p)), key
+            continue
+        sd = float(p.std())
+        assert abs(float(o.std()) / sd - 1) < 0.25, (key, float(o.std()), sd)
+        assert abs(float(o.mean()) - float(p.mean())) < 4 * sd / math.sqrt(p.numel()) + 1e-8, key
