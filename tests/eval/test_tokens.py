@@ -1,4 +1,4 @@
-"""Token-label metrics on hand-made grids (exact values), the masked data set and the analysis of a tiny model."""
+"""Token-label metrics on hand-made grids (exact values), the masked and mask-less data sets and a tiny model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from evalhelpers import TINY_KW, make_masked_set, make_run
+from evalhelpers import TINY_KW, make_masked_set, make_run, make_tree
 
 from tokenlab.eval.tokens import (
     TokenStats,
@@ -71,7 +71,7 @@ def test_analyze_run_writes_tokens_json(tmp_path: Path):
     run = make_run(tmp_path / "run")
     res = analyze_run(run, data, num_examples=3)
     out = json.loads((run / "tokens.json").read_text())
-    assert out["source"] == "aux" and out["images"] == 4
+    assert out["source"] == "aux" and out["images"] == 4 and out["masks"] is True and out["threshold"] == 0.5
     # 32 px, patch 4 -> 8x8 grid; the 16x16 object square covers exactly 4x4 tokens
     assert out["fg_tokens"] == 4 * 16 and out["bg_tokens"] == 4 * 48
     assert set(out["bg_distribution"]) == {"cat", "dog"}
@@ -97,8 +97,47 @@ def test_head_source_uses_class_head_per_token():
         assert torch.allclose(aux, model.aux_head(patches))
 
 
-def test_missing_masks_is_a_clear_error(tmp_path: Path):
+def test_mask_free_statistics_exact_on_hand_grid():
+    # the grid of the masked test, without its mask: only the statistics over all tokens
+    pred = torch.tensor([[[0, 1, 1], [0, 1, 2], [0, 0, 0]]])
+    conf = torch.tensor([[[0.5, 0.9, 0.6], [0.5, 0.7, 0.8], [0.5, 0.2, 0.5]]])
+    other = torch.tensor([[[0, 1, 1], [0, 1, 2], [0, 1, 1]]])
+    st = TokenStats(num_classes=3)
+    st.update(pred, conf, torch.tensor([1]), None, other)
+    m = st.summary()
+    assert m["masks"] is False and m["images"] == 1 and m["tokens"] == 9
+    assert m["agree_with_image_label"] == pytest.approx(3 / 9)  # labels 1 at three of nine tokens
+    assert m["confidence"] == pytest.approx(5.2 / 9)
+    assert m["distribution"] == pytest.approx([5 / 9, 3 / 9, 1 / 9])
+    assert m["stability"] == pytest.approx(7 / 9)
+    assert not {"fg_accuracy", "fg_tokens", "bg_agree_with_image_label", "bg_distribution", "iou"} & set(m)
+    fg = torch.zeros(1, 3, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="mix batches with and without object masks"):
+        st.update(pred, conf, torch.tensor([1]), fg)
+    # with masks the same statistics come on top of the mask-based ones
+    masked = TokenStats(num_classes=3)
+    masked.update(pred, conf, torch.tensor([1]), fg, other)
+    mm = masked.summary()
+    assert mm["masks"] is True and mm["agree_with_image_label"] == pytest.approx(3 / 9) and "iou" in mm
+
+
+def test_analyze_run_without_masks_writes_mask_free_tokens_json(tmp_path: Path):
     data = make_masked_set(tmp_path / "synth")
     shutil.rmtree(data / "val_masks")
-    with pytest.raises(FileNotFoundError, match="token analysis needs object masks"):
-        analyze_run(make_run(tmp_path / "run"), data)
+    run = make_run(tmp_path / "run")
+    res = analyze_run(run, data, num_examples=3)
+    out = json.loads((run / "tokens.json").read_text())
+    assert out["masks"] is False and out["images"] == 4 and out["tokens"] == 4 * 64
+    assert "threshold" not in out and not {"fg_accuracy", "bg_confidence", "iou"} & set(out)
+    assert set(out["distribution"]) == {"cat", "dog"} and sum(out["distribution"].values()) == pytest.approx(1)
+    assert 0 <= out["agree_with_image_label"] <= 1 and 0 < out["confidence"] <= 1 and 0 <= out["stability"] <= 1
+    ex = res.examples
+    assert ex is not None and ex.masks is None and ex.pred.shape == (3, 8, 8) and ex.conf.shape == (3, 8, 8)
+    assert ex.attention is not None and ex.attention.shape[-2:] == (8, 8)
+
+
+def test_analyze_run_on_a_bare_class_tree(tmp_path: Path):
+    tree = make_tree(tmp_path / "imgs", per_class=2)
+    res = analyze_run(make_run(tmp_path / "run"), tree, num_examples=2)
+    assert res.metrics["masks"] is False and res.metrics["images"] == 4
+    assert json.loads((tmp_path / "run" / "tokens.json").read_text())["data"] == str(tree)

@@ -1,18 +1,23 @@
 """Token-label analysis: how good are the per-token labels of an STL labeler or student?
 
 STL (Zhao et al., ICCV 2023, https://arxiv.org/abs/2401.03844; REFERENCE §2) trains a student on per-token labels
-``y_hat_i = argmax_k aux_logits_{i,k}`` produced by a labeler whose ``aux_head`` learned from the patch tokens. On a
-data set with object masks (the synthetic set: 0 background, k + 1 object of class k) we measure, per token i of
-image b with label ``y_b``, object indicator ``M_bi`` (more than ``threshold`` of the token's pixels are object) and
-predicted label ``p_bi`` with confidence ``c_bi = max_k softmax(z_bi)_k``:
+``y_hat_i = argmax_k aux_logits_{i,k}`` produced by a labeler whose ``aux_head`` learned from the patch tokens. On any
+image folder, per token i of image b with label ``y_b``, predicted label ``p_bi`` and confidence
+``c_bi = max_k softmax(z_bi)_k``, over all ``N`` tokens:
+
+- the share of tokens labelled with the image class ``sum_{b,i} [p_bi = y_b] / sum_{b,i} 1``, their mean
+  confidence and their class distribution ``P(p = k)``;
+- label stability between a teacher view and a student view of the same geometry:
+  ``(1 / N) sum_i [p^t_bi = p^s_bi]`` averaged over tokens and images.
+
+Only on a data set with object masks (the synthetic set: 0 background, k + 1 object of class k), with the object
+indicator ``M_bi`` (more than ``threshold`` of the token's pixels are object):
 
 - foreground token accuracy ``sum_{b,i} M_bi [p_bi = y_b] / sum_{b,i} M_bi``;
 - background tokens: the share labelled with the image class ``sum (1 - M_bi)[p_bi = y_b] / sum (1 - M_bi)``,
   their class distribution ``P(p = k | background)`` and mean confidence;
 - IoU between the tokens that agree with the image label ``A_b = {i : p_bi = y_b}`` and the object tokens
-  ``M_b``: ``IoU_b = |A_b ∩ M_b| / |A_b ∪ M_b|``, averaged over images (images with an empty union are left out);
-- label stability between a teacher view and a student view of the same geometry:
-  ``(1 / N) sum_i [p^t_bi = p^s_bi]`` averaged over tokens and images.
+  ``M_b``: ``IoU_b = |A_b ∩ M_b| / |A_b ∪ M_b|``, averaged over images (images with an empty union are left out).
 
 Token logits come from ``aux_head`` (``source="aux"``) or from the class head applied to every patch token
 (``source="head"``), which is what a labeler trained with the class token only can offer. Comparing a labeler
@@ -75,9 +80,17 @@ def label_stability(pred_a: torch.Tensor, pred_b: torch.Tensor) -> float:
 
 @dataclass
 class TokenStats:
-    """Running sums for the token metrics (see the module docstring for the formulas)."""
+    """Running sums for the token metrics (see the module docstring for the formulas).
+
+    Batches come either all with object masks or all without; the mask-based sums stay empty without masks.
+    """
 
     num_classes: int
+    tokens: int = 0
+    agree: int = 0
+    conf: float = 0.0
+    hist: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    masked: bool | None = None
     fg: int = 0
     fg_correct: int = 0
     bg: int = 0
@@ -93,24 +106,39 @@ class TokenStats:
     def __post_init__(self) -> None:
         if self.bg_hist.numel() == 0:
             self.bg_hist = torch.zeros(self.num_classes, dtype=torch.long)
+        if self.hist.numel() == 0:
+            self.hist = torch.zeros(self.num_classes, dtype=torch.long)
 
     def update(
         self,
         pred: torch.Tensor,
         conf: torch.Tensor,
         labels: torch.Tensor,
-        fg: torch.Tensor,
+        fg: torch.Tensor | None,
         pred_other_view: torch.Tensor | None = None,
     ) -> None:
-        """Add a batch: ``pred``/``conf``/``fg`` are (B, H, W), ``labels`` (B,)."""
-        if not (pred.shape == conf.shape == fg.shape) or labels.shape != pred.shape[:1]:
+        """Add a batch: ``pred``/``conf``/``fg`` are (B, H, W), ``labels`` (B,); ``fg`` None without masks."""
+        fg_shape = pred.shape if fg is None else fg.shape
+        if not (pred.shape == conf.shape == fg_shape) or labels.shape != pred.shape[:1]:
             raise ValueError(
-                f"shape mismatch: pred {tuple(pred.shape)}, conf {tuple(conf.shape)}, fg {tuple(fg.shape)}, "
+                f"shape mismatch: pred {tuple(pred.shape)}, conf {tuple(conf.shape)}, fg {tuple(fg_shape)}, "
                 f"labels {tuple(labels.shape)}"
             )
+        if self.masked is not None and self.masked != (fg is not None):
+            raise ValueError("token statistics mix batches with and without object masks; give masks for all or none")
+        self.masked = fg is not None
         agree = pred == labels[:, None, None]  # (B, H, W)
-        bg = ~fg
         self.images += pred.shape[0]
+        self.tokens += pred.numel()
+        self.agree += int(agree.sum())
+        self.conf += float(conf.double().sum())
+        self.hist += torch.bincount(pred.flatten(), minlength=self.num_classes)[: self.num_classes]
+        if pred_other_view is not None:
+            self.stable += int((pred == pred_other_view).sum())
+            self.stable_total += pred.numel()
+        if fg is None:
+            return
+        bg = ~fg
         self.fg += int(fg.sum())
         self.fg_correct += int((agree & fg).sum())
         self.bg += int(bg.sum())
@@ -121,18 +149,30 @@ class TokenStats:
         inter = (agree & fg).flatten(1).sum(1)
         union = (agree | fg).flatten(1).sum(1)
         self.ious += [i / u for i, u in zip(inter.tolist(), union.tolist(), strict=True) if u > 0]
-        if pred_other_view is not None:
-            self.stable += int((pred == pred_other_view).sum())
-            self.stable_total += pred.numel()
 
     def summary(self) -> dict[str, Any]:
-        """The accumulated statistics as ratios (NaN where nothing was counted)."""
+        """The accumulated statistics as ratios (NaN where nothing was counted).
+
+        ``masks`` says whether object masks were given; the mask-based keys (``fg_*``, ``bg_*``, ``iou``) are there
+        only when they were.
+        """
 
         def ratio(a: float, b: float) -> float:
             return a / b if b else math.nan
 
-        return {
+        free = {
             "images": self.images,
+            "masks": bool(self.masked),
+            "tokens": self.tokens,
+            "agree_with_image_label": ratio(self.agree, self.tokens),
+            "confidence": ratio(self.conf, self.tokens),
+            "distribution": (self.hist.double() / max(self.tokens, 1)).tolist(),
+            "stability": ratio(self.stable, self.stable_total),
+        }
+        if not self.masked:
+            return free
+        return {
+            **free,
             "fg_tokens": self.fg,
             "bg_tokens": self.bg,
             "fg_accuracy": ratio(self.fg_correct, self.fg),
@@ -141,7 +181,6 @@ class TokenStats:
             "bg_confidence": ratio(self.bg_conf, self.bg),
             "bg_distribution": (self.bg_hist.double() / max(self.bg, 1)).tolist(),
             "iou": ratio(sum(self.ious), len(self.ious)),
-            "stability": ratio(self.stable, self.stable_total),
         }
 
 
@@ -192,13 +231,13 @@ def photometric_view(
 
 @dataclass
 class TokenExamples:
-    """The first few analysed images for pictures: images in [0, 1], token labels, confidences, masks."""
+    """The first few analysed images for pictures: images in [0, 1], token labels, confidences, masks (or None)."""
 
     images: torch.Tensor  # (n, 3, S, S)
     labels: torch.Tensor  # (n,)
     pred: torch.Tensor  # (n, H, W)
     conf: torch.Tensor  # (n, H, W)
-    masks: torch.Tensor  # (n, S, S)
+    masks: torch.Tensor | None  # (n, S, S); None without masks
     attention: torch.Tensor | None = None  # (n, heads, H, W)
 
 
@@ -219,7 +258,9 @@ class TokenResult:
     def to_dict(self) -> dict[str, Any]:
         """The ``tokens.json`` record (``skipped``: unreadable images left out)."""
         m = dict(self.metrics)
-        m["bg_distribution"] = dict(zip(self.classes, m["bg_distribution"], strict=True))
+        for key in ("distribution", "bg_distribution"):
+            if key in m:
+                m[key] = dict(zip(self.classes, m[key], strict=True))
         return {"name": self.name, "source": self.source, "classes": self.classes, **m, "skipped": self.skipped}
 
 
@@ -237,13 +278,14 @@ def analyze_tokens(
     seed: int = 0,
     name: str = "model",
 ) -> TokenResult:
-    """Token-label metrics of ``model`` over ``loader`` (batches with ``image``, ``label``, ``mask``).
+    """Token-label metrics of ``model`` over ``loader`` (batches with ``image``, ``label`` and, optionally, ``mask``).
 
     Args:
         model: A FAN (token model or not) or any model with ``forward_features``/``get_classifier``/``grid_size``.
-        loader: Batches ``{"image": (B,3,S,S), "label": (B,), "mask": (B,S,S)}``; with ``"teacher_image"``, stability
+        loader: Batches ``{"image": (B,3,S,S), "label": (B,)}``, with ``"mask": (B,S,S)`` for the mask-based
+            metrics (all batches or none); with ``"teacher_image"``, stability
             compares that view with ``image``; without it, with :func:`photometric_view` of ``image``.
-        classes: Class names (for the background distribution).
+        classes: Class names (for the token class distributions).
         mean: The normalisation mean of the images (to build the jittered view and the example pictures).
         std: The normalisation std, likewise.
         source: ``auto`` (aux head when present), ``aux`` or ``head``.
@@ -264,16 +306,14 @@ def analyze_tokens(
     kept = skipped = 0
     with torch.inference_mode(), autocast(device, amp):
         for batch in loader:
-            if "mask" not in batch:
-                raise KeyError("token analysis needs a data set with masks (batch key 'mask'); e.g. the synthetic set")
             x = batch["image"].to(device)
             labels = batch["label"].cpu()
+            masks = batch.get("mask")
             if "valid" in batch:
                 keep = batch["valid"].bool()
                 skipped += int((~keep).sum())
-                x, labels, masks = x[keep.to(device)], labels[keep], batch["mask"][keep]
-            else:
-                masks = batch["mask"]
+                x, labels = x[keep.to(device)], labels[keep]
+                masks = masks[keep] if masks is not None else None
             if x.shape[0] == 0:
                 continue
             logits, grid = token_predictions(model, x, src)
@@ -284,7 +324,7 @@ def analyze_tokens(
             other = batch.get("teacher_image")
             view = other.to(device) if other is not None else photometric_view(x, mean, std, gen)
             pred_view = token_predictions(model, view, src)[0].argmax(-1).reshape(-1, *grid).cpu()
-            fg = mask_to_token_grid(masks, grid, threshold)
+            fg = mask_to_token_grid(masks, grid, threshold) if masks is not None else None
             stats.update(pred, conf, labels, fg, pred_view)
             if kept < num_examples:
                 n = min(num_examples - kept, x.shape[0])
@@ -294,7 +334,8 @@ def analyze_tokens(
                 ex["labels"].append(labels[:n])
                 ex["pred"].append(pred[:n])
                 ex["conf"].append(conf[:n])
-                ex["masks"].append(masks[:n])
+                if masks is not None:
+                    ex["masks"].append(masks[:n])
                 if class_attention_maps is not None:
                     ex["attn"].append(class_attention_maps(x[:n]).float().cpu())
                 kept += n
@@ -307,7 +348,7 @@ def analyze_tokens(
             labels=torch.cat(ex["labels"]),
             pred=torch.cat(ex["pred"]),
             conf=torch.cat(ex["conf"]),
-            masks=torch.cat(ex["masks"]),
+            masks=torch.cat(ex["masks"]) if ex["masks"] else None,
             attention=torch.cat(ex["attn"]) if ex["attn"] else None,
         )
     if skipped:
@@ -330,7 +371,9 @@ def analyze_run(
 ) -> TokenResult:
     """Load an exported model (run dir or stem), analyse its token labels on ``data`` and write ``tokens.json``.
 
-    ``data`` is a data spec with masks (``DIR[:split]`` of the synthetic set; masks in ``DIR/<split>_masks``).
+    ``data`` is any data spec (``DIR[:split]`` or a bare ``root/<class>/<image>`` tree). With object masks
+    (``DIR/<split>_masks``, e.g. the synthetic set) ``tokens.json`` holds the mask-based metrics and the ``threshold``;
+    without, ``"masks": false`` and the mask-free statistics only.
     """
     import json
     import os
@@ -348,8 +391,7 @@ def analyze_run(
     model, meta = load_exported(ckpt, device=device)
     spec = parse_data_spec(data).resolve(EVAL_SPLITS)
     if spec.masks is None:
-        where = spec.dataset_dir / f"{spec.split}_masks" if spec.dataset_dir else f"{spec.root}_masks"
-        raise FileNotFoundError(f"token analysis needs object masks; none at {where} (use the synthetic data set)")
+        logger.info("no object masks for %s: token maps and mask-free statistics only", spec.root)
     classes = match_model_classes(meta, list_class_dirs(spec.root), spec.root)
     tf = eval_transform_from_meta(meta)
     mean, std = tf.mean, tf.std
@@ -363,7 +405,10 @@ def analyze_run(
     target = Path(out) if out else (ckpt / TOKENS_FILE if ckpt.is_dir() else ckpt.parent / TOKENS_FILE)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**res.to_dict(), "data": str(spec.root), "threshold": threshold}, indent=1))
+    record = {**res.to_dict(), "data": str(spec.root)}
+    if spec.masks is not None:
+        record["threshold"] = threshold
+    tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, target)
     logger.info("wrote %s", target)
     return res
