@@ -9,7 +9,12 @@ import torch
 from torch import nn
 
 from tokenlab.eval.class_maps import imagenet_subset, load_class_mapping, resolve_ood_classes
-from tokenlab.eval.classify import evaluate_classifier, restrict_logits, score_predictions
+from tokenlab.eval.classify import (
+    CONFUSION_MAX_CLASSES,
+    evaluate_classifier,
+    restrict_logits,
+    score_predictions,
+)
 from tokenlab.eval.folders import eval_loader
 from tokenlab.models import TokenOutput
 
@@ -165,3 +170,8 @@ def test_scores_on_a_subset_name_the_model_class():
     d = score_predictions({"official": logits}, targets, subset=[1, 3])["official"].to_dict()
     assert d["num_classes"] == 2 and d["prediction_counts"] == [0, 4] and d["per_class_accuracy"] == [0.0, 1.0]
     assert d["majority_class"] == 3 and d["majority_true_rate"] == 0.5 and d["collapsed"]
+    assert d["confusion"] == [[0, 2], [0, 2]]
+    # beyond CONFUSION_MAX_CLASSES the K x K matrix stays out of eval.json; the rest is still there
+    k = CONFUSION_MAX_CLASSES + 1
+    many = score_predictions({"official": torch.eye(k)}, torch.arange(k))["official"].to_dict()
+    assert "confusion" not in many and many["balanced_accuracy"] == 1.0 and len(many["per_class_accuracy"]) == k

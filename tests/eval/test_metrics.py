@@ -116,6 +116,7 @@ def test_class_balance_collapsed_predictor():
     h = -(1 / 12 * math.log(1 / 12) + 11 / 12 * math.log(11 / 12)) / math.log(4)
     assert b.prediction_entropy == pytest.approx(h) and b.prediction_entropy < 0.25
     assert b.collapsed and b.majority_rate > COLLAPSE_SHARE
+    assert b.confusion == [[1, 0, 2, 0], [0, 0, 3, 0], [0, 0, 3, 0], [0, 0, 3, 0]]  # rows true, columns predicted
 
 
 def test_class_balance_unbalanced_honest_predictor():

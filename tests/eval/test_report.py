@@ -58,8 +58,13 @@ def test_report_errors(tmp_path: Path):
 
 def _balance(top1: float, bal: float, major: int, rate: float, true_rate: float, collapsed: bool) -> dict:
     entropy = 0.1 if collapsed else 0.9
+    confusion = [[0] * 3 for _ in range(3)]
+    for t in range(3):  # 10 images per class: the majority class takes rate * 30 of them, the rest are right
+        confusion[t][major] += round(rate * 10)
+        confusion[t][t] += 10 - round(rate * 10)
     return {"top1": top1, "balanced_accuracy": bal, "majority_class": major, "majority_rate": rate,
-            "majority_true_rate": true_rate, "prediction_entropy": entropy, "collapsed": collapsed}  # fmt: skip
+            "majority_true_rate": true_rate, "prediction_entropy": entropy, "collapsed": collapsed,
+            "confusion": confusion}  # fmt: skip
 
 
 def test_report_shows_class_balance_and_flags_a_collapse(tmp_path: Path):
@@ -77,8 +82,12 @@ def test_report_shows_class_balance_and_flags_a_collapse(tmp_path: Path):
         body = {"model": "fan", "classes": classes, "clean": {"official": e["clean"]}, "ood": e["ood"]}
         (tmp_path / name / "eval.json").write_text(json.dumps(body))
         dirs.append(tmp_path / name)
-    md = write_report(dirs, tmp_path / "report").markdown.read_text()
+    files = write_report(dirs, tmp_path / "report")
+    md = files.markdown.read_text()
     assert "## Class balance" in md
+    pictures = sorted(p.name for p in files.images if p.name.startswith("confusion_"))
+    assert pictures == ["confusion_clean.png", "confusion_sketch.png"]
+    assert all((tmp_path / "report" / "images" / p).read_bytes()[:4] == b"\x89PNG" for p in pictures)
     assert "| sketch | 40.0 / 40.0 (fish) | 33.0 / 97.0 (cat) |" in md
     assert "| clean | 88.0 / 36.0 (dog) | 90.0 / 34.0 (cat) |" in md
     flags = [line for line in md.splitlines() if line.startswith("COLLAPSED")]

@@ -39,6 +39,7 @@ from tokenlab.utils.amp import autocast
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CONFUSION_MAX_CLASSES",
     "RULES",
     "ClassifyResult",
     "Predictions",
@@ -49,6 +50,8 @@ __all__ = [
 ]
 
 RULES = ("official", "cls")
+# eval.json stores the confusion matrix of a set only up to this many competing classes (K x K counts)
+CONFUSION_MAX_CLASSES = 50
 
 
 @dataclass
@@ -91,7 +94,8 @@ class ClassifyResult:
         """This result as plain JSON-ready data.
 
         The class-balance keys index the competing classes in order; ``majority_class`` is the model's class index
-        (through ``class_ids`` for OOD sets, whose ``subset`` lists the model class of each competing class).
+        (through ``class_ids`` for OOD sets, whose ``subset`` lists the model class of each competing class);
+        ``confusion`` (row = true, column = predicted) only up to :data:`CONFUSION_MAX_CLASSES` classes.
         """
         out = {
             "n": self.n, "skipped": self.skipped, "top1": self.top1, "top5": self.top5, "nll": self.nll,
@@ -107,6 +111,8 @@ class ClassifyResult:
                 "majority_true_rate": b.majority_true_rate, "prediction_entropy": b.prediction_entropy,
                 "collapsed": b.collapsed,
             })  # fmt: skip
+            if self.num_classes <= CONFUSION_MAX_CLASSES:
+                out["confusion"] = b.confusion
         return out
 
 

@@ -192,6 +192,7 @@ class ClassBalance:
         majority_true_rate: Its share of the true labels.
         prediction_entropy: ``H(q) / log K`` of the predicted-class histogram ``q`` (0 when K = 1).
         collapsed: ``majority_rate > COLLAPSE_SHARE`` while ``majority_true_rate <= COLLAPSE_SHARE``.
+        confusion: (K, K) counts, row = true class, column = predicted class.
     """
 
     per_class_accuracy: list[float | None]
@@ -202,6 +203,7 @@ class ClassBalance:
     majority_true_rate: float
     prediction_entropy: float
     collapsed: bool
+    confusion: list[list[int]]
 
 
 def class_balance(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int) -> ClassBalance:
@@ -221,9 +223,8 @@ def class_balance(predictions: torch.Tensor, targets: torch.Tensor, num_classes:
     pred, true = predictions.long().cpu(), targets.long().cpu()
     if min(int(pred.min()), int(true.min())) < 0 or max(int(pred.max()), int(true.max())) >= num_classes:
         raise ValueError(f"class indices outside [0, {num_classes})")
-    pred_counts = torch.bincount(pred, minlength=num_classes)
-    true_counts = torch.bincount(true, minlength=num_classes)
-    hits = torch.bincount(true[pred == true], minlength=num_classes)
+    confusion = torch.bincount(true * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
+    pred_counts, true_counts, hits = confusion.sum(dim=0), confusion.sum(dim=1), confusion.diagonal()
     per_class: list[float | None] = [
         int(h) / int(t) if t > 0 else None for h, t in zip(hits.tolist(), true_counts.tolist(), strict=True)
     ]
@@ -242,6 +243,7 @@ def class_balance(predictions: torch.Tensor, targets: torch.Tensor, num_classes:
         majority_true_rate=true_rate,
         prediction_entropy=max(0.0, entropy),
         collapsed=rate > COLLAPSE_SHARE and true_rate <= COLLAPSE_SHARE,
+        confusion=confusion.tolist(),
     )
 
 

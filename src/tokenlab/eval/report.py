@@ -152,6 +152,21 @@ def _balance_section(runs: list[RunData]) -> list[str]:
     return md
 
 
+def _confusion_panels(runs: list[RunData], set_name: str) -> dict[str, tuple[Any, list[str]]]:
+    """``{run: (confusion, class names)}`` of one set (official rule), for the runs whose eval.json stores it."""
+    out = {}
+    for r in runs:
+        d = _balance_sets(r).get(set_name)
+        if d is None or "confusion" not in d:
+            continue
+        k = len(d["confusion"])
+        ids = _get(r.eval, "ood", set_name, "subset") if set_name != "clean" else None
+        if not (isinstance(ids, list) and len(ids) == k < len((r.eval or {}).get("classes") or [])):
+            ids = list(range(k))  # the set was scored on every model class, in model order
+        out[r.name] = (d["confusion"], [_class_name(r, i) for i in ids])
+    return out
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -260,6 +275,12 @@ def write_report(
         md += ["", "Top-1 in % with logits restricted to the classes the set covers (official / cls only).", ""]
 
     md += _balance_section(evald)
+    for set_name in ["clean"] + ood_names:
+        panels = _confusion_panels(evald, set_name)
+        if panels:
+            path = img_dir / f"confusion_{_slug(set_name)}.png"
+            figure(vis.plot_confusion(panels, path, f"{set_name} set"),
+                   f"confusion matrices, {set_name} set (rows: true class, shares of each row)")  # fmt: skip
 
     # ---- calibration --------------------------------------------------------------------------------------------
     rel = {r.name: _get(r.eval, "clean", "official", "reliability") for r in evald
