@@ -9,7 +9,12 @@ import torch
 from torch import nn
 
 from tokenlab.eval.class_maps import imagenet_subset, load_class_mapping, resolve_ood_classes
-from tokenlab.eval.classify import evaluate_classifier, restrict_logits
+from tokenlab.eval.classify import (
+    CONFUSION_MAX_CLASSES,
+    evaluate_classifier,
+    restrict_logits,
+    score_predictions,
+)
 from tokenlab.eval.folders import eval_loader
 from tokenlab.models import TokenOutput
 
@@ -139,3 +144,34 @@ def test_imagenet_subsets_from_timm(tmp_path: Path):
         resolve_ood_classes(root, ["a", "b"], "imagenet-a")
     with pytest.raises(ValueError, match="unknown ImageNet subset"):
         imagenet_subset("imagenet-x")
+
+
+def test_scores_report_class_balance_and_collapse(caplog: pytest.LogCaptureFixture):
+    # 3 classes, 2 images each; the "official" rule always says class 1, the "cls" rule is right every time
+    targets = torch.tensor([0, 0, 1, 1, 2, 2])
+    collapsed = torch.tensor([[0.0, 5.0, 1.0]]).expand(6, 3)
+    honest = torch.nn.functional.one_hot(targets, 3).float() * 4
+    with caplog.at_level("WARNING", logger="tokenlab.eval.classify"):
+        res = score_predictions({"official": collapsed, "cls": honest}, targets)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "rule official): class 1 takes 100 % of 6 predictions but 33 %" in warned[0]
+    d, h = res["official"].to_dict(), res["cls"].to_dict()
+    assert d["top1"] == pytest.approx(1 / 3) and d["balanced_accuracy"] == pytest.approx(1 / 3)
+    assert d["per_class_accuracy"] == [0.0, 1.0, 0.0] and d["prediction_counts"] == [0, 6, 0]
+    assert (d["majority_class"], d["majority_rate"], d["prediction_entropy"], d["collapsed"]) == (1, 1.0, 0.0, True)
+    assert h["balanced_accuracy"] == 1.0 and h["prediction_entropy"] == pytest.approx(1.0) and not h["collapsed"]
+    assert {"top1", "top5", "nll", "ece", "reliability", "num_classes"} <= set(d)  # existing keys kept
+
+
+def test_scores_on_a_subset_name_the_model_class():
+    # model classes 0..3; the set covers classes [1, 3]; the restricted argmax is always position 1 = model class 3
+    logits = torch.tensor([[9.0, 0.0, 0.0, 2.0]]).expand(4, 4)
+    targets = torch.tensor([1, 1, 3, 3])
+    d = score_predictions({"official": logits}, targets, subset=[1, 3])["official"].to_dict()
+    assert d["num_classes"] == 2 and d["prediction_counts"] == [0, 4] and d["per_class_accuracy"] == [0.0, 1.0]
+    assert d["majority_class"] == 3 and d["majority_true_rate"] == 0.5 and d["collapsed"]
+    assert d["confusion"] == [[0, 2], [0, 2]]
+    # beyond CONFUSION_MAX_CLASSES the K x K matrix stays out of eval.json; the rest is still there
+    k = CONFUSION_MAX_CLASSES + 1
+    many = score_predictions({"official": torch.eye(k)}, torch.arange(k))["official"].to_dict()
+    assert "confusion" not in many and many["balanced_accuracy"] == 1.0 and len(many["per_class_accuracy"]) == k

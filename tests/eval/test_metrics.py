@@ -9,6 +9,8 @@ import torch
 
 from tokenlab.eval.metrics import (
     ALEXNET_ERRORS,
+    COLLAPSE_SHARE,
+    class_balance,
     corruption_scores,
     expected_calibration_error,
     mce,
@@ -98,3 +100,48 @@ def test_retention_and_scores():
     assert s.relative_mce is not None and s.reference == "base"
     with pytest.raises(ValueError, match="empty accuracy table"):
         corruption_scores({}, 0.5)
+
+
+def test_class_balance_collapsed_predictor():
+    # balanced set, 4 classes x 3 images; the model says class 2 for 11 of 12 images and class 0 once (right)
+    targets = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
+    preds = torch.tensor([0, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2])
+    b = class_balance(preds, targets, 4)
+    # top-1 = 4/12; per class: 1/3, 0, 3/3, 0 -> balanced (1/3 + 1) / 4 = 1/3
+    assert b.per_class_accuracy == pytest.approx([1 / 3, 0.0, 1.0, 0.0])
+    assert b.balanced_accuracy == pytest.approx(1 / 3)
+    assert b.prediction_counts == [1, 0, 11, 0]
+    assert (b.majority_class, b.majority_rate, b.majority_true_rate) == (2, pytest.approx(11 / 12), 0.25)
+    # H = -(1/12 log 1/12 + 11/12 log 11/12) / log 4
+    h = -(1 / 12 * math.log(1 / 12) + 11 / 12 * math.log(11 / 12)) / math.log(4)
+    assert b.prediction_entropy == pytest.approx(h) and b.prediction_entropy < 0.25
+    assert b.collapsed and b.majority_rate > COLLAPSE_SHARE
+    assert b.confusion == [[1, 0, 2, 0], [0, 0, 3, 0], [0, 0, 3, 0], [0, 0, 3, 0]]  # rows true, columns predicted
+
+
+def test_class_balance_unbalanced_honest_predictor():
+    # 8 of 10 images are class 0; a perfect model predicts class 0 for 80 % of them and is not collapsed
+    targets = torch.tensor([0] * 8 + [1, 2])
+    b = class_balance(targets.clone(), targets, 3)
+    assert b.balanced_accuracy == 1.0 and b.majority_rate == pytest.approx(0.8) and not b.collapsed
+    # a model that always says class 0 has the same majority class and 80 % top-1, but balanced accuracy 1/3;
+    # the set itself is that unbalanced, so it is not flagged as a collapse
+    always0 = class_balance(torch.zeros(10, dtype=torch.long), targets, 3)
+    assert always0.balanced_accuracy == pytest.approx(1 / 3) and always0.prediction_entropy == 0.0
+    assert always0.majority_rate == 1.0 and always0.majority_true_rate == pytest.approx(0.8)
+    assert not always0.collapsed
+
+
+def test_class_balance_uniform_and_absent_classes():
+    # each of 3 classes predicted once: entropy 1; class 2 never appears in the targets -> None, left out of the mean
+    b = class_balance(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 1]), 3)
+    assert b.prediction_entropy == pytest.approx(1.0)
+    assert b.per_class_accuracy == [1.0, 0.5, None] and b.balanced_accuracy == pytest.approx(0.75)
+    assert not b.collapsed
+    assert class_balance(torch.tensor([0, 0]), torch.tensor([0, 0]), 1).prediction_entropy == 0.0
+    with pytest.raises(ValueError, match="outside"):
+        class_balance(torch.tensor([3]), torch.tensor([0]), 3)
+    with pytest.raises(ValueError, match="no samples"):
+        class_balance(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="one shape"):
+        class_balance(torch.tensor([0, 1]), torch.tensor([0]), 3)

@@ -5,7 +5,9 @@
 - OOD sets whose classes are a subset or a renaming of the training classes: the logits are restricted to the
   covered classes before the argmax, ``y_hat = subset[argmax_j z_{subset[j]}]``; which classes a set covers comes
   from :mod:`tokenlab.eval.class_maps` (ImageNet-A/R tables, mapping files).
-- Metrics (see :mod:`tokenlab.eval.metrics`): top-1/top-5, NLL, ECE with a reliability diagram.
+- Metrics (see :mod:`tokenlab.eval.metrics`): top-1/top-5, NLL, ECE with a reliability diagram, and the class
+  balance of the predictions (per-class and balanced accuracy, majority-class rate, prediction entropy, a
+  ``collapsed`` flag), all from the same logits (no second pass).
 
 Inference runs under ``torch.inference_mode`` with optional autocast (``tokenlab.utils.amp``: bf16 / fp16);
 unreadable images are skipped and counted, never silently dropped. Loaders come from
@@ -23,13 +25,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenlab.eval.metrics import Reliability, expected_calibration_error, nll, topk_accuracy
+from tokenlab.eval.metrics import (
+    ClassBalance,
+    Reliability,
+    class_balance,
+    expected_calibration_error,
+    nll,
+    topk_accuracy,
+)
 from tokenlab.models.contract import as_backbone
 from tokenlab.utils.amp import autocast
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CONFUSION_MAX_CLASSES",
     "RULES",
     "ClassifyResult",
     "Predictions",
@@ -40,6 +50,8 @@ __all__ = [
 ]
 
 RULES = ("official", "cls")
+# eval.json stores the confusion matrix of a set only up to this many competing classes (K x K counts)
+CONFUSION_MAX_CLASSES = 50
 
 
 @dataclass
@@ -56,6 +68,8 @@ class ClassifyResult:
         rule: Prediction rule (``"official"`` or ``"cls"``).
         num_classes: Classes competing in the argmax (the subset size for OOD sets).
         seconds: Wall time of inference; ``images_per_s = n / seconds``.
+        balance: How the predictions spread over the classes (None only for results built by hand).
+        class_ids: The model class of each competing class (``subset`` for OOD sets; None: the identity).
     """
 
     n: int
@@ -68,6 +82,8 @@ class ClassifyResult:
     rule: str
     num_classes: int
     seconds: float = 0.0
+    balance: ClassBalance | None = None
+    class_ids: list[int] | None = None
 
     @property
     def images_per_s(self) -> float:
@@ -75,12 +91,29 @@ class ClassifyResult:
         return self.n / self.seconds if self.seconds > 0 else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        """This result as plain JSON-ready data."""
-        return {
+        """This result as plain JSON-ready data.
+
+        The class-balance keys index the competing classes in order; ``majority_class`` is the model's class index
+        (through ``class_ids`` for OOD sets, whose ``subset`` lists the model class of each competing class);
+        ``confusion`` (row = true, column = predicted) only up to :data:`CONFUSION_MAX_CLASSES` classes.
+        """
+        out = {
             "n": self.n, "skipped": self.skipped, "top1": self.top1, "top5": self.top5, "nll": self.nll,
             "ece": self.ece, "rule": self.rule, "num_classes": self.num_classes, "seconds": self.seconds,
             "images_per_s": self.images_per_s, "reliability": self.reliability.to_dict(),
         }  # fmt: skip
+        b = self.balance
+        if b is not None:
+            major = self.class_ids[b.majority_class] if self.class_ids is not None else b.majority_class
+            out.update({
+                "per_class_accuracy": b.per_class_accuracy, "balanced_accuracy": b.balanced_accuracy,
+                "prediction_counts": b.prediction_counts, "majority_class": major, "majority_rate": b.majority_rate,
+                "majority_true_rate": b.majority_true_rate, "prediction_entropy": b.prediction_entropy,
+                "collapsed": b.collapsed,
+            })  # fmt: skip
+            if self.num_classes <= CONFUSION_MAX_CLASSES:
+                out["confusion"] = b.confusion
+        return out
 
 
 def _rule_logits(model: nn.Module, x: torch.Tensor, rule: str) -> torch.Tensor:
@@ -184,12 +217,19 @@ def restrict_logits(logits: torch.Tensor, subset: Sequence[int]) -> torch.Tensor
 
 
 def _scores(logits: torch.Tensor, targets: torch.Tensor, rule: str, skipped: int, seconds: float,
-            n_bins: int) -> ClassifyResult:  # fmt: skip
+            n_bins: int, class_ids: list[int] | None) -> ClassifyResult:  # fmt: skip
     acc = topk_accuracy(logits, targets, (1, 5))
     rel = expected_calibration_error(logits, targets, n_bins)
+    balance = class_balance(logits.argmax(dim=1), targets, logits.shape[1])
+    if balance.collapsed:
+        major = class_ids[balance.majority_class] if class_ids is not None else balance.majority_class
+        logger.warning("collapsed predictions (rule %s): class %d takes %.0f %% of %d predictions but %.0f %% of the "
+                       "labels; balanced accuracy %.1f %%", rule, major, 100 * balance.majority_rate, len(targets),
+                       100 * balance.majority_true_rate, 100 * balance.balanced_accuracy)  # fmt: skip
     return ClassifyResult(
         n=len(targets), skipped=skipped, top1=acc[1], top5=acc[5], nll=nll(logits, targets), ece=rel.ece,
-        reliability=rel, rule=rule, num_classes=logits.shape[1], seconds=seconds,
+        reliability=rel, rule=rule, num_classes=logits.shape[1], seconds=seconds, balance=balance,
+        class_ids=class_ids,
     )  # fmt: skip
 
 
@@ -236,4 +276,5 @@ def score_predictions(
             raise ValueError(f"targets {missing[:10]} are not in the class subset")
         targets = torch.tensor([pos[int(t)] for t in targets.tolist()], dtype=torch.long)
         logits = {r: restrict_logits(v, subset) for r, v in logits.items()}
-    return {r: _scores(v, targets, r, skipped, seconds, n_bins) for r, v in logits.items()}
+    ids = [int(c) for c in subset] if subset is not None else None
+    return {r: _scores(v, targets, r, skipped, seconds, n_bins, ids) for r, v in logits.items()}

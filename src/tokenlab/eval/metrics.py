@@ -10,7 +10,11 @@ Implements REFERENCE §3 and the standard definitions they build on:
   ``CE_c = sum_s E_{s,c} / sum_s E^ref_{s,c}``, ``mCE = mean_c CE_c``;
   relative ``rCE_c = sum_s (E_{s,c} - E_clean) / sum_s (E^ref_{s,c} - E^ref_clean)``, ``relative mCE = mean_c rCE_c``;
 - retention ``= robust accuracy / clean accuracy`` with robust accuracy the mean accuracy over every
-  (corruption, severity) cell.
+  (corruption, severity) cell;
+- class balance of the predictions (a collapse onto one class must not hide behind top-1):
+  per-class accuracy ``acc_c = |{i: y_i = c, y^_i = c}| / |{i: y_i = c}|``, balanced accuracy ``mean_c acc_c`` over
+  the classes present, majority rate ``max_c |{i: y^_i = c}| / n``, and the normalised prediction entropy
+  ``H(q) / log K`` of the predicted-class histogram ``q`` (1 = uniform over the K competing classes, 0 = one class).
 
 Error tables are ``{corruption: {severity: error}}`` with errors in [0, 1].
 """
@@ -30,11 +34,14 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ALEXNET_CLEAN_ERROR",
     "ALEXNET_ERRORS",
+    "COLLAPSE_SHARE",
     "COMMON_CORRUPTIONS",
+    "ClassBalance",
     "EXTRA_CORRUPTIONS",
     "CorruptionScores",
     "Reliability",
     "corruption_scores",
+    "class_balance",
     "expected_calibration_error",
     "mce",
     "nll",
@@ -165,6 +172,79 @@ def expected_calibration_error(logits: torch.Tensor, targets: torch.Tensor, n_bi
         accs.append(ma)
         ece += c / n * abs(ma - mc)
     return Reliability(edges.tolist(), counts, confs, accs, ece)
+
+
+# A set counts as collapsed when one class takes more than this share of its predictions while it holds at most this
+# share of the set's true labels.
+COLLAPSE_SHARE = 0.5
+
+
+@dataclass
+class ClassBalance:
+    """How the predictions of one set spread over the classes.
+
+    Attributes:
+        per_class_accuracy: Accuracy per competing class, in class order (None for a class absent from the targets).
+        balanced_accuracy: Mean of ``per_class_accuracy`` over the classes present.
+        prediction_counts: Predictions per competing class.
+        majority_class: Index (among the competing classes) of the most-predicted class.
+        majority_rate: Its share of the predictions.
+        majority_true_rate: Its share of the true labels.
+        prediction_entropy: ``H(q) / log K`` of the predicted-class histogram ``q`` (0 when K = 1).
+        collapsed: ``majority_rate > COLLAPSE_SHARE`` while ``majority_true_rate <= COLLAPSE_SHARE``.
+        confusion: (K, K) counts, row = true class, column = predicted class.
+    """
+
+    per_class_accuracy: list[float | None]
+    balanced_accuracy: float
+    prediction_counts: list[int]
+    majority_class: int
+    majority_rate: float
+    majority_true_rate: float
+    prediction_entropy: float
+    collapsed: bool
+    confusion: list[list[int]]
+
+
+def class_balance(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int) -> ClassBalance:
+    """Per-class accuracy, balanced accuracy, majority-class rate, prediction entropy and the collapse flag.
+
+    Args:
+        predictions: (n,) predicted class indices in ``[0, num_classes)``.
+        targets: (n,) true class indices in ``[0, num_classes)``.
+        num_classes: K, the classes competing in the argmax.
+    """
+    if predictions.ndim != 1 or predictions.shape != targets.shape:
+        raise ValueError(f"expected predictions and targets of one shape (n,), got {tuple(predictions.shape)} and "
+                         f"{tuple(targets.shape)}")  # fmt: skip
+    if predictions.numel() == 0:
+        raise ValueError("no samples: metrics need at least one prediction")
+    n = predictions.numel()
+    pred, true = predictions.long().cpu(), targets.long().cpu()
+    if min(int(pred.min()), int(true.min())) < 0 or max(int(pred.max()), int(true.max())) >= num_classes:
+        raise ValueError(f"class indices outside [0, {num_classes})")
+    confusion = torch.bincount(true * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
+    pred_counts, true_counts, hits = confusion.sum(dim=0), confusion.sum(dim=1), confusion.diagonal()
+    per_class: list[float | None] = [
+        int(h) / int(t) if t > 0 else None for h, t in zip(hits.tolist(), true_counts.tolist(), strict=True)
+    ]
+    present = [a for a in per_class if a is not None]
+    major = int(pred_counts.argmax())
+    q = pred_counts.double() / n
+    q = q[q > 0]
+    entropy = float(-(q * q.log()).sum() / math.log(num_classes)) if num_classes > 1 else 0.0
+    rate, true_rate = int(pred_counts[major]) / n, int(true_counts[major]) / n
+    return ClassBalance(
+        per_class_accuracy=per_class,
+        balanced_accuracy=sum(present) / len(present),
+        prediction_counts=pred_counts.tolist(),
+        majority_class=major,
+        majority_rate=rate,
+        majority_true_rate=true_rate,
+        prediction_entropy=max(0.0, entropy),
+        collapsed=rate > COLLAPSE_SHARE and true_rate <= COLLAPSE_SHARE,
+        confusion=confusion.tolist(),
+    )
 
 
 def _ref_sum(ref: Mapping[int, float] | float, severities: list[int]) -> float:

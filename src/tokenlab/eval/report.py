@@ -3,7 +3,8 @@
 Only formats: it reads what evaluation wrote in each run directory (``eval.json`` from ``tokenlab eval``,
 ``tokens.json`` and the token/attention PNGs from ``tokenlab tokens``, ``metrics.jsonl`` from training) and draws
 the comparison plots with :mod:`tokenlab.eval.visualize`. Tables: clean accuracy (official rule and cls-only
-ablation), NLL, ECE, robust accuracy, mCE / relative mCE, retention, OOD accuracy, token-label quality.
+ablation), NLL, ECE, robust accuracy, mCE / relative mCE, retention, OOD accuracy, class balance per set (balanced
+accuracy and majority-class rate, with a sentence for every set a run has collapsed on), token-label quality.
 """
 
 from __future__ import annotations
@@ -103,6 +104,67 @@ def _reference_note(runs: list) -> str:
             if _get(r.eval, "corruptions", "official")}  # fmt: skip
     with_ref = [f"{name} against {ref}" for name, ref in refs.items() if ref]
     return f"mCE: {'; '.join(with_ref)}." if with_ref else "No mCE reference was given."
+
+
+def _balance_sets(r: RunData) -> dict[str, dict[str, Any]]:
+    """``{set: official-rule result}`` for the clean set and every OOD set of a run, when it has the balance keys."""
+    sets = {"clean": _get(r.eval, "clean", "official")}
+    sets.update({o: _get(d, "official") for o, d in ((r.eval or {}).get("ood") or {}).items()})
+    return {k: v for k, v in sets.items() if isinstance(v, dict) and "balanced_accuracy" in v}
+
+
+def _class_name(r: RunData, idx: Any) -> str:
+    classes = (r.eval or {}).get("classes") or []
+    return str(classes[idx]) if isinstance(idx, int) and 0 <= idx < len(classes) else str(idx)
+
+
+def _balance_section(runs: list[RunData]) -> list[str]:
+    """Per set and run: balanced accuracy / majority-class rate, and a sentence per collapsed (run, set)."""
+    per_run = {r.name: _balance_sets(r) for r in runs}
+    sets = ["clean"] + sorted({s for v in per_run.values() for s in v} - {"clean"})
+    with_balance = [r for r in runs if per_run[r.name]]
+    if not with_balance:
+        return []
+    rows = []
+    for s in sets:
+        row = [s]
+        for r in with_balance:
+            d = per_run[r.name].get(s)
+            row.append("–" if d is None else f"{_pct(d['balanced_accuracy'])} / {_pct(d['majority_rate'])} "
+                       f"({_class_name(r, d['majority_class'])})")  # fmt: skip
+        rows.append(row)
+    md = ["## Class balance", ""]
+    md += _table(["set"] + [r.name for r in with_balance], rows)
+    md += ["", "Balanced accuracy (mean per-class accuracy) / share of the predictions that go to the most-predicted "
+           "class (that class), in %, official rule. A model that predicts mostly one class can look fine on top-1 "
+           "when the set is unbalanced; these columns show it.", ""]  # fmt: skip
+    flags = []
+    for r in with_balance:
+        for s, d in per_run[r.name].items():
+            if d.get("collapsed"):
+                flags.append(f"COLLAPSED: {r.name} predicts class {_class_name(r, d['majority_class'])} for "
+                             f"{_pct(d['majority_rate'], 0)} % of the {s} set, which holds "
+                             f"{_pct(d.get('majority_true_rate'), 0)} % of it (prediction entropy "
+                             f"{_num(d.get('prediction_entropy'), 2)}); its accuracy on that set reflects the class "
+                             "mix, not recognition.")  # fmt: skip
+    for f in flags or ["No run has collapsed onto one class on any set."]:
+        md += [f, ""]  # one paragraph each
+    return md
+
+
+def _confusion_panels(runs: list[RunData], set_name: str) -> dict[str, tuple[Any, list[str]]]:
+    """``{run: (confusion, class names)}`` of one set (official rule), for the runs whose eval.json stores it."""
+    out = {}
+    for r in runs:
+        d = _balance_sets(r).get(set_name)
+        if d is None or "confusion" not in d:
+            continue
+        k = len(d["confusion"])
+        ids = _get(r.eval, "ood", set_name, "subset") if set_name != "clean" else None
+        if not (isinstance(ids, list) and len(ids) == k < len((r.eval or {}).get("classes") or [])):
+            ids = list(range(k))  # the set was scored on every model class, in model order
+        out[r.name] = (d["confusion"], [_class_name(r, i) for i in ids])
+    return out
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -211,6 +273,14 @@ def write_report(
             rows.append(row)
         md += _table(["set"] + [r.name for r in evald], rows)
         md += ["", "Top-1 in % with logits restricted to the classes the set covers (official / cls only).", ""]
+
+    md += _balance_section(evald)
+    for set_name in ["clean"] + ood_names:
+        panels = _confusion_panels(evald, set_name)
+        if panels:
+            path = img_dir / f"confusion_{_slug(set_name)}.png"
+            figure(vis.plot_confusion(panels, path, f"{set_name} set"),
+                   f"confusion matrices, {set_name} set (rows: true class, shares of each row)")  # fmt: skip
 
     # ---- calibration --------------------------------------------------------------------------------------------
     rel = {r.name: _get(r.eval, "clean", "official", "reliability") for r in evald

@@ -1,7 +1,8 @@
 """Pictures (matplotlib, Agg backend, PNG) of evaluations and training runs.
 
 Token-label maps, class-attention maps, per-block token-mixing attention maps (``FAN.forward_attention_maps``),
-corruption bars and severity curves comparing runs, reliability diagrams, and training curves from ``metrics.jsonl``.
+corruption bars and severity curves comparing runs, reliability diagrams, confusion matrices, and training curves
+from ``metrics.jsonl``.
 
 Every function takes plain data (tensors, dicts read from ``eval.json`` / ``tokens.json`` / ``metrics.jsonl``),
 writes one PNG and returns its path; nothing here computes a metric.
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "plot_block_attention",
     "plot_class_attention",
+    "plot_confusion",
     "plot_corruption_bars",
     "plot_reliability",
     "plot_severity_curves",
@@ -324,6 +326,37 @@ def plot_reliability(reliability: Mapping[str, Mapping[str, Any]], path: str | P
         axes[1, j].set_xlabel("confidence")
         if j == 0:
             axes[1, j].set_ylabel("count")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_confusion(
+    panels: Mapping[str, tuple[Sequence[Sequence[int]], Sequence[str]]], path: str | Path, title: str | None = None
+) -> Path:
+    """Confusion matrices side by side, each row normalised to the share of that true class (rows: true class).
+
+    Args:
+        panels: ``{run: (K x K counts, K class names)}``.
+        path: Output PNG.
+        title: Figure title.
+    """
+    if not panels:
+        raise ValueError("nothing to plot: no confusion matrix")
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.6), squeeze=False)
+    for ax, (r, (counts, names)) in zip(axes[0], panels.items(), strict=True):
+        m = np.asarray(counts, dtype=float)
+        share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        k = len(names)
+        if k <= 20:
+            ax.set_xticks(range(k), [str(c) for c in names], rotation=90, fontsize=7)
+            ax.set_yticks(range(k), [str(c) for c in names], fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(r, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 
