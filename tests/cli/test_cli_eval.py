@@ -16,9 +16,10 @@ def test_eval_tokens_report_cli(tmp_path: Path, capsys):
     common = ["--data", str(data), "--corruptions", "pixelate", "--severities", "1", "--cache-dir",
               str(tmp_path / "cache"), "--workers", "0"]  # fmt: skip
     assert main(["eval", "--checkpoint", str(a), *common]) == 0
-    assert main(["eval", "--checkpoint", str(b), *common, "--reference", str(a)]) == 0
+    assert main(["eval", "--checkpoint", str(b), *common, "--reference", str(a), "--work-size", "source"]) == 0
     out = capsys.readouterr().out
     assert "official" in out and "cls" in out and "pixelate" in out
+    assert "generated at the model's input size" in out and "generated at the source image size" in out
     assert json.loads((b / "eval.json").read_text())["corruptions"]["official"]["reference"] == "a"
     assert main(["tokens", str(a), str(b), "--data", str(data), "--examples", "2"]) == 0
     assert (b / "token_labels.png").is_file() and (b / "tokens.json").is_file()
@@ -37,5 +38,9 @@ def test_cli_bad_input(tmp_path: Path, capsys):
     good = make_run(tmp_path / "g")
     assert main(["eval", "--checkpoint", str(good), "--data", str(data), "--corruptions", "fogg"]) == 2
     assert "unknown corruption 'fogg'" in capsys.readouterr().err
+    assert (
+        main(["eval", "--checkpoint", str(good), "--data", str(data), "--corruptions", "fog", "--work-size", "x"]) == 2
+    )
+    assert "bad work size 'x'" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     assert "run directory not found" in capsys.readouterr().err

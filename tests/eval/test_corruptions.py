@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from evalhelpers import make_tree
 from PIL import Image
+from torchvision import tv_tensors
 
+from tokenlab.data.transforms import eval_transform_from_meta
 from tokenlab.eval.corruptions import (
     ALL_CORRUPTIONS,
+    UNCHANGED_THRESHOLD,
     corrupt_image,
     generate_corruptions,
     image_seed,
+    model_resize,
+    parse_work_size,
     read_corruption_tree,
     resolve_corruptions,
     resolve_severities,
@@ -116,3 +124,85 @@ def test_empty_source_dir_is_an_error(tmp_path: Path):
         generate_corruptions(tmp_path / "empty", tmp_path / "c", "fog", workers=0)
     with pytest.raises(FileNotFoundError, match="data directory not found"):
         generate_corruptions(tmp_path / "missing", tmp_path / "c", "fog", workers=0)
+
+
+def test_parse_work_size():
+    assert parse_work_size(None) == "model" and parse_work_size(None, default="source") == "source"
+    assert parse_work_size("Source") == "source" and parse_work_size("64") == 64 == parse_work_size(64)
+    for bad in ("big", "0", 0, -3):
+        with pytest.raises(ValueError, match="work size"):
+            parse_work_size(bad)
+
+
+def _png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_work_size_model_corrupts_after_the_model_resize(tmp_path: Path):
+    src = make_tree(tmp_path / "big", per_class=2, size=96)
+    meta = {"img_size": 32, "crop_pct": 0.8, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3}
+    kw = {"workers": 0, "progress": False}
+    model = generate_corruptions(src, tmp_path / "c", "contrast", "2", work_size="model", model_meta=meta, **kw)
+    stored = sorted(model.root.rglob("*.png"))
+    assert model.work_size == "model" and len(stored) == 4
+    # stored at the model's resize (short side floor(32 / 0.8) = 40); the eval transform only centre-crops it
+    first = np.array(Image.open(src / "cat" / stored[0].name).convert("RGB"))
+    resized = model_resize(meta)(tv_tensors.Image(torch.from_numpy(first).permute(2, 0, 1)))  # as the eval loader
+    assert _png(stored[0]).shape == (40, 40, 3) == tuple(resized.permute(1, 2, 0).shape)
+    expected = corrupt_image(resized.permute(1, 2, 0).numpy(), "contrast", 2, image_seed(0, "contrast", 2, 0))
+    np.testing.assert_array_equal(_png(stored[0]), expected)
+    assert eval_transform_from_meta(meta)(Image.open(stored[0]))["image"].shape == (3, 32, 32)
+    # the work size is part of the cache key: source, model and N never share a tree
+    source = generate_corruptions(src, tmp_path / "c", "contrast", "2", work_size="source", model_meta=meta, **kw)
+    side = generate_corruptions(src, tmp_path / "c", "contrast", "2", work_size=48, **kw)
+    assert len({model.root, source.root, side.root}) == 3
+    assert _png(next(source.root.rglob("*.png"))).shape == (96, 96, 3) == _png(next(side.root.rglob("*.png"))).shape
+    # another model with the same geometry reuses the model-size tree; another geometry does not
+    same = generate_corruptions(src, tmp_path / "c", "contrast", "2", work_size="model", model_meta=dict(meta), **kw)
+    assert same.root == model.root and same.generated_cells == []
+    other = generate_corruptions(src, tmp_path / "c", "contrast", "2", work_size="model",
+                                 model_meta={**meta, "img_size": 48}, **kw)  # fmt: skip
+    assert other.root != model.root
+    with pytest.raises(ValueError, match="work size 'model' needs the model's metadata"):
+        generate_corruptions(src, tmp_path / "c", "contrast", "2", work_size="model", **kw)
+
+
+def test_model_size_equals_source_size_when_the_resize_is_identity(image_tree: Path, tmp_path: Path):
+    """Images already at the model's size (the demo's synthetic sets) get the same pixels either way."""
+    meta = {"img_size": 32, "crop_pct": 1.0, "interpolation": "bicubic"}
+    kw = {"workers": 0, "progress": False}
+    a = generate_corruptions(
+        image_tree, tmp_path / "c", "shot_noise,pixelate", "3", work_size="model", model_meta=meta, **kw
+    )
+    b = generate_corruptions(image_tree, tmp_path / "c", "shot_noise,pixelate", "3", **kw)
+    assert a.root != b.root
+    for f in sorted(b.root.rglob("*.png")):
+        np.testing.assert_array_equal(_png(f), _png(a.root / f.relative_to(b.root)))
+
+
+def test_warns_when_a_corruption_leaves_the_images_unchanged(tmp_path: Path, caplog):
+    # smooth 224 px images shrunk to a 32 px model: pixelate severity 1 at the source size vanishes in the resize
+    rng = np.random.default_rng(0)
+    src = tmp_path / "smooth"
+    for c in ("a", "b"):
+        (src / c).mkdir(parents=True)
+        for i in range(2):
+            low = rng.integers(40, 200, (8, 8, 3)).astype(np.uint8)
+            Image.fromarray(low).resize((224, 224), Image.Resampling.BICUBIC).save(src / c / f"{i}.png")
+    meta = {"img_size": 32, "crop_pct": 1.0, "interpolation": "bicubic"}
+    kw = {"workers": 0, "progress": False, "model_meta": meta}
+    with caplog.at_level(logging.WARNING, logger="tokenlab.eval.corruptions"):
+        weak = generate_corruptions(src, tmp_path / "c", "pixelate,contrast", "1", work_size="source", **kw)
+    assert weak.unchanged == [("pixelate", 1)] and weak.change["pixelate/1"] < UNCHANGED_THRESHOLD
+    assert weak.change["contrast/1"] > 10
+    assert "pixelate severity 1" in caplog.text and "--work-size model" in caplog.text
+    assert "contrast severity" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tokenlab.eval.corruptions"):  # cached: the warning is repeated
+        again = generate_corruptions(src, tmp_path / "c", "pixelate,contrast", "1", work_size="source", **kw)
+    assert again.generated_cells == [] and again.unchanged == [("pixelate", 1)] and "pixelate severity 1" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tokenlab.eval.corruptions"):
+        strong = generate_corruptions(src, tmp_path / "c", "pixelate", "1", work_size="model", **kw)
+    assert strong.unchanged == [] and strong.change["pixelate/1"] > 10 * weak.change["pixelate/1"]
+    assert "unchanged" not in caplog.text

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from evalhelpers import make_run, make_tree
+from PIL import Image
 
 from tokenlab.data.specs import EVAL_SPLITS, parse_data_spec
 from tokenlab.eval.classify_corruptions import load_reference
@@ -90,3 +91,23 @@ def _mapping(tmp_path: Path) -> Path:
     f = tmp_path / "map.json"
     f.write_text(json.dumps({"cat": "wolf"}))
     return f
+
+
+def test_corruptions_are_generated_at_the_model_size_by_default(tmp_path: Path):
+    data = make_tree(tmp_path / "val64", per_class=2, size=64)  # a 32 px model on 64 px images
+    run = make_run(tmp_path / "run", token=False)
+    kw = {"corruptions": "contrast", "severities": "1", "cache_dir": tmp_path / "cache", "workers": 0, "ood": None,
+          "progress": False}  # fmt: skip
+    evaluate_classifier_run(run, data, **kw)
+    (model_tree,) = (tmp_path / "cache").iterdir()
+    manifest = json.loads((model_tree / "manifest.json").read_text())
+    assert manifest["work_size"] == {"model_resize": [[32], "bicubic"]}
+    assert all(Image.open(f).size == (32, 32) for f in model_tree.rglob("*.png"))
+    corr = json.loads((run / "eval.json").read_text())["corruptions"]
+    assert corr["work_size"] == "model" and corr["unchanged"] == []
+    res = evaluate_classifier_run(run, data, work_size="source", out=tmp_path / "src.json", **kw)
+    assert res.corruptions is not None and res.corruptions.source != str(model_tree)
+    assert res.corruptions.work_size == "source"
+    assert all(Image.open(f).size == (64, 64) for f in Path(res.corruptions.source).rglob("*.png"))
+    with pytest.raises(ValueError, match="bad work size 'huge'"):
+        evaluate_classifier_run(run, data, work_size="huge", **kw)

@@ -21,7 +21,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--severities", default=None, help="e.g. 1-5 (default) or 1,3,5")
     p.add_argument("--corruption-tree", help="read an ImageNet-C style tree corruption/severity/class/img instead")
     p.add_argument("--cache-dir", help="corruption cache (default $TOKENLAB_CACHE or ~/.cache/tokenlab)")
-    p.add_argument("--work-size", type=int, help="corrupt at this image size, then resize back (small images)")
+    p.add_argument(
+        "--work-size", default="model",
+        help="where corruptions are generated: 'model' (default: after the model's eval resize, at its input size), "
+        "'source' (each image's own size; weak after downsizing to a small model) or a side N in pixels "
+        "(corrupt at NxN, resize back); each choice has its own cache",
+    )  # fmt: skip
     p.add_argument("--reference", default="auto", help="mCE reference: auto, alexnet, none, or a run dir / eval.json")
     p.add_argument("--ood", action="append", default=None,
                    help="OOD set NAME=DIR[@MAPPING] (MAPPING: file, imagenet-a, imagenet-r); repeatable; "
@@ -63,6 +68,12 @@ def run(args: argparse.Namespace) -> int:
     if skipped:
         print(f"unreadable images skipped: {skipped} (named in the log)")
     if res.corruptions:
+        work = res.corruptions.work_size
+        if work is not None:
+            print(f"corruptions generated at {_WORK_SIZE_NAMES.get(str(work), f'{work}x{work} px')}")
+        if res.corruptions.unchanged:
+            cells = ", ".join(res.corruptions.unchanged)
+            print(f"warning: {cells} left the images unchanged (accuracy = clean; see the log)")
         for rule, s in res.corruptions.scores.items():
             mce = f"{100 * s.mce:.2f}" if s.mce is not None else "- (no reference)"
             print(f"corruptions [{rule}]: robust acc {100 * s.robust_accuracy:.2f}  retention "
@@ -74,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
     for name, d in res.ood.items():
         print(f"OOD {name}: " + "  ".join(f"{r} {100 * d[r]['top1']:.2f}" for r in res.rules))
     return 0
+
+
+_WORK_SIZE_NAMES = {"model": "the model's input size", "source": "the source image size"}
 
 
 def _check_inputs_and_outputs(args: argparse.Namespace) -> None:

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,10 @@ class CorruptionResult:
         num_images: Images evaluated over all cells.
         source: The tree that was read.
         seconds: Inference wall time.
+        work_size: Where the corruptions were generated (``"model"``, ``"source"`` or a side in pixels; None: a
+            tree that was read, not generated).
+        unchanged: ``"corruption/severity"`` cells that left the images unchanged as the model sees them
+            (:data:`tokenlab.eval.corruptions.UNCHANGED_THRESHOLD`); their accuracy equals the clean one.
     """
 
     scores: dict[str, CorruptionScores]
@@ -67,11 +71,14 @@ class CorruptionResult:
     num_images: int
     source: str
     seconds: float
+    work_size: int | str | None = None
+    unchanged: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """This result as plain JSON-ready data."""
         out: dict[str, Any] = {"source": self.source, "skipped": self.skipped, "num_images": self.num_images,
-                               "seconds": self.seconds}  # fmt: skip
+                               "seconds": self.seconds, "work_size": self.work_size,
+                               "unchanged": self.unchanged}  # fmt: skip
         for rule, s in self.scores.items():
             out[rule] = _scores_dict(s)
         return out

@@ -36,7 +36,12 @@ from tokenlab.data.specs import EVAL_SPLITS, DataSpec, parse_data_spec
 from tokenlab.eval.class_maps import OODSpec, match_model_classes, resolve_ood_classes
 from tokenlab.eval.classify import RULES, ClassifyResult, predict, score_predictions
 from tokenlab.eval.classify_corruptions import CorruptionResult, default_cache_dir, evaluate_corruptions, load_reference
-from tokenlab.eval.corruptions import generate_corruptions, resolve_corruptions, resolve_severities
+from tokenlab.eval.corruptions import (
+    generate_corruptions,
+    parse_work_size,
+    resolve_corruptions,
+    resolve_severities,
+)
 from tokenlab.eval.folders import eval_loader
 from tokenlab.utils.runs import EVAL_FILE
 
@@ -112,7 +117,7 @@ def evaluate_classifier_run(
     severities: str | Sequence[int] | None = None,
     corruption_tree: str | Path | None = None,
     cache_dir: str | Path | None = None,
-    work_size: int | None = None,
+    work_size: int | str | None = "model",
     corruption_seed: int = 0,
     reference: str | Path | None = "auto",
     ood: Sequence[str | OODSpec] | str | None = "auto",
@@ -133,7 +138,9 @@ def evaluate_classifier_run(
         severities: ``"1-5"`` by default.
         corruption_tree: Read this ImageNet-C style tree instead of generating one.
         cache_dir: Corruption cache (default :func:`default_cache_dir`).
-        work_size: Corrupt at this size (see :func:`tokenlab.eval.corruptions.corrupt_image`).
+        work_size: Where the corruptions are generated: ``"model"`` (default, None: after the model's evaluation
+            resize, at the size it sees), ``"source"`` (the images' own size) or a side in pixels; see
+            :mod:`tokenlab.eval.corruptions`.
         corruption_seed: Base seed of the corruptions.
         reference: mCE reference: ``auto``, ``alexnet``, ``none`` or a run dir / ``eval.json``.
         ood: ``"auto"`` (synthetic rendition/shortcut splits when present), and/or ``NAME=DIR[@MAPPING]`` strings
@@ -151,6 +158,7 @@ def evaluate_classifier_run(
         corruptions = resolve_corruptions(corruptions)
     if severities is not None:
         severities = resolve_severities(severities)
+    work_size = parse_work_size(work_size)
     ckpt = Path(checkpoint)
     model, meta = load_exported(ckpt, device=device)
     spec = parse_data_spec(data).resolve(EVAL_SPLITS)
@@ -180,9 +188,11 @@ def evaluate_classifier_run(
                         device=device, amp=amp)  # fmt: skip
 
     if corruptions is not None or corruption_tree is not None:
+        cache = None
         if corruption_tree is None:
             cache = generate_corruptions(spec.root, cache_dir or default_cache_dir(), corruptions, severities,
-                                         seed=corruption_seed, work_size=work_size, progress=progress)  # fmt: skip
+                                         seed=corruption_seed, work_size=work_size, progress=progress,
+                                         model_meta=meta)  # fmt: skip
             tree, corruptions, severities = cache.root, cache.corruptions, cache.severities
         else:
             tree = Path(corruption_tree)
@@ -190,6 +200,9 @@ def evaluate_classifier_run(
             model, tree, class_to_idx, meta, {r: c.top1 for r, c in clean.items()}, corruptions, severities, ref,
             rules, device, amp, batch_size, workers,
         )  # fmt: skip
+        if cache is not None:
+            result.corruptions.work_size = cache.work_size
+            result.corruptions.unchanged = [f"{c}/{s}" for c, s in cache.unchanged]
 
     for o, c2i, subset in ood_sets:
         logger.info("OOD set %s: %s (%d of %d classes)", o.name, o.root, len(subset), len(classes))
