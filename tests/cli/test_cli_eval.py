@@ -20,7 +20,14 @@ def test_eval_tokens_report_cli(tmp_path: Path, capsys):
     out = capsys.readouterr().out
     assert "official" in out and "cls" in out and "pixelate" in out
     assert "generated at the model's input size" in out and "generated at the source image size" in out
-    assert json.loads((b / "eval.json").read_text())["corruptions"]["official"]["reference"] == "a"
+    ev = json.loads((b / "eval.json").read_text())
+    assert ev["corruptions"]["official"]["reference"] == "a"
+    # the console shows balanced accuracy and the majority rate, and says so when a model collapsed
+    clean = ev["clean"]["official"]
+    line = next(ln for ln in out.splitlines()[::-1] if ln.startswith("official "))
+    assert f"{100 * clean['balanced_accuracy']:6.2f} {100 * clean['majority_rate']:6.2f}" in line
+    assert ("COLLAPSED" in line) == clean["collapsed"]
+    assert "bal." in out
     assert main(["tokens", str(a), str(b), "--data", str(data), "--examples", "2"]) == 0
     assert (b / "token_labels.png").is_file() and (b / "tokens.json").is_file()
     assert main(["report", str(a), str(b), "--out", str(tmp_path / "rep"), "--names", "base,stl"]) == 0

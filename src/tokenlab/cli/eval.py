@@ -60,10 +60,12 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     print(f"{res.name}: {res.model} on {res.data}")
-    print(f"{'rule':<9} {'top-1':>6} {'top-5':>6} {'NLL':>6} {'ECE':>6} {'img/s':>8}")
+    print(f"{'rule':<9} {'top-1':>6} {'top-5':>6} {'NLL':>6} {'ECE':>6} {'bal.':>6} {'major':>6} {'img/s':>8}")
     for rule, c in res.clean.items():
+        bal, major = (c.balance.balanced_accuracy, c.balance.majority_rate) if c.balance else (float("nan"),) * 2
+        flag = "  COLLAPSED (one class takes most predictions)" if c.balance and c.balance.collapsed else ""
         print(f"{rule:<9} {100 * c.top1:6.2f} {100 * c.top5:6.2f} {c.nll:6.3f} {100 * c.ece:6.2f} "
-              f"{c.images_per_s:8.1f}")  # fmt: skip
+              f"{100 * bal:6.2f} {100 * major:6.2f} {c.images_per_s:8.1f}{flag}")  # fmt: skip
     skipped = max((c.skipped for c in res.clean.values()), default=0)
     if skipped:
         print(f"unreadable images skipped: {skipped} (named in the log)")
@@ -83,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
         if res.corruptions.skipped:
             print(f"unreadable images skipped: {res.corruptions.skipped}")
     for name, d in res.ood.items():
-        print(f"OOD {name}: " + "  ".join(f"{r} {100 * d[r]['top1']:.2f}" for r in res.rules))
+        print(f"OOD {name}: " + "  ".join(
+            f"{r} {100 * d[r]['top1']:.2f} (balanced {100 * d[r].get('balanced_accuracy', float('nan')):.2f}"
+            + (", COLLAPSED" if d[r].get("collapsed") else "") + ")" for r in res.rules))  # fmt: skip
     return 0
 
 
