@@ -22,9 +22,14 @@ def test_tokens_on_a_folder_without_masks(tmp_path: Path, capsys) -> None:
         assert rec["masks"] is False and rec["source"] == source and rec["images"] == 6
         assert rec["tokens"] == 6 * 64 and "fg_accuracy" not in rec and "iou" not in rec
         assert (run / "token_labels.png").stat().st_size > 0 and (run / "class_attention.png").stat().st_size > 0
-    # the report takes the mask-free records (the mask-based columns stay empty)
+    # the report takes the mask-free records: the all-token columns filled, the mask-based ones empty
     assert main(["report", str(stl), str(plain), "--out", str(tmp_path / "rep")]) == 0
-    assert "| stl |" in (tmp_path / "rep" / "report.md").read_text()
+    md = (tmp_path / "rep" / "report.md").read_text()
+    rec = json.loads((stl / "tokens.json").read_text())
+    row = next(ln for ln in md.splitlines() if ln.startswith("| stl | aux |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == f"{100 * rec['agree_with_image_label']:.1f}" and cells[3] == f"{100 * rec['confidence']:.1f}"
+    assert cells[4:9] == ["–"] * 5
 
 
 def test_tokens_with_masks_keeps_the_mask_table(tmp_path: Path, capsys) -> None:

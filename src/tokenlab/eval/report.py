@@ -296,15 +296,17 @@ def write_report(
         rows = []
         for r in tok_runs:
             t = r.tokens or {}
-            rows.append([r.name, str(t.get("source", "–")), _pct(t.get("fg_accuracy")), _pct(t.get("fg_confidence")),
+            rows.append([r.name, str(t.get("source", "–")), _pct(t.get("agree_with_image_label")),
+                         _pct(t.get("confidence")), _pct(t.get("fg_accuracy")), _pct(t.get("fg_confidence")),
                          _pct(t.get("bg_agree_with_image_label")), _pct(t.get("bg_confidence")), _pct(t.get("iou")),
                          _pct(t.get("stability"))])  # fmt: skip
-        md += _table(["run", "source", "fg acc.", "fg conf.", "bg = image label", "bg conf.", "IoU(agree, mask)",
-                      "view stability"], rows)  # fmt: skip
+        md += _table(["run", "source", "all = image label", "conf.", "fg acc.", "fg conf.", "bg = image label",
+                      "bg conf.", "IoU(agree, mask)", "view stability"], rows)  # fmt: skip
         md += [
             "",
-            "In %. *fg acc.*: object tokens labelled with the image class; *bg = image label*: background "
-            "tokens given the image class; *IoU*: tokens agreeing with the image label vs the object mask; "
+            "In %. *all = image label* / *conf.*: every token (with or without object masks); *fg acc.*: object "
+            "tokens labelled with the image class; *bg = image label*: background tokens given the image class; "
+            "*IoU*: tokens agreeing with the image label vs the object mask (fg / bg / IoU need masks: – without); "
             "*view stability*: same token label in the teacher and the student view.",
             "",
         ]
