@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from tokenlab.utils.runs import CHECKPOINT_DIR
+
 __all__ = [
     "CheckpointError",
     "capture_rng_state",
@@ -321,7 +323,7 @@ def resume_candidates(resume: str | None, run_dir: Path) -> list[Path]:
     if resume is None:
         return []
     if resume == "auto":
-        return list(reversed(list_checkpoints(run_dir / "checkpoints")))
+        return list(reversed(list_checkpoints(run_dir / CHECKPOINT_DIR)))
     path = Path(resume)
     if path.is_file() and (path.parent / STATE_FILE).is_file():
         return [path.parent]  # a file inside a checkpoint directory names that checkpoint
@@ -338,13 +340,13 @@ def resume_path(resume: str | None, run_dir: Path) -> Path | None:
     if resume is None:
         return None
     if resume == "auto":
-        found = latest_checkpoint(run_dir / "checkpoints")
+        found = latest_checkpoint(run_dir / CHECKPOINT_DIR)
         if found is None:
-            logger.info("--resume auto: no checkpoint in %s, starting fresh", run_dir / "checkpoints")
+            logger.info("--resume auto: no checkpoint in %s, starting fresh", run_dir / CHECKPOINT_DIR)
         return found
     path = Path(resume)
     if path.is_dir() and not (path / STATE_FILE).is_file():
-        found = latest_checkpoint(path) or latest_checkpoint(path / "checkpoints")
+        found = latest_checkpoint(path) or latest_checkpoint(path / CHECKPOINT_DIR)
         if found is None:
             raise FileNotFoundError(f"checkpoint.resume={resume}: no complete checkpoint there")
         return found

@@ -322,8 +322,8 @@ class Trainer:
                 "rng": rngs,
                 "config": OmegaConf.to_yaml(self.cfg),
             }
-            path = ckpt.save_checkpoint_dir(self.run_dir / "checkpoints", self.step, weights, state)
-            ckpt.prune_checkpoints(self.run_dir / "checkpoints", self.cfg.checkpoint.keep)
+            path = ckpt.save_checkpoint_dir(self.run_dir / CHECKPOINT_DIR, self.step, weights, state)
+            ckpt.prune_checkpoints(self.run_dir / CHECKPOINT_DIR, self.cfg.checkpoint.keep)
             logger.info("checkpoint %s", path)
         self._saved_step, self._last_save = self.step, time.monotonic()
         D.barrier()
@@ -620,7 +620,7 @@ class Trainer:
         except RuntimeError as err:
             if self.distributed and not isinstance(err, TrainingAborted) and D.is_peer_failure(err):
                 # (checkpoints are never non-finite, so the newest one resumes)
-                last = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
+                last = ckpt.latest_checkpoint(self.run_dir / CHECKPOINT_DIR)
                 raise PeerFailureError(
                     f"rank {self.rank}: another rank stopped answering (it died or hangs; no reply within "
                     f"train.dist_timeout_s={self.cfg.train.dist_timeout_s} s) at step {self.step}. Stopping this rank. "
@@ -660,7 +660,7 @@ class Trainer:
                 for k, v in terms.items():
                     window[k] = window.get(k, 0.0) + v
                 if not applied and self.nonfinite_streak >= cfg.train.max_nonfinite:
-                    last = ckpt.latest_checkpoint(self.run_dir / "checkpoints")  # never non-finite: it resumes
+                    last = ckpt.latest_checkpoint(self.run_dir / CHECKPOINT_DIR)  # never non-finite: it resumes
                     raise NonFiniteLossError(
                         f"{self.nonfinite_streak} non-finite losses in a row up to step {self.step - 1} (terms "
                         f"{terms}); stopping. Last good checkpoint: {last or 'none'}"

@@ -52,7 +52,7 @@ __all__ = [
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` with a clear error naming the closest valid names for an unknown model."""
-    if name not in timm.list_models():
+    if not timm.is_model(name):
         close = difflib.get_close_matches(name, list_tokenlab_models() + timm.list_models(), n=5, cutoff=0.5)
         hint = f"; closest: {', '.join(close)}" if close else "; `tokenlab models` lists ours"
         raise ValueError(f"unknown model {name!r}{hint}")

@@ -251,7 +251,7 @@ def load_published(
         FileNotFoundError: no such checkpoint.
         ValueError: unknown model name, unreadable file, or weights that do not fit the model (every bad key listed).
     """
-    if model_name not in timm.list_models():
+    if not timm.is_model(model_name):
         raise ValueError(f"unknown model {model_name!r}; `tokenlab models` lists the registered ones")
     state_dict, entry = read_checkpoint(path, prefer)
     if num_classes is None:
