@@ -115,6 +115,7 @@ def _reference_note(runs: list) -> str:
     refs = {r.name: _get(r.eval, "corruptions", "official", "reference") for r in runs
             if _get(r.eval, "corruptions", "official")}  # fmt: skip
     with_ref = [f"{name} relative to {ref}" for name, ref in refs.items() if ref]
+    with_ref += [f"{r.name} is the reference" for r in runs if _get(r.eval, "reference", "this_run")]
     if not with_ref:
         return ("No mCE reference was given: mCE needs one (`tokenlab eval RUN1 RUN2 ...` uses the run named "
                 "baseline, else the first).")  # fmt: skip

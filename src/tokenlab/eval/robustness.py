@@ -184,8 +184,9 @@ def evaluate_classifier_run(
             spec_path = None if str(reference) in ("auto", "alexnet") else str(reference)
             reference_used = {"name": ref.name, "path": spec_path, "this_run": False}
     loader = eval_loader(spec.root, class_to_idx, meta, batch_size, workers)
+    n_images = len(loader.dataset)  # type: ignore[arg-type]  # an ImageTreeDataset: sized
     logger.info("clean evaluation of %s on %s: %d images at %s px, batch %d, %s", meta.get("model"), spec.root,
-                len(loader.dataset), meta.get("img_size"), batch_size, _loader_workers(loader))  # fmt: skip
+                n_images, meta.get("img_size"), batch_size, _loader_workers(loader))  # fmt: skip
     pred = predict(model, loader, device, amp, rules)
     clean = score_predictions(pred.logits, pred.targets, pred.skipped, pred.seconds)
     name = ckpt.name if ckpt.is_dir() else ckpt.parent.name
@@ -283,7 +284,7 @@ def evaluate_runs(
 def _loader_workers(loader: Any) -> str:
     """How a loader reads its images, as measured: the worker count it was built with."""
     n = int(loader.num_workers)
-    return f"{n} loader worker processes" if n > 0 else "read in this process (no loader workers)"
+    return f"{n} loader worker process{'es' if n > 1 else ''}" if n > 0 else "read in this process (no loader workers)"
 
 
 def _eval_path(ckpt: Path) -> Path:
