@@ -271,8 +271,9 @@ def evaluate_runs(
         if i == ref_idx:
             logger.info("mCE reference: %s (evaluated first)", paths[i])
             res = evaluate_classifier_run(paths[i], data, reference="none", **kwargs)
-            res.reference = {"name": res.name, "path": None, "this_run": True}
-            res.save(_eval_path(paths[i]))
+            if res.corruptions is not None:  # without corruptions there is no mCE, hence no reference
+                res.reference = {"name": res.name, "path": None, "this_run": True}
+                res.save(_eval_path(paths[i]))
         else:
             ref = str(paths[ref_idx]) if ref_idx is not None else reference
             res = evaluate_classifier_run(paths[i], data, reference=ref, **kwargs)
