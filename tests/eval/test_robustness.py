@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 
 from tokenlab.data.specs import EVAL_SPLITS, parse_data_spec
 from tokenlab.eval.classify_corruptions import load_reference
-from tokenlab.eval.robustness import evaluate_classifier_run
+from tokenlab.eval.robustness import evaluate_classifier_run, evaluate_runs, reference_run
 
 
 @pytest.fixture
@@ -111,3 +112,28 @@ def test_corruptions_are_generated_at_the_model_size_by_default(tmp_path: Path):
     assert all(Image.open(f).size == (64, 64) for f in Path(res.corruptions.source).rglob("*.png"))
     with pytest.raises(ValueError, match="bad work size 'huge'"):
         evaluate_classifier_run(run, data, work_size="huge", **kw)
+
+
+def test_the_reference_of_several_runs_is_baseline_else_the_first(tmp_path: Path):
+    a, b = tmp_path / "a", tmp_path / "baseline"
+    a.mkdir(), b.mkdir()
+    assert reference_run([a, b]) == 1
+    assert reference_run([a, tmp_path / "c"]) == 0
+    assert reference_run([a, b / "model.json"]) == 1  # an exported file names its run by its directory
+
+
+def test_runs_with_another_resize_need_their_own_cache_and_the_log_says_so(tmp_path: Path, caplog):
+    caplog.set_level(logging.INFO)
+    tree = make_tree(tmp_path / "photo", per_class=2)
+    first, other = make_run(tmp_path / "first", token=False), make_run(tmp_path / "other", token=False)
+    meta = json.loads((other / "model.json").read_text())
+    (other / "model.json").write_text(json.dumps({**meta, "crop_pct": 0.5}))  # resize to 64, then crop 32
+    res = evaluate_runs([first, other], tree, corruptions="pixelate", severities="1", cache_dir=tmp_path / "cache",
+                        workers=0, progress=False, ood=[])  # fmt: skip
+    assert res[1].reference == {"name": "first", "path": str(first), "this_run": False}  # auto, no baseline: first
+    assert res[0].reference is not None and res[0].reference["this_run"]
+    assert len({r.corruptions.source for r in res if r.corruptions}) == 2
+    warning = next(r.getMessage() for r in caplog.records if "different corruption caches" in r.getMessage())
+    assert "needed 2 different corruption caches" in warning and "first:" in warning and "other:" in warning
+    with pytest.raises(ValueError, match="with several runs"):
+        evaluate_runs([first, other], tree, out=tmp_path / "x.json")

@@ -655,6 +655,7 @@ class Trainer:
                 terms, applied = self._train_step(batches)
                 self.batches_done += accum
                 self.step += 1
+                log.tick(self.step)  # progress bar and its ETA every step
                 window_images += sum(_batch_size(b) for b in batches) * self.world
                 window_steps += 1
                 for k, v in terms.items():

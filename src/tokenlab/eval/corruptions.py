@@ -423,8 +423,11 @@ def generate_corruptions(
         _check_changed(result, changes)
         return result
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers
-    logger.info("generating %d corruption cells x %d images with %d workers into %s", len(todo), len(items),
-                max(workers, 1), root)  # fmt: skip
+    sz = list(view.size or []) if pre is not None and view is not None else []
+    where = (f"at the model's resize ({'x'.join(map(str, sz)) if len(sz) == 2 else f'shorter side {sz[0]}'} px)"
+             if sz else f"at {side}x{side} px" if side else "at each image's own size")  # fmt: skip
+    how = f"{workers} worker processes" if workers > 1 else "in this process (1 worker)"
+    logger.info("generating %d corruption cells x %d images %s, %s, into %s", len(todo), len(items), where, how, root)
     t0 = time.perf_counter()
     unreadable: set[str] = set(manifest["unreadable"])
     bar = tqdm(total=len(todo) * len(items), unit="img", desc="corrupting", disable=not progress)

@@ -4,7 +4,10 @@ Only formats: it reads what evaluation wrote in each run directory (``eval.json`
 ``tokens.json`` and the token/attention PNGs from ``tokenlab tokens``, ``metrics.jsonl`` from training) and draws
 the comparison plots with :mod:`tokenlab.eval.visualize`. Tables: clean accuracy (official rule and cls-only
 ablation), NLL, ECE, robust accuracy, mCE / relative mCE, retention, OOD accuracy, class balance per set (balanced
-accuracy and majority-class rate, with a sentence for every set a run has collapsed on), token-label quality.
+accuracy and majority-class rate, with a sentence for every set a run has collapsed on), per-class accuracy,
+token-label quality; an OOD bar chart with 95 % intervals; and a verdict with its noise statement for any runs
+(:mod:`tokenlab.eval.verdict`: binomial intervals run by run, or the paired difference across seeds for runs named
+``<model>_s<seed>`` with one seed list), each model against the run (or model) named ``baseline``, else the first.
 """
 
 from __future__ import annotations
@@ -22,6 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from tokenlab.eval import visualize as vis
+from tokenlab.eval.verdict import (
+    compare_accuracies,
+    comparison_sentence,
+    paired_sentence,
+    seed_groups,
+    seed_statistics,
+    single_run_noise_note,
+    wilson_interval,
+)
 from tokenlab.utils.runs import EVAL_FILE, METRICS_FILE, TOKENS_FILE, check_writable
 
 logger = logging.getLogger(__name__)
@@ -102,8 +114,14 @@ def _reference_note(runs: list) -> str:
     """Which reference each run's mCE is measured against (runs without one have no mCE)."""
     refs = {r.name: _get(r.eval, "corruptions", "official", "reference") for r in runs
             if _get(r.eval, "corruptions", "official")}  # fmt: skip
-    with_ref = [f"{name} against {ref}" for name, ref in refs.items() if ref]
-    return f"mCE: {'; '.join(with_ref)}." if with_ref else "No mCE reference was given."
+    with_ref = [f"{name} relative to {ref}" for name, ref in refs.items() if ref]
+    with_ref += [f"{r.name} is the reference" for r in runs if _get(r.eval, "reference", "this_run")]
+    if not with_ref:
+        return ("No mCE reference was given: mCE needs one (`tokenlab eval RUN1 RUN2 ...` uses the run named "
+                "baseline, else the first).")  # fmt: skip
+    return (f"mCE: {'; '.join(with_ref)} (each corruption's error summed over severities, divided by the "
+            "reference's, averaged; 100 % = as robust as the reference; relative mCE does the same with the "
+            "drop from clean error; `alexnet` is the ImageNet-C AlexNet table).")  # fmt: skip
 
 
 def _balance_sets(r: RunData) -> dict[str, dict[str, Any]]:
@@ -152,6 +170,127 @@ def _balance_section(runs: list[RunData]) -> list[str]:
     return md
 
 
+def _set_ids(r: RunData, set_name: str, k: int) -> list[int]:
+    """Model class index of each of the ``k`` competing classes of a set (an OOD subset, or every class)."""
+    ids = _get(r.eval, "ood", set_name, "subset") if set_name != "clean" else None
+    if not (isinstance(ids, list) and len(ids) == k < len((r.eval or {}).get("classes") or [])):
+        ids = list(range(k))  # the set was scored on every model class, in model order
+    return ids
+
+
+def _per_class_section(runs: list[RunData], set_names: list[str], max_classes: int = 50) -> list[str]:
+    """One table per set: accuracy of each true class (rows) for each run (columns), official rule."""
+    md: list[str] = []
+    for set_name in set_names:
+        cols: dict[str, dict[str, float | None]] = {}
+        for r in runs:
+            acc = _get(_balance_sets(r).get(set_name), "per_class_accuracy")
+            if isinstance(acc, list):
+                ids = _set_ids(r, set_name, len(acc))
+                cols[r.name] = {_class_name(r, i): a for i, a in zip(ids, acc, strict=True)}
+        classes = list(dict.fromkeys(c for v in cols.values() for c in v))
+        if not cols:
+            continue
+        if not md:
+            md += ["## Per-class accuracy", ""]
+        if len(classes) > max_classes:
+            md += [f"{set_name} set: {len(classes)} classes, table left out (more than {max_classes}).", ""]
+            continue
+        md += [f"{set_name} set:", ""]
+        md += _table(["class"] + list(cols), [[c] + [_pct(v.get(c)) for v in cols.values()] for c in classes])
+        md.append("")
+    if md:
+        md += ["Top-1 of the images of each true class, in % (official rule; – : the class is absent from the set). "
+               "A class near 0 next to one near 100 is the mark of a model that predicts one class.", ""]  # fmt: skip
+    return md
+
+
+# verdict metrics: (key, what); the OOD sets follow as ("ood:<set>", "top-1 on the <set> set")
+_VERDICT_METRICS = (("clean", "clean top-1"), ("corrupted", "top-1 under the corruptions"))
+
+
+def _verdict_metrics(r: RunData) -> dict[str, tuple[str, float, int]]:
+    """``{key: (what, accuracy, images)}`` of one run: clean, corrupted (counted as the clean set) and OOD top-1."""
+    e = r.eval or {}
+    out: dict[str, tuple[str, float, int]] = {}
+    n_clean = int(_get(e, "clean", "official", "n") or 0)
+    values = {"clean": _get(e, "clean", "official", "top1"),
+              "corrupted": _get(e, "corruptions", "official", "robust_accuracy")}  # fmt: skip
+    for key, what in _VERDICT_METRICS:
+        if values[key] is not None:
+            out[key] = (what, float(values[key]), n_clean)
+    for o, d in (e.get("ood") or {}).items():
+        top1 = _get(d, "official", "top1")
+        if top1 is not None:
+            out[f"ood:{o}"] = (f"top-1 on the {o} set", float(top1), int(_get(d, "official", "n") or 0))
+    return out
+
+
+def _reference_first(names: list[str]) -> list[str]:
+    return ["baseline"] + [n for n in names if n != "baseline"] if "baseline" in names else names
+
+
+def _verdict_section(runs: list[RunData]) -> list[str]:
+    """Every model against the reference (``baseline``, else the first): paired across seeds or run by run."""
+    evald = [r for r in runs if _verdict_metrics(r)]
+    if len(evald) < 2:
+        return []
+    metrics = {r.name: _verdict_metrics(r) for r in evald}
+    groups = seed_groups([r.name for r in evald])
+    md = ["## Verdict", ""]
+    if groups is not None:
+        models = _reference_first(list(groups))
+        seeds = sorted(next(iter(groups.values())))
+        per_seed = {s: {m: {k: v[1] for k, v in metrics[groups[m][s]].items()} for m in models} for s in seeds}
+        keys = list(dict.fromkeys(k for m in metrics.values() for k in m))
+        whats = {k: v[0] for m in metrics.values() for k, v in m.items()}
+        ref = models[0]
+        rows = []
+        for m in models:
+            st = seed_statistics(per_seed, keys, ref, m)
+            rows.append([m] + [_mean_sd_cell(st["models"].get(m, {}).get(k)) for k in keys])
+            if m != ref:
+                md += [paired_sentence(whats[k], ref, m, st["difference"][k]) for k in keys if k in st["difference"]]
+        md += ["", f"Runs paired by seed ({', '.join(map(str, seeds))}): per seed the difference of the two models, "
+               "then its mean ± t · sd / √n over the seeds, a 95 % interval; an interval that holds 0 is within "
+               "noise. Seed-to-seed variation is inside these intervals.", ""]  # fmt: skip
+        md += _table(["model (mean ± sd over seeds)"] + [whats[k] for k in keys], rows)
+        md.append("")
+        return md
+    names = _reference_first([r.name for r in evald])
+    ref = names[0]
+    for name in names[1:]:
+        for key, (what, b, n_b) in metrics[name].items():
+            if key in metrics[ref]:
+                _, a, n_a = metrics[ref][key]
+                md.append(comparison_sentence(what, ref, name, compare_accuracies(a, n_a, b, n_b)))
+    n_ref = metrics[ref].get("clean", ("", 0.0, 0))[2]
+    md += ["", "One evaluation per run, compared with " + ref + ". " + single_run_noise_note(n_ref)
+           + " For a paired comparison across seeds, name the runs `<model>_s<seed>` (e.g. `baseline_s0`, "
+           "`baseline_s1`, `student_s0`, `student_s1`) with the same seeds for every model.", ""]  # fmt: skip
+    return md
+
+
+def _mean_sd_cell(v: dict[str, Any] | None) -> str:
+    if v is None:
+        return "–"
+    return _pct(v["mean"]) + ("" if math.isnan(v["sd"]) else f" ± {100 * v['sd']:.1f}")
+
+
+def _ood_intervals(runs: list[RunData]) -> dict[str, dict[str, tuple[float, float, float]]]:
+    """``{run: {set: (top-1, Wilson low, high)}}`` for the clean set and every OOD set (official rule)."""
+    out = {}
+    for r in runs:
+        sets = {"clean": _get(r.eval, "clean", "official")}
+        sets.update({o: _get(d, "official") for o, d in ((r.eval or {}).get("ood") or {}).items()})
+        row = {}
+        for s, d in sets.items():
+            if isinstance(d, dict) and d.get("top1") is not None:
+                row[s] = (float(d["top1"]), *wilson_interval(float(d["top1"]), int(d.get("n") or 0)))
+        out[r.name] = row
+    return out
+
+
 def _confusion_panels(runs: list[RunData], set_name: str) -> dict[str, tuple[Any, list[str]]]:
     """``{run: (confusion, class names)}`` of one set (official rule), for the runs whose eval.json stores it."""
     out = {}
@@ -159,11 +298,7 @@ def _confusion_panels(runs: list[RunData], set_name: str) -> dict[str, tuple[Any
         d = _balance_sets(r).get(set_name)
         if d is None or "confusion" not in d:
             continue
-        k = len(d["confusion"])
-        ids = _get(r.eval, "ood", set_name, "subset") if set_name != "clean" else None
-        if not (isinstance(ids, list) and len(ids) == k < len((r.eval or {}).get("classes") or [])):
-            ids = list(range(k))  # the set was scored on every model class, in model order
-        out[r.name] = (d["confusion"], [_class_name(r, i) for i in ids])
+        out[r.name] = (d["confusion"], [_class_name(r, i) for i in _set_ids(r, set_name, len(d["confusion"]))])
     return out
 
 
@@ -193,7 +328,11 @@ def _slug(name: str) -> str:
 
 
 def write_report(
-    run_dirs: Sequence[str | Path], out_dir: str | Path, names: Sequence[str] | None = None, title: str | None = None
+    run_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    names: Sequence[str] | None = None,
+    title: str | None = None,
+    verdict: str | None = None,
 ) -> ReportFiles:
     """Write ``out_dir/report.md`` (+ ``images/*.png``) and ``out_dir/report.html`` (images embedded as base64).
 
@@ -202,6 +341,8 @@ def write_report(
         out_dir: Output directory.
         names: Display names (default: directory names, made unique).
         title: Report title.
+        verdict: The verdict paragraph (e.g. a study's own); default: the comparison of the runs written by
+            :mod:`tokenlab.eval.verdict` (paired across seeds for ``<model>_s<seed>`` runs), none for one run.
     """
     if not run_dirs:
         raise ValueError("no run directory given")
@@ -273,8 +414,11 @@ def write_report(
             rows.append(row)
         md += _table(["set"] + [r.name for r in evald], rows)
         md += ["", "Top-1 in % with logits restricted to the classes the set covers (official / cls only).", ""]
+        figure(vis.plot_ood_bars(_ood_intervals(evald), img_dir / "ood_bars.png"),
+               "top-1 per set and model, official rule, with 95 % Wilson intervals of the finite set")  # fmt: skip
 
     md += _balance_section(evald)
+    md += _per_class_section(evald, ["clean"] + ood_names)
     for set_name in ["clean"] + ood_names:
         panels = _confusion_panels(evald, set_name)
         if panels:
@@ -322,6 +466,12 @@ def write_report(
     if trained:
         md += ["## Training curves", ""]
         figure(vis.plot_training_curves(trained, img_dir / "training_curves.png"), "training loss and validation")
+
+    # ---- verdict ------------------------------------------------------------------------------------------------
+    if verdict is not None:
+        md += ["## Verdict", "", *verdict.split("\n"), ""]
+    else:
+        md += _verdict_section(evald)
 
     md_path = out / "report.md"
     md_path.write_text("\n".join(md) + "\n")

@@ -47,7 +47,7 @@ from tokenlab.utils.runs import EVAL_FILE
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalResult", "evaluate_classifier_run"]
+__all__ = ["EvalResult", "evaluate_classifier_run", "evaluate_runs", "reference_run"]
 
 SYNTHETIC_OOD_SPLITS = ("rendition", "shortcut")
 
@@ -68,13 +68,14 @@ class EvalResult:
     device: str = "cpu"
     amp: str | None = None
     seconds: float = 0.0
+    reference: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """This result as plain JSON-ready data."""
         return {
             "name": self.name, "model": self.model, "checkpoint": self.checkpoint, "data": self.data,
             "classes": self.classes, "rules": self.rules, "device": self.device, "amp": self.amp,
-            "seconds": self.seconds,
+            "seconds": self.seconds, "reference": self.reference,
             "clean": {r: v.to_dict() for r, v in self.clean.items()},
             "corruptions": self.corruptions.to_dict() if self.corruptions else None,
             "ood": self.ood,
@@ -176,23 +177,28 @@ def evaluate_classifier_run(
         raise ValueError(f"unknown rule(s) {bad}; valid: {', '.join(RULES)}")
 
     ood_sets = [(o, *resolve_ood_classes(o.root, classes, o.mapping)) for o in _ood_specs(spec, ood)]
-    ref = None
+    ref, reference_used = None, None
     if corruptions is not None or corruption_tree is not None:
         ref = load_reference(reference, len(classes))
-    logger.info("clean evaluation of %s on %s", meta.get("model"), spec.root)
+        if ref is not None:
+            spec_path = None if str(reference) in ("auto", "alexnet") else str(reference)
+            reference_used = {"name": ref.name, "path": spec_path, "this_run": False}
     loader = eval_loader(spec.root, class_to_idx, meta, batch_size, workers)
+    n_images = len(loader.dataset)  # type: ignore[arg-type]  # an ImageTreeDataset: sized
+    logger.info("clean evaluation of %s on %s: %d images at %s px, batch %d, %s", meta.get("model"), spec.root,
+                n_images, meta.get("img_size"), batch_size, _loader_workers(loader))  # fmt: skip
     pred = predict(model, loader, device, amp, rules)
     clean = score_predictions(pred.logits, pred.targets, pred.skipped, pred.seconds)
     name = ckpt.name if ckpt.is_dir() else ckpt.parent.name
     result = EvalResult(name, str(meta.get("model")), str(ckpt), str(spec.root), classes, rules, clean,
-                        device=device, amp=amp)  # fmt: skip
+                        device=device, amp=amp, reference=reference_used)  # fmt: skip
 
     if corruptions is not None or corruption_tree is not None:
         cache = None
         if corruption_tree is None:
             cache = generate_corruptions(spec.root, cache_dir or default_cache_dir(), corruptions, severities,
-                                         seed=corruption_seed, work_size=work_size, progress=progress,
-                                         model_meta=meta)  # fmt: skip
+                                         seed=corruption_seed, work_size=work_size, workers=workers,
+                                         progress=progress, model_meta=meta)  # fmt: skip
             tree, corruptions, severities = cache.root, cache.corruptions, cache.severities
         else:
             tree = Path(corruption_tree)
@@ -213,10 +219,94 @@ def evaluate_classifier_run(
         result.ood[o.name] = {"root": str(o.root), "subset": subset, **{r: v.to_dict() for r, v in res.items()}}
 
     result.seconds = time.perf_counter() - t0
-    target = Path(out) if out else (ckpt / EVAL_FILE if ckpt.is_dir() else ckpt.parent / EVAL_FILE)
+    target = Path(out) if out else _eval_path(ckpt)
     result.save(target)
     logger.info("wrote %s", target)
     return result
+
+
+def reference_run(runs: Sequence[str | Path]) -> int:
+    """Index of the mCE reference among ``runs``: the run directory named ``baseline``, else the first."""
+    names = [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in runs]
+    return names.index("baseline") if "baseline" in names else 0
+
+
+def evaluate_runs(
+    checkpoints: Sequence[str | Path],
+    data: str | Path | DataSpec,
+    reference: str | Path | None = "auto",
+    **kwargs: Any,
+) -> list[EvalResult]:
+    """Evaluate several runs on one data set and one corruption cache; each writes its ``RUN/eval.json``.
+
+    The corruptions are generated once and reused: the cache key is the source tree, the seed and the geometry
+    the images are corrupted at (for ``work_size="model"`` the model's evaluation resize, not the model), so runs
+    with the same preprocessing share one cache; runs that need different caches are named in the log.
+
+    Args:
+        checkpoints: Run directories or exported stems (``out`` cannot be given: each result goes next to its run).
+        data: Data spec, as for :func:`evaluate_classifier_run`.
+        reference: ``auto``: the run named ``baseline`` (its directory name), else the first, is evaluated first
+            and is the mCE reference of every other run; ``none`` / ``alexnet``; or a run dir / ``eval.json``
+            (evaluated first when it is one of ``checkpoints``).
+        **kwargs: The other arguments of :func:`evaluate_classifier_run`.
+
+    Returns:
+        The results in the order of ``checkpoints``.
+    """
+    if not checkpoints:
+        raise ValueError("no run to evaluate")
+    if kwargs.get("out") is not None:
+        raise ValueError("--out names one eval.json; with several runs each one is written into its run directory")
+    paths = [Path(c) for c in checkpoints]
+    ref_idx: int | None = None
+    if str(reference) == "auto":
+        ref_idx = reference_run(paths)
+    elif str(reference) not in ("none", "alexnet"):
+        given = Path(str(reference)).resolve()
+        ref_idx = next((i for i, p in enumerate(paths) if given in (p.resolve(), p.resolve() / EVAL_FILE)), None)
+    order = ([ref_idx] if ref_idx is not None else []) + [i for i in range(len(paths)) if i != ref_idx]
+    results: dict[int, EvalResult] = {}
+    for i in order:
+        if i == ref_idx:
+            logger.info("mCE reference: %s (evaluated first)", paths[i])
+            res = evaluate_classifier_run(paths[i], data, reference="none", **kwargs)
+            if res.corruptions is not None:  # without corruptions there is no mCE, hence no reference
+                res.reference = {"name": res.name, "path": None, "this_run": True}
+                res.save(_eval_path(paths[i]))
+        else:
+            ref = str(paths[ref_idx]) if ref_idx is not None else reference
+            res = evaluate_classifier_run(paths[i], data, reference=ref, **kwargs)
+        results[i] = res
+    _log_caches([results[i] for i in order])
+    return [results[i] for i in range(len(paths))]
+
+
+def _loader_workers(loader: Any) -> str:
+    """How a loader reads its images, as measured: the worker count it was built with."""
+    n = int(loader.num_workers)
+    return f"{n} loader worker process{'es' if n > 1 else ''}" if n > 0 else "read in this process (no loader workers)"
+
+
+def _eval_path(ckpt: Path) -> Path:
+    return ckpt / EVAL_FILE if ckpt.is_dir() else ckpt.parent / EVAL_FILE
+
+
+def _log_caches(results: Sequence[EvalResult]) -> None:
+    """Say which runs shared a corruption cache, and name the runs that needed a different one."""
+    caches: dict[str, list[str]] = {}
+    for r in results:
+        if r.corruptions is not None:
+            caches.setdefault(r.corruptions.source, []).append(r.name)
+    if len(caches) == 1:
+        ((root, names),) = caches.items()
+        logger.info("%d runs evaluated on one corruption cache %s", len(names), root)
+    elif len(caches) > 1:
+        logger.warning(
+            "the runs needed %d different corruption caches (their evaluation resize differs, so the corrupted images "
+            "differ and the corruption scores are not measured on the same images): %s", len(caches),
+            "; ".join(f"{', '.join(n)}: {root}" for root, n in caches.items()),
+        )  # fmt: skip
 
 
 def _pred_tuple(p: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor, int, float]:

@@ -36,6 +36,7 @@ __all__ = [
     "plot_class_attention",
     "plot_confusion",
     "plot_corruption_bars",
+    "plot_ood_bars",
     "plot_reliability",
     "plot_severity_curves",
     "plot_token_labels",
@@ -253,6 +254,42 @@ def plot_corruption_bars(
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(title + ("; dashed: clean" if clean else ""), fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_ood_bars(
+    accuracy: Mapping[str, Mapping[str, tuple[float, float, float]]],
+    path: str | Path,
+    title: str = "top-1 per evaluation set (bars: 95 % Wilson interval)",
+) -> Path:
+    """Grouped bars: one group per set (clean, then the OOD sets), one bar per model, with interval whiskers.
+
+    Args:
+        accuracy: ``{model: {set: (accuracy, interval low, interval high)}}`` as fractions; a NaN bound draws no
+            whisker.
+        path: Output PNG.
+        title: Figure title.
+    """
+    runs = list(accuracy)
+    sets = list(dict.fromkeys(s for v in accuracy.values() for s in v))
+    if not runs or not sets:
+        raise ValueError("nothing to plot: no OOD results")
+    width = 0.8 / len(runs)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(sets) * max(1, len(runs) / 2) + 2), 3.8))
+    colors = plt.get_cmap("tab10")
+    x = np.arange(len(sets))
+    for j, r in enumerate(runs):
+        vals = np.array([accuracy[r].get(s, (np.nan, np.nan, np.nan)) for s in sets], dtype=float) * 100
+        err = np.nan_to_num(np.abs(np.stack([vals[:, 0] - vals[:, 1], vals[:, 2] - vals[:, 0]])))
+        ax.bar(x + (j - (len(runs) - 1) / 2) * width, vals[:, 0], width, yerr=err, capsize=3, label=r,
+               color=colors(j % 10), error_kw={"lw": 1})  # fmt: skip
+    ax.set_xticks(x, sets, rotation=30 if len(sets) > 4 else 0, ha="right" if len(sets) > 4 else "center")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -31,6 +31,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from tokenlab.eval.verdict import seed_statistics
 from tokenlab.studies.stl_study import (
     Stage,
     StageReport,
@@ -38,7 +39,6 @@ from tokenlab.studies.stl_study import (
     TrainStage,
     noise_note,
     run_stages,
-    seed_statistics,
 )
 from tokenlab.utils.runs import EVAL_SSL_FILE
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokenlab.eval.verdict import compare_accuracies, comparison_sentence, paired_sentence, single_run_noise_note
 from tokenlab.utils.runs import EVAL_FILE, MODEL_STEM, TOKENS_FILE
 
 __all__ = [
@@ -30,12 +31,9 @@ __all__ = [
     "TrainStage",
     "Trained",
     "format_table",
-    "difference_se",
     "format_seed_table",
     "noise_note",
     "run_stages",
-    "seed_statistics",
-    "t_quantile_975",
 ]
 
 logger = logging.getLogger(__name__)
@@ -260,17 +258,11 @@ class StlStudy:
         return did
 
     def write_report(self, names: Sequence[str], out_dir: str | Path, title: str, verdict: str) -> Any:
-        """``out_dir/report.md`` + ``report.html`` comparing ``names``, with the verdict appended to both."""
+        """``out_dir/report.md`` + ``report.html`` comparing ``names``, with this study's verdict as its verdict."""
         from tokenlab.eval.report import write_report
 
-        out_dir = Path(out_dir)
-        files = write_report([self.run_dir(n) for n in names], out_dir, names=list(names), title=title)
-        md = out_dir / "report.md"
-        md.write_text(md.read_text() + "\n## Verdict\n\n" + verdict + "\n")
-        html = out_dir / "report.html"
-        text = html.read_text()
-        block = "<h2>Verdict</h2>\n<p>" + verdict.replace("\n\n", "</p><p>") + "</p>\n"
-        html.write_text(text.replace("</body>", block + "</body>") if "</body>" in text else text + block)
+        files = write_report([self.run_dir(n) for n in names], out_dir, names=list(names), title=title,
+                             verdict=verdict)  # fmt: skip
         logger.info("report written: %s", files)
         return files
 
@@ -306,9 +298,9 @@ class StlStudy:
     ) -> list[str] | None:
         """Plain sentences: did the student beat the baseline, metric by metric; None when either is unevaluated.
 
-        With ``counts`` (images per evaluation split: ``val``, ``rendition``, ``shortcut``), a difference smaller
-        than two standard errors of the difference of two accuracies measured on that many images is called within
-        noise instead of a win or a loss (:func:`within_noise`).
+        With ``counts`` (images per evaluation split: ``val``, ``rendition``, ``shortcut``), each accuracy gets its
+        95 % Wilson interval and a difference whose intervals overlap is called within noise
+        (:func:`tokenlab.eval.verdict.compare_accuracies`).
         """
         if self.baseline not in metrics or self.student not in metrics:
             return None
@@ -318,44 +310,20 @@ class StlStudy:
             base, student = b.get(key), s.get(key)
             if base is None or student is None:
                 continue
-            diff = 100 * (student - base)
             n = (counts or {}).get(VERDICT_SPLITS[key], 0)
-            band = 200 * difference_se(base, student, n) if n else None
-            if band is not None and abs(diff) < band:
-                verdict = f"within noise (two standard errors of the difference on {n} images: ±{band:.1f} points)"
-                lines.append(f"- On {what} the STL student and the baseline are level: {100 * student:.1f} % vs "
-                             f"{100 * base:.1f} % ({diff:+.1f} points), {verdict}.")  # fmt: skip
-                continue
-            word = "beat" if diff > 0 else ("tied with" if diff == 0 else "did not beat")
-            beyond = f", beyond the ±{band:.1f}-point noise band of {n} images" if band is not None else ""
-            lines.append(f"- The STL student {word} the baseline on {what}: {100 * student:.1f} % vs "
-                         f"{100 * base:.1f} % ({diff:+.1f} points{beyond}).")  # fmt: skip
+            lines.append(comparison_sentence(what, "baseline", "the STL student", compare_accuracies(base, n, student)))
         mce = s.get("mce_vs_baseline")
         if mce is not None:
             lines.append(f"- Student mCE relative to the baseline (100 % = baseline): {100 * mce:.1f} %.")
         return lines
 
     def seed_verdict_lines(self, stats: dict[str, Any]) -> list[str]:
-        """Plain sentences from :func:`seed_statistics`: the paired student - baseline difference per metric."""
-        lines = []
-        for key, what in VERDICT_METRICS:
-            d = stats["difference"].get(key)
-            if d is None:
-                continue
-            n = d["n"]
-            if n < 2:
-                lines.append(
-                    f"- On {what}: student - baseline = {100 * d['mean']:+.1f} points (one seed: no interval)."
-                )
-                continue
-            lo, hi = (100 * v for v in d["ci95"])
-            if lo <= 0 <= hi:
-                outcome = "within noise: the interval holds 0"
-            else:
-                outcome = "the STL student is ahead" if lo > 0 else "the STL student is behind"
-            lines.append(f"- On {what}: student - baseline = {100 * d['mean']:+.1f} points, 95 % interval "
-                         f"[{lo:+.1f}, {hi:+.1f}] over {n} seeds (sd {100 * d['sd']:.1f}): {outcome}.")  # fmt: skip
-        return lines
+        """Plain sentences: the paired student - baseline difference per metric (``seed_statistics`` output)."""
+        return [
+            paired_sentence(what, "baseline", "the STL student", stats["difference"][key])
+            for key, what in VERDICT_METRICS
+            if key in stats["difference"]
+        ]
 
 
 # the metrics of the verdict, and the evaluation split each is measured on (for its noise band)
@@ -372,87 +340,12 @@ VERDICT_SPLITS = {
     "shortcut_top1": "shortcut",
 }
 
-# two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,
-         2.042)  # fmt: skip
-
-
-def t_quantile_975(df: int) -> float:
-    """The 97.5 % quantile of Student's t with ``df`` degrees of freedom (a table to 30, then a series in 1/df).
-
-    Raises:
-        ValueError: ``df`` below 1.
-    """
-    if df < 1:
-        raise ValueError(f"a t interval needs at least 1 degree of freedom (2 seeds), got {df}")
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z = 1.959964  # Cornish-Fisher expansion of t around the normal quantile; error below 1e-4 for df > 30
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-
-
-def difference_se(p1: float, p2: float, n: int) -> float:
-    """Standard error of ``p2 - p1`` for two accuracies on ``n`` images each, treated as independent binomials."""
-    return math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / n) if n > 0 else math.nan
-
-
-def _mean_sd(values: Sequence[float]) -> dict[str, Any]:
-    n = len(values)
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
-    return {"mean": mean, "sd": sd, "n": n}
-
-
-def seed_statistics(
-    per_seed: Mapping[int, Mapping[str, Mapping[str, float | None]]],
-    keys: Sequence[str],
-    baseline: str = "baseline",
-    student: str = "student",
-) -> dict[str, Any]:
-    """Mean and sd over seeds per model and metric, and the paired student - baseline difference.
-
-    Args:
-        per_seed: Seed -> :meth:`StlStudy.metrics` of that seed's runs.
-        keys: Metrics to summarise (values that are None in a seed are left out of that metric).
-        baseline: Name of the baseline model.
-        student: Name of the student model.
-
-    Returns:
-        ``{"models": {name: {key: {mean, sd, n}}}, "difference": {key: {mean, sd, n, ci95: [lo, hi]}}}``; the
-        interval is ``mean ± t_{0.975, n-1} · sd / sqrt(n)`` over the per-seed differences (NaN for one seed).
-    """
-    models: dict[str, dict[str, Any]] = {}
-    names = list(next(iter(per_seed.values()), {}))
-    for name in names:
-        for key in keys:
-            vals = [float(v) for m in per_seed.values() if (v := (m.get(name) or {}).get(key)) is not None]
-            if vals:
-                models.setdefault(name, {})[key] = _mean_sd(vals)
-    difference: dict[str, Any] = {}
-    for key in keys:
-        diffs = []
-        for m in per_seed.values():
-            b, s = (m.get(baseline) or {}).get(key), (m.get(student) or {}).get(key)
-            if b is not None and s is not None:
-                diffs.append(float(s) - float(b))
-        if not diffs:
-            continue
-        d = _mean_sd(diffs)
-        half = t_quantile_975(d["n"] - 1) * d["sd"] / math.sqrt(d["n"]) if d["n"] > 1 else math.nan
-        d["ci95"] = [d["mean"] - half, d["mean"] + half]
-        difference[key] = d
-    return {"models": models, "difference": difference}
-
 
 def noise_note(seed: int, steps: int, n_train: int, n_val: int, advice: str) -> str:
-    """The verdict's closing paragraph: one seed, and the size of a difference that is within noise."""
-    se = 100 * math.sqrt(0.25 / n_val) if n_val else float("nan")
+    """The verdict's closing paragraph: one seed, its budget, and the size of a difference that is within noise."""
     return (
-        f"\nOne seed ({seed}), {steps} optimizer steps per model on {n_train} generated training images: a "
-        f"difference below about {2 * math.sqrt(2) * se:.0f} points (two standard errors of a difference of two "
-        f"accuracies near 50 % on {n_val} val images) is within noise from the finite val set alone, and seed-to-seed "
-        f"variation comes on top. {advice}"
+        f"\nOne seed ({seed}), {steps} optimizer steps per model on {n_train} generated training images. "
+        f"{single_run_noise_note(n_val)} {advice}"
     )
 
 

@@ -2,6 +2,10 @@
 
 Each JSONL record is one object with ``kind`` (``"step"``, ``"epoch"``, ``"val"``, ``"event"``), ``step``, ``epoch``
 and the metrics, so plots and reports read one file. Other ranks get a ``MetricLogger`` that writes nothing.
+
+The progress bar spans the whole run (``total_steps``: every epoch up to the stop step), moves on every optimizer
+step (:meth:`MetricLogger.tick`), so its ETA is the remaining time of the run from the first steps on; after
+:data:`ETA_STEPS` timed steps the log also states the estimated training time.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,9 +27,21 @@ try:
 except ImportError:  # tensorboard missing: JSONL only, said once at start-up
     SummaryWriter = None
 
-__all__ = ["MetricLogger", "read_metrics"]
+__all__ = ["ETA_STEPS", "MetricLogger", "format_duration", "read_metrics"]
 
 logger = logging.getLogger(__name__)
+
+ETA_STEPS = 20  # timed steps (after the first, which carries the start-up) before the training time is estimated
+
+
+def format_duration(seconds: float) -> str:
+    """``seconds`` as ``"2 h 05 min"``, ``"12 min 30 s"`` or ``"45 s"``."""
+    s = max(0, round(seconds))
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    if s >= 60:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s} s"
 
 
 class MetricLogger:
@@ -49,6 +66,9 @@ class MetricLogger:
         initial_step: int = 0,
     ) -> None:
         self.enabled = enabled
+        self.total_steps = total_steps
+        self._first: tuple[int, float] | None = None  # (step, time) of the first tick: timing starts after it
+        self._estimated = False
         self._file = None
         self._tb = None
         self._bar = None
@@ -76,6 +96,29 @@ class MetricLogger:
             for k, v in record.items():
                 if k not in ("kind", "step", "epoch") and isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def tick(self, step: int) -> None:
+        """One optimizer step done (``step`` is its number): advance the bar, and estimate the training time once.
+
+        The estimate comes after :data:`ETA_STEPS` timed steps: the time per step and the rest of the run.
+        """
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self._first is None:
+            self._first = (step, now)  # the first step carries loader start-up and warm-up: not timed
+        elif not self._estimated and step - self._first[0] >= ETA_STEPS:
+            self._estimated = True
+            timed = step - self._first[0]
+            per_step = (now - self._first[1]) / timed
+            left = max(0, self.total_steps - step)
+            logger.info(
+                "training time estimate: %.3g s per step (steps %d-%d); about %s for the remaining %d of %d steps, "
+                "%s in all (validation and checkpoints add to it)", per_step, self._first[0] + 1, step,
+                format_duration(per_step * left), left, self.total_steps, format_duration(per_step * self.total_steps),
+            )  # fmt: skip
+        if self._bar is not None and step > self._bar.n:
+            self._bar.update(step - self._bar.n)
 
     def progress(self, step: int, metrics: Mapping[str, float]) -> None:
         """Move the bar to ``step`` and show ``metrics`` (loss, lr, images/s)."""
