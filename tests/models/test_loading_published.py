@@ -19,7 +19,14 @@ import timm
 import torch
 
 import tokenlab  # noqa: F401
-from tokenlab.models import convert_checkpoint, load_checkpoint, load_exported, load_published, read_checkpoint
+from tokenlab.models import (
+    convert_checkpoint,
+    load_checkpoint,
+    load_exported,
+    load_published,
+    read_checkpoint,
+    save_exported,
+)
 
 NAME = "fan_tiny_8_p4_hybrid_token"
 KEYS = Path(__file__).parent / "reference" / "fan_state_dict_keys.json"
@@ -123,3 +130,45 @@ def test_published_file_with_the_wrong_architecture_lists_the_bad_keys(published
         load_published(published["root"] / "no_ema.pth.tar", "fan_small_12_p4_hybrid_token")
     with pytest.raises(ValueError, match="unknown model 'fan_tiny_nope'"):
         load_published(published["root"] / "no_ema.pth.tar", "fan_tiny_nope")
+
+
+# ---- fine-tuning (model.pretrained): the classifier re-initialised, everything else strict ------------------------
+def test_load_pretrained_reinitialises_both_classifiers_and_matches_the_rest(published: dict, tmp_path: Path) -> None:
+    from tokenlab.models import load_pretrained
+
+    torch.manual_seed(0)
+    token = timm.create_model(NAME, num_classes=5, img_size=64)
+    fresh_head = token.aux_head.weight.clone()
+    rec = load_pretrained(token, published["root"] / "no_ema.pth.tar")  # module. prefixes, no EMA
+    sd = token.state_dict()
+    assert rec["entry"] == "state_dict" and rec["resized"] == []
+    assert rec["reinitialised"] == ["aux_head.bias", "aux_head.weight", "head.bias", "head.weight"]
+    assert torch.equal(sd["aux_head.weight"], fresh_head)  # the model's own initialisation, 5 classes
+    assert all(torch.equal(sd[k], published["model"][k]) for k in sd if not k.startswith(("head.", "aux_head.")))
+    # an STL token checkpoint into the plain FAN of the same size: its aux_head is dropped, not an error
+    plain = timm.create_model(NAME.removesuffix("_token"), num_classes=2)
+    rec = load_pretrained(plain, published["root"] / "model_best.pth.tar")
+    assert rec["entry"] == "state_dict_ema" and {"aux_head.weight", "head.weight"} <= set(rec["dropped"])
+    assert torch.equal(plain.norm.weight, published["ema"]["norm.weight"])
+    # a tokenlab export is found from its run directory
+    run = tmp_path / "run"
+    save_exported(plain, run / "model", {"model": NAME.removesuffix("_token"), "model_kwargs": {"num_classes": 2}})
+    saved = plain.blocks[0].attn.q.weight.clone()
+    with torch.no_grad():
+        plain.blocks[0].attn.q.weight.zero_()
+    rec = load_pretrained(plain, run)
+    assert rec["path"] == str((run / "model.safetensors").resolve()) and rec["entry"] == ""
+    assert torch.equal(plain.blocks[0].attn.q.weight, saved)
+
+
+def test_load_pretrained_refuses_what_does_not_fit(published: dict, tiny: torch.nn.Module, tmp_path: Path) -> None:
+    from tokenlab.models import load_pretrained
+
+    with pytest.raises(ValueError, match=r"missing keys \(\d+\)") as err:
+        load_pretrained(timm.create_model("fan_tiny_12_p16_224", num_classes=2), published["root"] / "no_ema.pth.tar")
+    assert "unexpected keys" in str(err.value) and "patch_embed.backbone" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="without an exported model"):
+        load_pretrained(tiny, tmp_path)
+    torch.save({"state_dict": {"blocks.0.extra": torch.zeros(1)} | published["model"]}, tmp_path / "extra.pth")
+    with pytest.raises(ValueError, match=r"unexpected keys \(1\):\n    blocks.0.extra"):
+        load_pretrained(tiny, tmp_path / "extra.pth")  # refused before anything is loaded

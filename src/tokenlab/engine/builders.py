@@ -57,7 +57,9 @@ def build_method_from_config(cfg: DictConfig, meta: Mapping[str, Any]) -> Method
     """The model of ``cfg.model`` inside the method of ``cfg.method``.
 
     The classes come from the data when ``model.num_classes`` is null; the method's ``data_kwargs(meta)`` are
-    defaults that ``method.kwargs`` override.
+    defaults that ``method.kwargs`` override. ``model.pretrained`` (a published FAN / STL / iBOT checkpoint or a
+    tokenlab export) is loaded into the model before the method is built (``tokenlab.models.load_pretrained``: the
+    classifier re-initialised, every other key matched); what was loaded is kept as ``method.pretrained_from``.
     """
     num_classes = cfg.model.num_classes
     if num_classes is None:
@@ -65,9 +67,16 @@ def build_method_from_config(cfg: DictConfig, meta: Mapping[str, Any]) -> Method
     if num_classes is None:
         raise ValueError("model.num_classes is not set and the data set does not say how many classes it has")
     model = build_model(cfg.model.name, int(num_classes), cfg_dict(cfg.model.kwargs))
+    pretrained = None
+    if cfg.model.pretrained is not None:  # before the method (a teacher copies the model) and the optimizer
+        from tokenlab.models import load_pretrained
+
+        pretrained = load_pretrained(model, cfg.model.pretrained, cfg.model.pretrained_prefer)
     cls = get_method_class(cfg.method.name)
     kwargs = cls.data_kwargs(dict(meta)) | cfg_dict(cfg.method.kwargs)
-    return build_method(cfg.method.name, model=model, **kwargs)
+    method = build_method(cfg.method.name, model=model, **kwargs)
+    method.pretrained_from = pretrained  # the export's model.json records it (``pretrained``)
+    return method
 
 
 def shard_method(method: Method, ema_enabled: bool = False) -> None:

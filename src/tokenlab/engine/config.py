@@ -29,6 +29,7 @@ FREE_SECTIONS = ("model.kwargs", "method.kwargs", "data.dataset", "data.transfor
 # Types of keys whose default is null.
 _NULLABLE: dict[str, type] = {
     "model.num_classes": int,
+    "model.pretrained": str,
     "data.root": str,
     "data.val_batch_size": int,
     "data.val_split": str,
@@ -43,6 +44,7 @@ _NULLABLE: dict[str, type] = {
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "train.amp": AMP_CHOICES,
+    "model.pretrained_prefer": ("ema", "model"),
     "train.distributed": ("ddp", "fsdp"),
     "train.clip_mode": ("global", "per_param"),
     "schedule.kind": ("cosine", "poly"),

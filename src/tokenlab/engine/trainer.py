@@ -807,6 +807,8 @@ class Trainer:
             **{k: v for k, v in self.data_meta.items() if k not in ("num_classes",)},
             **self.method.export_meta(),
         }
+        if getattr(self.method, "pretrained_from", None):  # model.pretrained: where the initial weights came from
+            meta["pretrained"] = self.method.pretrained_from
         if which == "best":
             assert self.best is not None
             meta["selected_by"] = self.best["metric"]

@@ -25,8 +25,8 @@ Evaluation preprocessing for both (and the k-NN): iBOT's, resize 256 bicubic + c
 ``evaluate_ssl_run`` is what ``tokenlab eval-ssl`` runs: the exported backbone of a run (``RUN/model``), optionally
 next to the same architecture randomly initialised, through k-NN and the linear probe on cached features.
 ``finetune_run`` fine-tunes the backbone through the engine with layer-wise lr decay (a recipe such as
-``ibot_cifar10_finetune``; timm ``create_optimizer_v2(layer_decay=...)``), loading the exported weights with
-``timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=RUN/model.safetensors))``.
+``ibot_cifar10_finetune``; timm ``create_optimizer_v2(layer_decay=...)``), loading the exported weights through
+``model.pretrained=RUN/model`` (``tokenlab.models.load_pretrained``, the one fine-tune loader).
 """
 
 from __future__ import annotations
@@ -586,8 +586,8 @@ def evaluate_ssl_run(
 def finetune_run(run: str | Path, recipe: str | Path, overrides: Sequence[str] = ()) -> Any:
     """Fine-tune the exported backbone of ``run`` through the engine (recipe + dotlist overrides).
 
-    The model name and architecture kwargs come from the run's export; the weights are loaded by timm from
-    ``RUN/model.safetensors`` (position embeddings resampled when ``img_size`` changes). Returns the engine's
+    The model name and architecture kwargs come from the run's export; the weights are ``model.pretrained=RUN/model``
+    (``tokenlab.models.load_pretrained``: position embeddings resampled when ``img_size`` changes). Returns the engine's
     ``RunResult`` (``val`` holds the fine-tuned accuracy).
     """
     from tokenlab.engine.config import load_config
@@ -602,7 +602,7 @@ def finetune_run(run: str | Path, recipe: str | Path, overrides: Sequence[str] =
         for key, value in meta.get("model_kwargs", {}).items()
         if key not in ("num_classes", "pretrained", "pretrained_cfg_overlay")
     ]
-    weights = ["model.kwargs.pretrained=true", f"model.kwargs.pretrained_cfg_overlay.file={stem}.safetensors"]
+    weights = [f"model.pretrained={stem}"]
     run_dir = [f"run_dir={(run if run.is_dir() else run.parent) / 'finetune'}"]
     cfg = load_config(recipe, arch + weights + run_dir + list(overrides))
     return train(cfg)

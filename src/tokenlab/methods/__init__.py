@@ -131,6 +131,8 @@ class Method(nn.Module):
     name: str = "method"
     #: The sample layout the method needs: a view of ``tokenlab.data.transforms.TRANSFORM_KINDS``.
     data_view: str = "classification"
+    #: Set by the engine when ``model.pretrained`` initialised the model: the record ``model.json`` keeps.
+    pretrained_from: dict[str, Any] | None = None
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()

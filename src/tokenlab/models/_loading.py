@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import timm
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from tokenlab.utils.runs import export_stem, read_model_meta
@@ -36,7 +37,14 @@ logger = logging.getLogger(__name__)
 PREFER_CHOICES = ("ema", "model")
 _EMA_KEYS = ("state_dict_ema", "model_ema")  # timm CheckpointSaver; DeiT/ConvNeXt-style training scripts
 _MODEL_KEYS = ("state_dict", "model", "module")
+# Published iBOT (and DINO) full checkpoints hold ``teacher`` (the momentum encoder, iBOT's default
+# ``--checkpoint_key``: taken with "ema") and ``student`` (taken with "model"), each with a projection head.
+_IBOT_TEACHER, _IBOT_STUDENT = ("teacher",), ("student",)
 _PREFIXES = ("module.", "_orig_mod.")
+# iBOT / DINO wrap the encoder as ``backbone`` beside the projection ``head`` (MultiCropWrapper).
+_BACKBONE_PREFIX = "backbone."
+#: Classifier modules a fine-tune (:func:`load_pretrained`) always re-initialises for the new classes.
+CLASSIFIER_MODULES = ("head", "aux_head")
 # Older spellings of ``prefer`` (a nested key name) map to the choice they meant.
 _PREFER_ALIASES = {**{k: "ema" for k in _EMA_KEYS}, **{k: "model" for k in _MODEL_KEYS}}
 # timm's CheckpointSaver pickles the training arguments; an argparse.Namespace only sets attributes, so it is safe.
@@ -47,15 +55,19 @@ def _prefer_order(prefer: str | None) -> tuple[str, ...]:
     choice = _PREFER_ALIASES.get(prefer or "ema", prefer or "ema")
     if choice not in PREFER_CHOICES:
         raise ValueError(f"unknown prefer={prefer!r}; choose one of {', '.join(PREFER_CHOICES)}")
-    return _EMA_KEYS + _MODEL_KEYS if choice == "ema" else _MODEL_KEYS + _EMA_KEYS
+    if choice == "ema":
+        return _EMA_KEYS + _IBOT_TEACHER + _MODEL_KEYS + _IBOT_STUDENT
+    return _MODEL_KEYS + _IBOT_STUDENT + _EMA_KEYS + _IBOT_TEACHER
 
 
 def find_state_dict(obj: Mapping[str, Any], prefer: str | None = "ema") -> tuple[dict[str, torch.Tensor], str]:
     """The tensor dict inside a checkpoint object, prefixes stripped, and the nested entry it came from.
 
     Args:
-        obj: A state dict, or a dict holding one under ``state_dict_ema``/``model_ema``/``state_dict``/``model``.
-        prefer: ``"ema"`` (default: EMA weights first when the file has them) or ``"model"``.
+        obj: A state dict, or a dict holding one under ``state_dict_ema``/``model_ema``/``state_dict``/``model``
+            (or iBOT's ``teacher``/``student``).
+        prefer: ``"ema"`` (default: EMA weights first when the file has them, iBOT's teacher) or ``"model"``
+            (the plain weights, iBOT's student).
 
     Returns:
         ``(state_dict, source)`` where ``source`` is the nested key path (``"state_dict_ema"``; ``""`` for a flat
@@ -135,10 +147,20 @@ def read_checkpoint(path: str | Path, prefer: str | None = "ema") -> tuple[dict[
         raise ValueError(f"{path}: {err}") from None
 
 
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Raise a ValueError listing missing, unexpected and mis-shaped keys; do nothing when all match."""
+def check_state_dict(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    source: str = "checkpoint",
+    allow_missing: Collection[str] = (),
+    hint: str = "",
+) -> None:
+    """Raise a ValueError listing missing, unexpected and mis-shaped keys; do nothing when all match.
+
+    ``allow_missing``: model keys the checkpoint may lack (a fine-tune's re-initialised classifier); ``hint`` ends
+    the first line of the message (what to do).
+    """
     own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
+    missing = sorted(set(own) - set(state_dict) - set(allow_missing))
     unexpected = sorted(set(state_dict) - set(own))
     shapes = sorted(
         f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
@@ -153,7 +175,7 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
         return f"\n  {title} ({len(items)}):\n    {shown}" if items else ""
 
     raise ValueError(
-        f"{source} does not match {type(model).__name__}"
+        f"{source} does not match {type(model).__name__}{hint}"
         + _list("missing keys", missing)
         + _list("unexpected keys", unexpected)
         + _list("shape mismatches", shapes)
@@ -170,6 +192,148 @@ def load_checkpoint(model: nn.Module, path: str | Path, prefer: str | None = "em
     check_state_dict(model, state_dict, source=str(path))
     model.load_state_dict(state_dict, strict=True)
     return model
+
+
+def resolve_weights_file(path: str | Path) -> Path:
+    """The file of weights ``path`` names.
+
+    A checkpoint file as it is; a tokenlab export (a run directory, a stem such as ``RUN/model_best``, or its
+    ``.json``) as its ``.safetensors``.
+
+    Raises:
+        FileNotFoundError: nothing there, or a directory without an exported model.
+    """
+    p = Path(path)
+    if p.is_dir():
+        weights = export_stem(p).with_suffix(".safetensors")
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"{p} is a directory without an exported model ({weights.name}); give a training run directory, an "
+                f"export stem (RUN/model_best) or a checkpoint file (.pth, .pth.tar, .safetensors)"
+            )
+        return weights
+    if p.suffix == ".json" or (not p.exists() and p.with_name(p.name + ".safetensors").is_file()):
+        return export_stem(p).with_suffix(".safetensors")
+    if not p.is_file():
+        raise FileNotFoundError(f"pretrained weights not found: {p}")
+    return p
+
+
+def _classifier_keys(model: nn.Module, own: Mapping[str, torch.Tensor], loaded: Mapping[str, torch.Tensor]) -> set[str]:
+    """Model keys a fine-tune re-initialises.
+
+    ``head``, ``aux_head``, the default cfg's ``classifier`` and any other ``*head*`` tensor whose class dimension
+    differs from the checkpoint's.
+    """
+    names = set(CLASSIFIER_MODULES)
+    cfg_name = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    names |= {cfg_name} if isinstance(cfg_name, str) else set(cfg_name or ())
+    keys = {k for k in own if any(k == n or k.startswith(n + ".") for n in names)}
+    num_classes = getattr(model, "num_classes", None)
+    for k, v in own.items():
+        other = loaded.get(k)
+        if (
+            "head" in k.split(".")[0]
+            and other is not None
+            and other.shape != v.shape
+            and v.ndim > 0
+            and v.shape[0] == num_classes
+        ):
+            keys.add(k)
+    return keys
+
+
+def _resample_pos_embed(model: nn.Module, value: torch.Tensor, own: torch.Tensor) -> torch.Tensor | None:
+    """An absolute position embedding ``(1, prefix + h*w, C)`` resampled to the model's grid.
+
+    None when the two shapes are not two grids of one embedding (the shape mismatch is then reported).
+    """
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is None or value.ndim != 3 or own.ndim != 3 or value.shape[-1] != own.shape[-1]:
+        return None
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    if own.shape[1] != prefix + int(grid[0]) * int(grid[1]):
+        return None
+    # bicubic without anti-aliasing: the published fine-tuning rule (iBOT run_class_finetuning.py, F.interpolate)
+    return resample_abs_pos_embed(
+        value, new_size=[int(g) for g in grid], num_prefix_tokens=prefix, interpolation="bicubic", antialias=False
+    )
+
+
+def load_pretrained(model: nn.Module, path: str | Path, prefer: str = "ema") -> dict[str, Any]:
+    """Initialise a freshly built ``model`` for fine-tuning from published or exported weights (``model.pretrained``).
+
+    ``path`` is a published FAN / STL checkpoint (``.pth``, ``.pth.tar``: flat, timm ``CheckpointSaver`` with or
+    without EMA), a published iBOT checkpoint (``checkpoint.pth`` with ``teacher`` / ``student`` dicts whose keys
+    carry ``backbone.`` / ``module.backbone.``, or the extracted backbone ``checkpoint_teacher.pth``) or a tokenlab
+    export (a run directory, ``RUN/model_best``, a ``.safetensors`` file). It is read by :func:`read_checkpoint`
+    (``prefer``: EMA / teacher weights first, or ``"model"``: the plain / student weights). Then:
+
+    - the classifier (``head``, ``aux_head``, any head whose class dimension differs) is not loaded: it keeps the
+      model's fresh initialisation for the new classes; a checkpoint's classifier the model lacks is dropped;
+    - iBOT's projection head (the keys outside ``backbone.``) is dropped, ``masked_embed`` becomes ``mask_token``;
+      a pre-training mask token the model lacks is dropped, one the file lacks keeps its initial value;
+    - a position embedding for another grid is resampled (timm ``resample_abs_pos_embed``, bicubic, no
+      anti-aliasing as iBOT's fine-tuning) and logged;
+    - every other key must match: missing, unexpected and mis-shaped keys are listed in one ValueError.
+
+    Returns:
+        The record stored in the run's ``model.json`` (``pretrained``): ``path`` (the file read), ``entry`` (the
+        nested entry used, ``""`` for a flat file), ``prefer``, ``loaded`` (count), ``reinitialised`` (model keys
+        left at their initial values), ``dropped`` (checkpoint keys not used) and ``resized``.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        ValueError: an unreadable file, or weights of another architecture.
+    """
+    file = resolve_weights_file(path)
+    state_dict, entry = read_checkpoint(file, prefer)
+    own = model.state_dict()
+    dropped: list[str] = []
+    if any(k.startswith(_BACKBONE_PREFIX) for k in state_dict) and not any(k.startswith(_BACKBONE_PREFIX) for k in own):
+        dropped = sorted(k for k in state_dict if not k.startswith(_BACKBONE_PREFIX))  # the projection head
+        state_dict = {k[len(_BACKBONE_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(_BACKBONE_PREFIX)}
+    if "masked_embed" in state_dict:  # iBOT's name of the learned mask embedding
+        value = state_dict.pop("masked_embed")
+        state_dict["mask_token"] = value.reshape(own["mask_token"].shape) if "mask_token" in own else value
+    if "mask_token" in state_dict and "mask_token" not in own:  # pre-training only; this model masks nothing
+        state_dict.pop("mask_token")
+        dropped.append("mask_token")
+    classifier = _classifier_keys(model, own, state_dict)
+    for k in sorted(state_dict):
+        if k in classifier or k.split(".")[0] in CLASSIFIER_MODULES:
+            state_dict.pop(k)
+            dropped.append(k)
+    resized: list[str] = []
+    for k in sorted(state_dict):
+        if k.endswith("pos_embed") and k in own and state_dict[k].shape != own[k].shape:
+            new = _resample_pos_embed(model, state_dict[k], own[k])
+            if new is not None:
+                resized.append(f"{k} {tuple(state_dict[k].shape)} -> {tuple(new.shape)}")
+                state_dict[k] = new
+    source = f"{path} ({entry or 'flat state dict'})"
+    keep_init = classifier | ({"mask_token"} if "mask_token" in own else set())
+    check_state_dict(
+        model, state_dict, source, allow_missing=keep_init, hint=" (model.pretrained needs the same model.name and "
+        "architecture model.kwargs as the checkpoint)",
+    )  # fmt: skip
+    model.load_state_dict(state_dict, strict=False)
+    reinitialised = sorted(set(own) - set(state_dict))
+    modules = sorted({k.rsplit(".", 1)[0] if "." in k else k for k in reinitialised})
+    logger.info("initialised %s from %s: %d tensors loaded; re-initialised for %s classes: %s",
+                type(model).__name__, source, len(state_dict), getattr(model, "num_classes", "?"),
+                ", ".join(modules) or "nothing")  # fmt: skip
+    if resized:
+        logger.info("resampled to the model's grid (bicubic): %s", "; ".join(resized))
+    return {
+        "path": str(file.resolve()),
+        "entry": entry,
+        "prefer": prefer,
+        "loaded": len(state_dict),
+        "reinitialised": reinitialised,
+        "dropped": dropped,
+        "resized": resized,
+    }
 
 
 def save_exported(model: nn.Module, path: str | Path, meta: Mapping[str, Any]) -> Path:
