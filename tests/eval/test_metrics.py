@@ -85,6 +85,19 @@ def test_mce_errors():
         mce({"fog": {3: 0.1}}, {"fog": {1: 0.2}})
 
 
+def test_error_free_reference_leaves_the_corruption_out_of_mce(caplog):
+    # An easy validation set: the reference makes no error under fog, so CE_fog is undefined; the other
+    # corruptions still give an mCE, and a reference with no error anywhere gives none (a warning, no crash).
+    acc = {"fog": {1: 0.9}, "snow": {1: 0.5}}
+    ref = {"fog": {1: 0.0}, "snow": {1: 0.25}}
+    value, ce = mce({c: {s: 1 - a for s, a in sev.items()} for c, sev in acc.items()}, ref)
+    assert list(ce) == ["snow"] and value == pytest.approx(2.0)
+    assert "fog" in caplog.text
+    s = corruption_scores(acc, clean_accuracy=1.0, reference={"fog": {1: 0.0}, "snow": {1: 0.0}},
+                          reference_clean_error=0.0, reference_name="base")  # fmt: skip
+    assert s.mce is None and s.relative_mce is None and s.robust_accuracy == pytest.approx(0.7)
+
+
 def test_retention_and_scores():
     assert retention(0.4, 0.8) == 0.5
     assert math.isnan(retention(0.4, 0.0))

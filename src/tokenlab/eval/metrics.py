@@ -281,13 +281,20 @@ def mce(errors: ErrorTable, reference: Reference = ALEXNET_ERRORS) -> tuple[floa
     Returns:
         ``(mCE, {corruption: CE_c})``, as fractions (multiply by 100 for the usual percent).
     """
-    ce = {}
+    ce, error_free = {}, []
     for c in _common(errors, reference):
         sev = sorted(errors[c])
         denom = _ref_sum(reference[c], sev)
         if denom <= 0:
-            raise ValueError(f"reference error for {c!r} is {denom}; CE needs a positive reference error")
+            error_free.append(c)
+            continue
         ce[c] = sum(errors[c][s] for s in sev) / denom
+    if error_free:
+        # A reference without a single error under a corruption (an easy validation set) leaves its CE undefined;
+        # leaving that corruption out keeps the rest of the evaluation, and the log says which ones.
+        logger.warning("left out of mCE (the reference makes no error under them): %s", ", ".join(error_free))
+    if not ce:
+        raise ValueError(f"the reference makes no error under any corruption ({', '.join(error_free)}): mCE undefined")
     return sum(ce.values()) / len(ce), ce
 
 
@@ -382,8 +389,11 @@ def corruption_scores(
     )
     if reference is not None and any(c in reference for c in acc):
         errors = {c: {s: 1 - a for s, a in sev.items()} for c, sev in acc.items()}
-        out.mce, out.ce = mce(errors, reference)
-        if reference_clean_error is not None:
+        try:
+            out.mce, out.ce = mce(errors, reference)
+        except ValueError as err:
+            logger.warning("mCE not computed: %s", err)
+        if reference_clean_error is not None and out.mce is not None:
             try:
                 out.relative_mce, out.relative_ce = relative_mce(
                     errors, 1 - clean_accuracy, reference, reference_clean_error
