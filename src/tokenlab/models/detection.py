@@ -37,6 +37,7 @@ stage, and a cascade needs per-stage IoU thresholds, box coders and re-sampled p
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -50,7 +51,7 @@ from timm.models import register_model
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -214,6 +215,11 @@ class TokenlabMaskRCNN(nn.Module):
         sizes = tuple(int(s) for s in min_size) if isinstance(min_size, Sequence) else int(min_size)
         box_head = TwoMLPHead(fpn_dim * 7 * 7, box_head_dim)  # 7x7 RoIAlign output, as torchvision's default
         mask_head = MaskRCNNHeads(fpn_dim, [mask_head_dim] * 4, 1)
+        allowed = (set(inspect.signature(FasterRCNN.__init__).parameters) | {"size_divisible", "fixed_size"}) - {
+            "self", "backbone", "num_classes", "kwargs"}  # fmt: skip
+        unknown = sorted(set(detector_kwargs or {}) - allowed)
+        if unknown:  # torchvision passes unknown keys on to its transform, which ignores them
+            raise ValueError(f"unknown detector_kwargs {unknown}; valid: {', '.join(sorted(allowed))}")
         try:
             self.detector = MaskRCNN(
                 body, min_size=sizes, max_size=max_size, image_mean=list(image_mean), image_std=list(image_std),
