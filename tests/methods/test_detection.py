@@ -30,7 +30,8 @@ def test_training_step_sums_torchvision_losses() -> None:
     method = build_method("detection", model=_Fake())
     assert method.data_view == "detection"
     method.train()
-    out = method.training_step({"image": [torch.zeros(3, 8, 8)], "target": [{}]}, StepContext(0, 0, TrainPlan(1, 1, 1), torch.device("cpu")))
+    ctx = StepContext(0, 0, TrainPlan(1, 1, 1), torch.device("cpu"))
+    out = method.training_step({"image": [torch.zeros(3, 8, 8)], "target": [{}]}, ctx)
     assert out["loss"].item() == pytest.approx(2.5) and out["loss_a"].item() == pytest.approx(2.0)
     out["loss"].backward()
     assert method.model.w.grad is not None

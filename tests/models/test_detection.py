@@ -11,9 +11,10 @@ import torch
 from tokenlab.models import create_model, load_exported, save_exported
 from tokenlab.models.detection import TokenlabMaskRCNN, load_backbone_weights
 
-SMALL: dict[str, Any] = dict(min_size=32, max_size=32, anchor_sizes=(8, 16, 32, 64, 128), fpn_dim=16,
-                             box_head_dim=32, mask_head_dim=8,
-                             detector_kwargs={"rpn_post_nms_top_n_train": 50, "box_batch_size_per_image": 16})  # fmt: skip
+SMALL: dict[str, Any] = {
+    "min_size": 32, "max_size": 32, "anchor_sizes": (8, 16, 32, 64, 128), "fpn_dim": 16, "box_head_dim": 32,
+    "mask_head_dim": 8, "detector_kwargs": {"rpn_post_nms_top_n_train": 50, "box_batch_size_per_image": 16},
+}  # fmt: skip
 NANO = {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
 
 
