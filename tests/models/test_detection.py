@@ -86,3 +86,14 @@ def test_backbone_from_a_classification_export_and_export_round_trip(tmp_path: P
     with torch.no_grad():
         a, b = det(images)[0], loaded(images)[0]
     assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
+
+
+def test_stride_16_vits_get_the_vitdet_simple_pyramid() -> None:
+    from tokenlab.models.detection import DetectionBackbone
+    from tokenlab.models.segmentation import SimplePyramidNeck
+
+    body = DetectionBackbone("ibot_vit_tiny_patch4_32", {"patch_size": 16, "depth": 1, "img_size": 64}, fpn_dim=8)
+    assert isinstance(body.neck, SimplePyramidNeck)
+    feats = body(torch.rand(1, 3, 64, 64))
+    assert [f.shape[-1] for f in feats.values()] == [16, 8, 4, 2, 1]  # strides 4, 8, 16, 32, 64 from tokens at 16
+    assert body(torch.rand(1, 3, 50, 60))["0"].shape[-2:] == (16, 16)  # padded up to the patch multiple (64)
