@@ -14,7 +14,9 @@ Papers:
 Where the pyramid comes from (``taps``):
 
 - ``"hybrid"`` (FAN with a hybrid ConvNeXt stem): the stem's stage outputs at strides 4 and 8, the output of the
-  tapped FAN block (default the last) at stride 16 and its 2x2 max-pool at stride 32; the FPN unifies the widths.
+  tapped FAN block (default the last) at stride 16 and, at stride 32, a learned 3x3 stride-2 convolution of it to
+  768 channels (the published FAN detection backbone's ``learnable_downsample``, e.g. FPN inputs
+  ``[128, 256, 384, 768]`` for FAN-S-Hybrid); the FPN unifies the widths.
 - ``"simple"`` (any FAN or the iBOT ViT; the default for plain-stem models): the last block's map at the token stride
   ``s``. For ``s`` = 16 it goes through ``models.segmentation.SimplePyramidNeck`` (ViTDet: strides 4, 8, 16, 32);
   for the small-patch CPU models (``s`` < 16) the same strides 4-32 come from max-pooling (and, for ``s`` = 8, a
@@ -66,6 +68,7 @@ __all__ = ["DetectionBackbone", "TokenlabMaskRCNN", "load_backbone_weights"]
 logger = logging.getLogger(__name__)
 
 TAPS = ("auto", "hybrid", "simple")
+HYBRID_DOWN_WIDTH = 768  # the published hybrid backbone's stride-32 level (a constant there for every size)
 _TIMM_FACTORY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 # Parameters a classification FAN has that the detection backbone never uses (dropped after construction).
 _FAN_UNUSED = ("cls_token", "cls_attn_blocks", "norm", "head", "aux_head")
@@ -128,8 +131,8 @@ class DetectionBackbone(nn.Module):
             tapped: Any = cast(Any, model).blocks[self.index]
             in_channels = [int(stage.blocks[-1].conv_dw.out_channels) for stage in stem.backbone.stages]
             width = int(tapped.norm1.normalized_shape[0])
-            in_channels += [width, width]
-            self.neck: nn.Module = nn.Identity()
+            in_channels += [width, HYBRID_DOWN_WIDTH]
+            self.neck: nn.Module = nn.Conv2d(width, HYBRID_DOWN_WIDTH, 3, stride=2, padding=1)
         else:
             in_channels = [dim] * 4
             if int(cast(Any, model).patch_size) not in (4, 8, 16):
@@ -143,7 +146,7 @@ class DetectionBackbone(nn.Module):
         model: Any = self.backbone
         if self.taps == "hybrid":
             maps = model.forward_intermediates(x, [self.index], stem_stages=True)
-            return [*maps, F.max_pool2d(maps[-1], 2, ceil_mode=True)]
+            return [*maps, self.neck(maps[-1])]
         if isinstance(model, FAN):
             last = model.forward_intermediates(x, [self.index])[0]
         else:  # timm's VisionTransformer.forward_intermediates: NCHW maps without prefix tokens
