@@ -24,6 +24,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow  # ~30 s on 2 shared cores: three short trainings, a clean and a corrupted evaluation
 def test_train_resume_and_eval(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     assert main(["detect", "train", "--run-dir", str(run), f"data.root={data}", *TINY]) == 0
