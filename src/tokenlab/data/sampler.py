@@ -15,7 +15,7 @@ from ``r``. ``start`` skips the samples of this rank already consumed before a r
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -145,6 +145,7 @@ def build_train_loader(
     start: int = 0,
     num_workers: int = 0,
     pin_memory: bool = False,
+    collate_fn: Callable[[Any], Any] = default_collate,
 ) -> DataLoader:
     """The training ``DataLoader`` of one epoch: ``SeededDataset`` over ``sampler``, from sample ``start``.
 
@@ -159,6 +160,7 @@ def build_train_loader(
         start: Samples of this rank's share already consumed in this epoch.
         num_workers: Loader processes.
         pin_memory: Pin batches for a CUDA copy.
+        collate_fn: How samples become a batch (``data.transforms.collate_for(view)``).
 
     Raises:
         ValueError: a non-positive batch size or a negative worker count.
@@ -171,6 +173,6 @@ def build_train_loader(
     gen = torch.Generator().manual_seed(sampler.seed * 100_003 + epoch * 1009 + sampler.rank)
     return DataLoader(
         SeededDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-        collate_fn=default_collate, drop_last=True, generator=gen, pin_memory=pin_memory,
+        collate_fn=collate_fn, drop_last=True, generator=gen, pin_memory=pin_memory,
         persistent_workers=False, prefetch_factor=2 if num_workers else None,
     )  # fmt: skip

@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import default_collate
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
@@ -48,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 TEACHER_MODES = ("none", "spatial", "full")
 # The data views: what a method asks for (``Method.data_view``) is what ``build_transforms`` builds.
-TRANSFORM_KINDS = ("classification", "stl_paired", "multicrop", "segmentation", "eval")
+TRANSFORM_KINDS = ("classification", "stl_paired", "multicrop", "segmentation", "detection", "eval")
 GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 COLOUR_OPS = (
     "AutoContrast",
@@ -640,6 +641,15 @@ def _round_to(value: float, multiple: int) -> int:
     return max(multiple, int(round(value / multiple)) * multiple)
 
 
+def collate_for(kind: str) -> Callable[[Any], Any]:
+    """The batch collate of a data view: a list collate for ``detection`` (targets differ in size), else torch's."""
+    if kind == "detection":
+        from tokenlab.data.detection import detection_collate
+
+        return detection_collate
+    return default_collate
+
+
 def build_transforms(kind: str, img_size: int, **kwargs: Any) -> Any:
     """Build a sample transform for a data view (the vocabulary of ``Method.data_view``).
 
@@ -648,7 +658,8 @@ def build_transforms(kind: str, img_size: int, **kwargs: Any) -> Any:
             none/spatial/full, default spatial), ``multicrop`` (iBOT; ``patch_size=`` sets the mask grid,
             ``mask_ratio=(a, b)``, ``mask_prob``, ``min_block``; ``local_size`` defaults to ``96/224`` of
             ``img_size`` rounded to the patch) or ``segmentation`` (joint image + mask; ``train=`` True/False, see
-            ``data.segmentation.build_segmentation_transforms``). The old names ``train``, ``stl_pair`` and
+            ``data.segmentation.build_segmentation_transforms``) or ``detection`` (image + boxes + masks, ``train=``,
+            ``hflip=``; ``data.detection.build_detection_transforms``). The old names ``train``, ``stl_pair`` and
             ``ibot`` are accepted for ``classification``, ``stl_paired`` and ``multicrop``.
         img_size: output side (global crop side for ``multicrop``, training crop for ``segmentation``).
         **kwargs: passed to ``EvalTransform``, ``ViewTransform``, ``MultiCropTransform`` or the segmentation
@@ -684,4 +695,8 @@ def build_transforms(kind: str, img_size: int, **kwargs: Any) -> Any:
         from tokenlab.data.segmentation import build_segmentation_transforms
 
         return build_segmentation_transforms(kwargs.pop("train", True), img_size, **kwargs)
+    if kind == "detection":
+        from tokenlab.data.detection import build_detection_transforms
+
+        return build_detection_transforms(kwargs.pop("train", True), img_size, **kwargs)
     raise ValueError(f"unknown transform kind {kind!r}; valid: {list(TRANSFORM_KINDS)}")

@@ -123,7 +123,8 @@ def build_datasets(
     Args:
         cfg: The run config. For the image views ``data.name``/``data.root`` is a data-set spec (a folder, a list
             file, a synthetic set or ``cifar10``); for ``segmentation`` ``data.name`` is the layout (``synthetic``,
-            ``cityscapes``, ``folder``) and ``data.root`` its location.
+            ``cityscapes``, ``folder``) and ``data.root`` its location; for ``detection`` ``data.root`` is a COCO-format
+            tree (``annotations/instances_<split>.json`` + ``<split>/``).
         data_view: The method's sample layout (``Method.data_view``).
         transform_options: The method's extra transform kwargs (``Method.transform_options``).
 
@@ -134,6 +135,8 @@ def build_datasets(
         raise ValueError(f"unknown data_view {data_view!r}; valid: {', '.join(DATA_VIEWS)}")
     if data_view == "segmentation":
         train_set, val_set, meta = _segmentation_datasets(cfg)
+    elif data_view == "detection":
+        train_set, val_set, meta = _detection_datasets(cfg)
     else:
         train_set, val_set, meta = _image_datasets(cfg, data_view, transform_options)
     train_set = _subset(train_set, cfg.data.train_subset, cfg.seed)
@@ -205,6 +208,40 @@ def _segmentation_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset | None, di
     meta = {
         "classes": train_set.class_names, "num_classes": train_set.num_classes, "mean": train_set.mean,
         "std": train_set.std, "ignore_index": ignore, "task": "segmentation", "data": d.name,
+    }  # fmt: skip
+    return train_set, val_set, meta
+
+
+def _detection_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset | None, dict[str, Any]]:
+    """The ``CocoDetection`` sets of ``cfg.data``: ``data.root`` holds ``annotations/instances_<split>.json``.
+
+    ``data.dataset`` may hold ``masks`` (default true) and ``skip_empty`` (training images without annotations,
+    default true); ``data.transform`` the ``detection`` view's options (``hflip``).
+    """
+    from tokenlab.data import build_transforms
+    from tokenlab.data.detection import build_detection_dataset
+
+    d = cfg.data
+    if d.root is None:
+        raise ValueError("data.root is not set: point it at a COCO-format tree (for the synthetic set, create one "
+                         "with `tokenlab detect data --out DIR`)")  # fmt: skip
+    extra = cfg_dict(d.dataset)
+    unknown = sorted(set(extra) - {"masks", "skip_empty"})
+    if unknown:
+        raise ValueError(f"unknown data.dataset option(s) {unknown} for detection; valid: masks, skip_empty")
+    masks = bool(extra.get("masks", True))
+    tf = cfg_dict(d.transform)
+    train_set = build_detection_dataset(d.root, d.train_split, build_transforms("detection", d.img_size, train=True,
+                                        **tf), skip_empty=bool(extra.get("skip_empty", True)), masks=masks)  # fmt: skip
+    val_set = None
+    if d.val_split is not None:
+        val_tf = build_transforms("detection", d.img_size, train=False, **tf)
+        val_set = build_detection_dataset(d.root, d.val_split, val_tf, masks=masks)
+        if val_set.classes != train_set.classes:
+            raise ValueError(f"the categories of {d.val_split!r} differ from those of {d.train_split!r} in {d.root}")
+    meta = {
+        "classes": train_set.classes, "num_classes": train_set.num_classes, "mean": train_set.mean,
+        "std": train_set.std, "task": "detection", "data": d.name, "skipped": train_set.skips.to_dict(),
     }  # fmt: skip
     return train_set, val_set, meta
 

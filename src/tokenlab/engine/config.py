@@ -249,7 +249,7 @@ def _check_data_options(cfg: DictConfig) -> None:
     except (TypeError, ValueError) as err:
         raise ValueError(f"config section 'data.transform' {extra} does not fit method {cfg.method.name!r} "
                          f"(data view {view!r}, data.img_size {cfg.data.img_size}): {err}") from None  # fmt: skip
-    if view != "segmentation":  # the segmentation builder checks its data.dataset keys itself
+    if view not in ("segmentation", "detection"):  # their builders check their data.dataset keys themselves
         valid = set(inspect.signature(build_dataset).parameters) - {"spec", "split", "transform"}
         unknown = sorted(set(cfg_dict(cfg.data.dataset)) - valid)
         if unknown:

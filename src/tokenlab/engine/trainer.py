@@ -46,9 +46,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset
 
 from tokenlab.data.sampler import ResumableSampler, ShardSampler, build_train_loader
+from tokenlab.data.transforms import collate_for
 from tokenlab.engine import builders as B
 from tokenlab.engine import checkpoint as ckpt
 from tokenlab.engine.config import cfg_dict
@@ -110,6 +111,8 @@ def _to_device(obj: Any, device: torch.device, channels_last: bool = False) -> A
 def _batch_size(batch: Mapping[str, Any]) -> int:
     for key in ("label", "image", "crops"):
         v = batch.get(key)
+        if key == "image" and isinstance(v, list):  # the detection view's list of (3, H_i, W_i) images
+            return len(v)
         if isinstance(v, torch.Tensor):
             return int(v.shape[0])
         if isinstance(v, (list, tuple)) and v and isinstance(v[0], torch.Tensor):
@@ -279,6 +282,7 @@ class Trainer:
         return build_train_loader(
             self.train_set, self.cfg.data.batch_size, self.sampler, epoch, self.batches_done * self.cfg.data.batch_size,
             num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+            collate_fn=collate_for(self.method.data_view),
         )  # fmt: skip
 
     # ---- state --------------------------------------------------------------------------------------------------
@@ -719,7 +723,7 @@ class Trainer:
             batch_size=batch_size,
             sampler=ShardSampler(num_val, self.world, self.rank),
             num_workers=self.cfg.data.num_workers,
-            collate_fn=default_collate,
+            collate_fn=collate_for(self.method.data_view),
         )
         sums: dict[str, torch.Tensor] = {}
         with self._unsharded_root():
@@ -731,7 +735,8 @@ class Trainer:
                     sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=self.device)) + v.double()
             if self.fsdp:  # sharded blocks gather in every forward: every rank must run as many as rank 0 (the most)
                 most = -(-len(range(0, num_val, self.world)) // batch_size)
-                pad = _to_device(default_collate([self.val_set[0]]), self.device, self.cfg.train.channels_last)
+                one = collate_for(self.method.data_view)([self.val_set[0]])
+                pad = _to_device(one, self.device, self.cfg.train.channels_last)
                 for _ in range(most - len(loader)):
                     with autocast(self.device, self.amp_dtype):
                         self.method.validation_step(model, pad)  # result discarded

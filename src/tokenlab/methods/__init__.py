@@ -56,6 +56,7 @@ _BUILTIN_MODULES = (
     "tokenlab.methods.stl",
     "tokenlab.methods.ibot",
     "tokenlab.methods.segmentation",
+    "tokenlab.methods.detection",
 )
 
 _REGISTRY: dict[str, type[Method]] = {}

@@ -12,7 +12,7 @@ from typing import Any
 import timm
 from torch import nn
 
-from tokenlab.models import fan, segmentation, vit  # noqa: F401  (registration side effect)
+from tokenlab.models import detection, fan, segmentation, vit  # noqa: F401  (registration side effect)
 from tokenlab.models._loading import (
     PREFER_CHOICES,
     check_state_dict,
