@@ -109,7 +109,9 @@ def build_store(
         dataset = build_dataset(data, split=split, transform=transform)
         paths = [p for p, _ in dataset.samples]
         rel, digest = data_identity(paths, [y for _, y in dataset.samples])
-        weights = info.get("weights")
+        weights = None  # the file whose sha256 identifies the labeler
+        if info.get("path"):
+            weights = Path(info["path"]) if info["export"] == "published" else Path(info["path"] + ".safetensors")
         manifest = {
             "labeler": {"model": info.get("model"), "path": info.get("path"), "export": info.get("export"),
                         "sha256": sha256_file(weights) if weights else None},

@@ -55,6 +55,7 @@ __all__ = [
     "dense_logits",
     "select_views",
     "sha256_file",
+    "store_bytes_per_image",
 ]
 
 FORMAT = "tokenlab-label-store/1"
@@ -111,6 +112,14 @@ def _shape(name: str, n: int, views: int, tokens: int, k: int) -> tuple[int, ...
         "theta": (n, views, 2, 3),
         "done": (n,),
     }[name]
+
+
+def store_bytes_per_image(tokens: int, k: int, views: int = 1) -> int:
+    """Bytes per image of a store with ``tokens`` tokens per view, top-``k`` and ``views`` views (arrays only)."""
+    return sum(
+        int(np.prod(_shape(name, 1, views, tokens, k))) * np.dtype(dtype).itemsize
+        for name, (_, dtype) in _ARRAYS.items()
+    )
 
 
 def _differences(a: Mapping[str, Any], b: Mapping[str, Any], keys: Sequence[str], prefix: str = "") -> list[str]:
@@ -285,9 +294,9 @@ class LabelStore:
             "theta": torch.from_numpy(np.ascontiguousarray(a["theta"][rows])),
         }
 
-    def bytes_per_image(self) -> float:
+    def bytes_per_image(self) -> int:
         """Bytes of the arrays per image (manifest and file list left out)."""
-        return sum(int(m.nbytes) for m in self.arrays.values()) / self.num_images
+        return store_bytes_per_image(self.grid[0] * self.grid[1], self.k, self.num_views)
 
 
 def _write_json(path: Path, obj: Mapping[str, Any]) -> None:

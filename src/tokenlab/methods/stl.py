@@ -98,16 +98,16 @@ def load_labeler(
         prefer: ``"ema"`` or ``"model"`` weights of a published checkpoint.
 
     Returns:
-        ``(module, info, meta)``: ``info`` has ``path``, ``export``, ``model`` (and ``step`` for exports, the
-        checkpoint entry for published files) and ``weights`` (the weights file, None for a module); ``meta`` is
-        the export meta (``img_size``, ``mean``, ``std``, ...; empty for a module).
+        ``(module, info, meta)``: ``info`` has ``path`` (the export stem or the checkpoint file; None for a
+        module), ``export``, ``model`` (and ``step`` for exports, the checkpoint entry for published files);
+        ``meta`` is the export meta (``img_size``, ``mean``, ``std``, ...; empty for a module).
 
     Raises:
         FileNotFoundError: no exported labeler at ``labeler`` (or no best export when ``which="best"``).
         ValueError: a published checkpoint without ``model_name``; an unknown ``which``.
     """
     if isinstance(labeler, nn.Module):
-        return labeler, {"path": None, "export": "module", "model": type(labeler).__name__, "weights": None}, {}
+        return labeler, {"path": None, "export": "module", "model": type(labeler).__name__}, {}
     from tokenlab.models import load_exported, load_published
 
     if which not in EXPORT_CHOICES:
@@ -122,7 +122,6 @@ def load_labeler(
         model, meta = load_published(path, model_name, prefer, **(model_kwargs or {}))
         info = {"path": str(path), "export": "published", "model": model_name, **meta["source"]}
         info.pop("file", None)
-        info["weights"] = str(path)
     else:
         stem = export_stem(path, which)
         if path.is_dir() and which == "best" and not stem.with_suffix(".json").is_file():
@@ -132,7 +131,7 @@ def load_labeler(
             )
         model, meta = load_exported(stem)
         info = {"path": str(stem), "export": which if path.is_dir() else "given", "model": meta.get("model"),
-                "step": meta.get("step"), "weights": str(stem.with_suffix(".safetensors"))}  # fmt: skip
+                "step": meta.get("step")}  # fmt: skip
     logger.info("token labeler: %s", info)
     return model, info, meta
 
