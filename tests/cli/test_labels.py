@@ -1,6 +1,10 @@
 """`tokenlab labels build` end to end: a stage-1 labeler, its label store, a 2-step student from the store."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 from evalhelpers import TINY_TRAIN
@@ -60,3 +64,18 @@ def test_store_of_other_data_or_labeler_is_refused(labeler, tmp_path, capsys):
              f"method.kwargs.label_store={out}", *TINY]  # fmt: skip
     assert main(train) == 2
     assert "missing from label store" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_write_the_same_store_as_one_process(labeler, tmp_path):
+    synth, run = labeler
+    args = ["labels", "build", "--labeler", str(run), "--data", str(synth), "--topk", "2", "--views", "1",
+            "--device", "cpu", "--workers", "0", "--batch-size", "4", "--no-progress"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    torchrun = shutil.which("torchrun")
+    cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    cmd += ["--standalone", "--nproc_per_node=2", "-m", "tokenlab.cli", *args, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("values.f16", "indices.u16", "rest.f16", "theta.f32", "done.u8", "files.txt"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
