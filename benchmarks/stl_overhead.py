@@ -178,7 +178,7 @@ def memory_one(kind: str, args: argparse.Namespace) -> float:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
+        base: float = torch.cuda.memory_allocated(device)
         step = make_step(kind, args, device)
         for _ in range(3):
             step()
@@ -202,7 +202,7 @@ def memory(kind: str, args: argparse.Namespace) -> float:
 def throughput(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     """Images/s of training steps of fan_tiny/small vs deit_tiny/small (same image size and batch)."""
     names = args.throughput_models.split(",")
-    steps = {}
+    steps: dict[str, Callable[[], float]] = {}
     for name in names:
         torch.manual_seed(0)
         model = timm.create_model(name, num_classes=args.num_classes, img_size=args.img_size).to(device).train()

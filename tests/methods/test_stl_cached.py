@@ -106,5 +106,7 @@ def test_store_errors(tmp_path):
         build_method("stl_student", model=_token_model(3), label_store=str(store))
     with pytest.raises(ValueError, match="not both"):
         build_method("stl_student", model=_token_model(), label_store=str(store), labeler=labeler)
+    with pytest.raises(ValueError, match="teacher_aug='full' does not apply"):
+        build_method("stl_student", model=_token_model(), label_store=str(store), teacher_aug="full")
     with pytest.raises(FileNotFoundError, match="not a label store"):
         build_method("stl_student", model=_token_model(), label_store=str(tmp_path / "nothing"))

@@ -284,6 +284,11 @@ class STLStudent(Method):
                 "published FAN-TL .pth.tar (with labeler_model) or 'self'; or method.kwargs.label_store: a store "
                 "written by `tokenlab labels build`"
             )
+        if label_store is not None and teacher_aug != "spatial":
+            raise ValueError(
+                f"teacher_aug={teacher_aug!r} does not apply with a label_store: the stored labels are cut to the "
+                f"student view's geometry; leave teacher_aug at 'spatial'"
+            )
         if labeler is not None and label_store is not None:
             raise ValueError(
                 "give stl_student either method.kwargs.labeler (online labels) or method.kwargs.label_store "
