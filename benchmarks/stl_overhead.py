@@ -1,4 +1,4 @@
-"""Cost of an STL student step over a supervised step, and training throughput of FAN vs timm DeiT.
+"""Cost of an STL student step (online or cached labels) over a supervised step, and throughput of FAN vs DeiT.
 
 1. Overhead (issue 5 target: CPU <= 1.4x time and <= 1.15x memory; GPU bf16 <= 1.3x time). Same token model, same
    batch, same data: the supervised step is ``CE(model(x))``; the STL student step adds the frozen labeler (same
@@ -7,6 +7,11 @@
    other processes hits both alike. Memory: on CUDA ``torch.cuda.max_memory_allocated`` per step kind; on CPU each
    kind runs in a fresh subprocess that resets the kernel's peak-RSS counter after its imports and reports the
    peak RSS minus the RSS at that point (models, labeler, optimizer state, activations).
+   Cached STL (issue 18 target: <= 1.05x the supervised step; store <= 8 KB per image at 14x14, top-5): the student
+   reads its labels from a label store (``tokenlab.data.label_store``; random top-5 logits at the labeler's grid,
+   one full view per image, written to a temporary directory) and cuts them to random crop/flip views
+   (``view_theta``), so the step pays the store read, the dense reconstruction and the RoI sampling, no labeler.
+   ``cached_over_supervised`` is its time ratio, ``store_bytes_per_image`` the store size at a 14x14 grid, top-5.
 2. Throughput: images/s of full training steps (forward, backward, AdamW) of fan_tiny/fan_small against timm's
    deit_tiny/deit_small at the same image size and batch, interleaved in one process.
 
@@ -36,6 +41,7 @@ import torch
 
 import tokenlab  # noqa: F401  (registers the FAN models)
 from tokenlab.methods import StepContext, TrainPlan, build_method
+from tokenlab.models.contract import as_backbone
 from tokenlab.utils.amp import AMP_CHOICES, amp_dtype, autocast
 
 logger = logging.getLogger("stl_overhead")
@@ -66,25 +72,78 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+KINDS = ("supervised", "stl_student", "stl_cached")
+STORE_IMAGES = 256  # images in the benchmark's label store; each step reads a random batch of them
+
+
+def make_store(args: argparse.Namespace, grid: tuple[int, int], root: Path) -> Path:
+    """A finished label store of ``STORE_IMAGES`` images with random top-k logits on ``grid`` (full views)."""
+    import numpy as np
+
+    from tokenlab.data.label_store import LabelStore, compress_logits
+
+    n, k, tokens = STORE_IMAGES, args.topk, grid[0] * grid[1]
+    manifest = {
+        "labeler": {"model": args.labeler or args.model, "path": None, "export": "benchmark", "sha256": None},
+        "data": {"spec": "random", "split": "train", "num_images": n, "sha256": "0" * 64},
+        "img_size": args.img_size, "k": k, "grid": list(grid), "views": 1, "num_classes": args.num_classes,
+        "mean": [0.0] * 3, "std": [1.0] * 3, "seed": 0,
+    }  # fmt: skip
+    store = LabelStore.create(root, manifest, [f"{i}.png" for i in range(n)])
+    g = torch.Generator().manual_seed(2)
+    for start in range(0, n, 32):
+        rows = np.arange(start, min(start + 32, n))
+        values, indices, rest = compress_logits(torch.randn(len(rows), tokens, args.num_classes, generator=g), k)
+        theta = torch.tensor([[1.0, 0, 0], [0, 1, 0]]).expand(len(rows), 1, 2, 3)
+        store.write_rows(rows, values[:, None], indices[:, None], rest[:, None], theta)
+    store.finish()
+    return root
+
+
+def random_view_thetas(b: int, g: torch.Generator) -> torch.Tensor:
+    """Affines of ``b`` random crops (side 0.6-1 of the image) with random flips, as ``view_affine`` gives them."""
+    side = 0.6 + 0.4 * torch.rand(b, generator=g)
+    centre = (1 - side)[:, None] * (2 * torch.rand(b, 2, generator=g) - 1)
+    flip = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1] = side * flip, side
+    theta[:, :, 2] = centre
+    return theta
+
+
 def make_step(kind: str, args: argparse.Namespace, device: torch.device) -> Callable[[], float]:
-    """A closure running one training step of ``kind`` (``supervised`` or ``stl_student``) on a fixed batch."""
+    """A closure running one training step of ``kind`` (one of ``KINDS``) on a fixed batch."""
     kw = dict(num_classes=args.num_classes, img_size=args.img_size)
     torch.manual_seed(0)
     model = timm.create_model(args.model, **kw)
+    g = torch.Generator().manual_seed(1)
+    b = args.batch_size
+    extra: dict[str, torch.Tensor] = {}
     if kind == "supervised":
         method = build_method("supervised", model=model, num_classes=args.num_classes)
+    elif kind == "stl_cached":
+        import tempfile
+
+        gh, gw = as_backbone(model).grid_size(args.img_size)
+        root = Path(tempfile.mkdtemp(prefix="stl_overhead_store_")) / "store"
+        method = build_method("stl_student", model=model, label_store=str(make_store(args, (gh, gw), root)))
+        extra = {
+            "index": torch.randperm(STORE_IMAGES, generator=g)[:b],
+            "view_theta": random_view_thetas(b, g).to(device),
+        }
     else:
         labeler = timm.create_model(args.labeler or args.model, **kw)
         method = build_method("stl_student", model=model, labeler=labeler, teacher_dtype=args.teacher_dtype)
     method.to(device).train()
     opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-4)
-    g = torch.Generator().manual_seed(1)
-    b = args.batch_size
     batch = {
         "image": torch.randn(b, 3, args.img_size, args.img_size, generator=g).to(device),
         "teacher_image": torch.randn(b, 3, args.img_size, args.img_size, generator=g).to(device),
         "label": torch.randint(0, args.num_classes, (b,), generator=g).to(device),
+        **extra,
     }
+    if kind != "stl_student":
+        del batch["teacher_image"]  # the supervised and cached steps get no second view
     ctx = StepContext(0, 0, TrainPlan(1, 1, 1), device, amp_dtype=amp_dtype(args.amp))
 
     def step() -> float:
@@ -119,7 +178,7 @@ def memory_one(kind: str, args: argparse.Namespace) -> float:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
+        base: float = torch.cuda.memory_allocated(device)
         step = make_step(kind, args, device)
         for _ in range(3):
             step()
@@ -143,7 +202,7 @@ def memory(kind: str, args: argparse.Namespace) -> float:
 def throughput(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     """Images/s of training steps of fan_tiny/small vs deit_tiny/small (same image size and batch)."""
     names = args.throughput_models.split(",")
-    steps = {}
+    steps: dict[str, Callable[[], float]] = {}
     for name in names:
         torch.manual_seed(0)
         model = timm.create_model(name, num_classes=args.num_classes, img_size=args.img_size).to(device).train()
@@ -179,6 +238,7 @@ def main() -> None:
     p.add_argument("--img-size", type=int, default=112)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--topk", type=int, default=5, help="logits per token in the cached-label store")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=8)
     p.add_argument(
@@ -189,6 +249,7 @@ def main() -> None:
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", default=None, help="JSON output (default: results/stl_overhead_<device>.json)")
+    p.add_argument("--note", default=None, help="free text stored with the results (e.g. 'shared machine')")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
@@ -198,10 +259,12 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device)
-    steps = {k: make_step(k, args, device) for k in ("supervised", "stl_student")}
+    from tokenlab.data.label_store import store_bytes_per_image
+
+    steps = {k: make_step(k, args, device) for k in KINDS}
     times = interleaved(steps, args.warmup, args.repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
-    mem = {k: memory(k, args) for k in ("supervised", "stl_student")}
+    mem = {k: memory(k, args) for k in KINDS}
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
@@ -210,15 +273,22 @@ def main() -> None:
         "step_time_s": med,
         "step_times_s": times,
         "time_ratio": med["stl_student"] / med["supervised"],
+        "cached_over_supervised": med["stl_cached"] / med["supervised"],
+        "cached_over_online": med["stl_cached"] / med["stl_student"],
+        "store_bytes_per_image": store_bytes_per_image(14 * 14, args.topk),
+        "store_layout": f"14x14 grid, top-{args.topk}: fp16 logits + uint16 ids + fp16 rest per token, theta, flag",
         "peak_memory_mib": mem,
         "memory_ratio": mem["stl_student"] / mem["supervised"],
+        "cached_memory_ratio": mem["stl_cached"] / mem["supervised"],
         "memory_method": "cuda max_memory_allocated"
         if device.type == "cuda"
         else "peak RSS (VmHWM, reset after imports) minus RSS after imports, one subprocess per step kind",
     }
     if not args.skip_throughput:
         result["images_per_s"] = throughput(args, device)
-    logger.info(json.dumps({k: result[k] for k in ("time_ratio", "memory_ratio", "step_time_s", "peak_memory_mib")}))
+    keys = ("time_ratio", "cached_over_supervised", "store_bytes_per_image", "memory_ratio", "cached_memory_ratio",
+            "step_time_s", "peak_memory_mib")  # fmt: skip
+    logger.info(json.dumps({k: result[k] for k in keys}))
     if "images_per_s" in result:
         logger.info("images/s: %s", {k: round(v, 1) for k, v in result["images_per_s"].items()})
     out = (

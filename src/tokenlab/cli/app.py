@@ -21,7 +21,7 @@ __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 Handler = Callable[[argparse.Namespace], int | None]
 
 # One module per sub-command, in the order `tokenlab --help` shows them.
-SUBCOMMANDS = ("demo", "models", "train", "data", "segment", "detect", "eval", "tokens", "report", "eval_ssl")
+SUBCOMMANDS = ("demo", "models", "train", "data", "labels", "segment", "detect", "eval", "tokens", "report", "eval_ssl")
 
 _USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, PermissionError)
 

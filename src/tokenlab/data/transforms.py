@@ -12,7 +12,10 @@ normalisation, random erasing (timm's per-pixel N(0, 1) fill) and optional Gauss
 Geometric ops run before colour ops, so the shared part is computed once; for the pointwise colour ops this is the
 same image as interleaving, for the histogram ops (autocontrast, equalize) the geometric fill counts slightly
 differently. Teacher modes (the paper's ablation): ``none`` = the centre (evaluation) view of the original image,
-``spatial`` (default) = shared geometry only, ``full`` = exactly the student's view. Mixup/CutMix work on batches
+``spatial`` (default) = shared geometry only, ``full`` = exactly the student's view; ``geometry`` = no teacher image
+but the student view's geometry as ``view_theta`` (``view_affine``: the 2x3 affine that maps the view's normalised
+coordinates onto the source image's), for labels cached per source image (``tokenlab.data.label_store``).
+Mixup/CutMix work on batches
 and live in the supervised method (``tokenlab.methods.supervised``): student image and class target only.
 
 **iBOT multi-crop** [2] (``MultiCropTransform``): 2 global crops (scale 0.25-1; blur p 1.0 / 0.1, solarize 0.2 on the
@@ -47,7 +50,7 @@ from tokenlab.data.masking import BlockMaskGenerator, build_mask_generator
 
 logger = logging.getLogger(__name__)
 
-TEACHER_MODES = ("none", "spatial", "full")
+TEACHER_MODES = ("none", "spatial", "full", "geometry")
 # The data views: what a method asks for (``Method.data_view``) is what ``build_transforms`` builds.
 TRANSFORM_KINDS = ("classification", "stl_paired", "multicrop", "segmentation", "detection", "eval")
 GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
@@ -275,6 +278,49 @@ def sample_erase_box(
     return None
 
 
+def view_affine(params: Mapping[str, Any], src_size: tuple[int, int], img_size: int) -> torch.Tensor:
+    """The (2, 3) affine ``theta`` of a view's geometry, in ``torch.nn.functional.affine_grid`` convention.
+
+    ``theta`` maps a point of the ``img_size`` view in normalised coordinates (``[-1, 1]``, ``align_corners=False``)
+    to the point of the ``src_size`` source image it was sampled from, in the same convention, so
+    ``grid_sample(source_map, affine_grid(theta, (1, C, h, w)))`` cuts any map laid over the source image (e.g. a
+    token-label map) as ``ViewTransform.transform`` cut the image: crop box, flip and the geometric RandAugment
+    ops, composed in pixel coordinates centred on the view, exactly as torchvision's ``affine`` / ``rotate`` invert
+    them.
+
+    Args:
+        params: ``ViewTransform.make_params`` output (``box``, ``flip``, ``geometric``).
+        src_size: ``(height, width)`` of the source image.
+        img_size: side of the view.
+    """
+    from torchvision.transforms.functional import _get_inverse_affine_matrix
+
+    top, left, height, width = params["box"]
+    src_h, src_w = src_size
+    half = img_size / 2
+    # view-normalised -> view pixels centred on the view centre
+    m = torch.tensor([[half, 0.0, 0.0], [0.0, half, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    for op in reversed(list(params.get("geometric", ()))):
+        if op.name == "Rotate":
+            inv = _get_inverse_affine_matrix([0.0, 0.0], -op.level, [0.0, 0.0], 1.0, [0.0, 0.0])
+        else:
+            shear, translate = [0.0, 0.0], [0.0, 0.0]
+            axis = 0 if op.name.endswith("X") or op.name == "TranslateXRel" else 1
+            (shear if op.name.startswith("Shear") else translate)[axis] = op.level
+            inv = _get_inverse_affine_matrix([0.0, 0.0], 0.0, translate, 1.0, shear)
+        step = torch.tensor([inv[:3], inv[3:], [0.0, 0.0, 1.0]], dtype=torch.float64)
+        m = step @ m  # output of op -> input of op, both centred on the view
+    if params.get("flip"):
+        m = torch.diag(torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64)) @ m
+    # centred view pixels -> source pixels -> source-normalised
+    crop = torch.tensor(
+        [[width / img_size, 0.0, left + width / 2], [0.0, height / img_size, top + height / 2], [0.0, 0.0, 1.0]],
+        dtype=torch.float64,
+    )
+    norm = torch.tensor([[2 / src_w, 0.0, -1.0], [0.0, 2 / src_h, -1.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    return (norm @ crop @ m)[:2].float()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Transforms
 
@@ -417,7 +463,8 @@ class ViewTransform(v2.Transform):
         color_jitter: ColorJitter strength for brightness/contrast/saturation on the student (None: off).
         re_prob: random-erasing probability on the student (timm's per-pixel N(0, 1) fill).
         noise_std: std of Gaussian noise added to the normalised student image.
-        teacher: None (single view), ``"none"``, ``"spatial"`` or ``"full"``.
+        teacher: None (single view), ``"none"``, ``"spatial"``, ``"full"`` or ``"geometry"`` (``view_theta``, no
+            teacher image: see ``view_affine``).
         crop_pct: centre-crop fraction of the ``teacher="none"`` view.
         mean: normalisation mean.
         std: normalisation std.
@@ -538,6 +585,8 @@ class ViewTransform(v2.Transform):
             out["teacher_image"] = self._normalise(geometric)
         elif self.teacher == "full":
             out["teacher_image"] = out["image"].clone()
+        elif self.teacher == "geometry":
+            out["view_theta"] = view_affine(params, _image_size(sample["image"]), self.img_size)
         elif self.teacher == "none":
             assert self.centre is not None
             out["teacher_image"] = self.centre({"image": sample["image"]})["image"]

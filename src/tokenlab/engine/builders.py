@@ -139,6 +139,7 @@ def build_datasets(
         train_set, val_set, meta = _detection_datasets(cfg)
     else:
         train_set, val_set, meta = _image_datasets(cfg, data_view, transform_options)
+        _check_label_store(cfg, train_set)
     train_set = _subset(train_set, cfg.data.train_subset, cfg.seed)
     if val_set is not None:
         val_set = _subset(val_set, cfg.data.val_subset, cfg.seed + 1)
@@ -170,6 +171,20 @@ def _image_datasets(
         val_set = build_dataset(spec, split=d.val_split, transform=val_tf, classes=list(train_set.classes),
                                 **dataset_kwargs)  # fmt: skip
     return train_set, val_set, meta
+
+
+def _check_label_store(cfg: DictConfig, train_set: Dataset) -> None:
+    """A ``method.kwargs.label_store`` must hold the labels of exactly this training set (rows = sample indices)."""
+    store = cfg_dict(cfg.method.kwargs).get("label_store")
+    if store is None:
+        return
+    from tokenlab.data.label_store import LabelStore
+
+    samples = getattr(train_set, "samples", None)
+    if samples is None:
+        raise ValueError(f"method.kwargs.label_store needs an image data set with a file list; got "
+                         f"{type(train_set).__name__}")  # fmt: skip
+    LabelStore.open(store).check_data([p for p, _ in samples], [y for _, y in samples])
 
 
 def _segmentation_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset | None, dict[str, Any]]:

@@ -24,6 +24,13 @@ an export stem; a published FAN-TL checkpoint (``.pth.tar``, with ``labeler_mode
 weights first); or ``"self"``, the published online self-labelling (the student labels its own teacher view). The
 student's export meta records which labeler was used (``labeler``: path, export, step, source entry).
 
+Cached labels (``label_store``, not in the published code): ``tokenlab labels build`` runs the labeler once per
+training image (full view, optionally K augmented views) and stores top-k token logits
+(``tokenlab.data.label_store``); the student then reads each sample's map, makes it dense, cuts it with the student
+view's crop / flip / affine onto its token grid and labels it with the same ``STLTokenLoss`` (Gumbel resampled every
+step; argmax / softmax ablations). Labels then come from the whole image rather than from the crop the labeler
+would have seen, and from the un-augmented geometry (RandAugment's rotate/shear fill is not seen by the labeler).
+
 Options the published code has, each off by default as published (NVlabs/STL ``main.py`` /
 ``train_token_labeler.py`` flags in brackets):
 - ``dense_weight_ramp_epochs`` [``--dynamic-dense-weight``, 300]: ``lambda_e = lambda * sqrt(min(e, R) / R)`` at
@@ -48,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenlab.data.label_store import LabelStore, crop_token_map, dense_logits, select_views
 from tokenlab.losses.stl_token import STLTokenLoss
 from tokenlab.methods import Method, StepContext, register_method
 from tokenlab.methods.supervised import ClassTargets, soft_cross_entropy
@@ -70,6 +78,62 @@ def _require_token_model(model: nn.Module, role: str) -> None:
             f"the {role} must be an STL token model with an aux_head (a '*_token' FAN, e.g. "
             f"fan_nano_6_p16_224_token); got {type(model).__name__} without one"
         )
+
+
+def load_labeler(
+    labeler: str | Path | nn.Module,
+    which: str = "last",
+    model_name: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    prefer: str = "ema",
+) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """A token labeler, what to record about it, and its export meta (for ``stl_student`` and ``tokenlab labels``).
+
+    Args:
+        labeler: A stage-1 run directory, an export stem, a published checkpoint (``.pth``/``.pth.tar``, with
+            ``model_name``) or a ready module.
+        which: For a run directory: ``"last"`` or ``"best"`` export.
+        model_name: timm name of a published checkpoint's architecture.
+        model_kwargs: Extra ``timm.create_model`` kwargs for ``model_name``.
+        prefer: ``"ema"`` or ``"model"`` weights of a published checkpoint.
+
+    Returns:
+        ``(module, info, meta)``: ``info`` has ``path`` (the export stem or the checkpoint file; None for a
+        module), ``export``, ``model`` (and ``step`` for exports, the checkpoint entry for published files);
+        ``meta`` is the export meta (``img_size``, ``mean``, ``std``, ...; empty for a module).
+
+    Raises:
+        FileNotFoundError: no exported labeler at ``labeler`` (or no best export when ``which="best"``).
+        ValueError: a published checkpoint without ``model_name``; an unknown ``which``.
+    """
+    if isinstance(labeler, nn.Module):
+        return labeler, {"path": None, "export": "module", "model": type(labeler).__name__}, {}
+    from tokenlab.models import load_exported, load_published
+
+    if which not in EXPORT_CHOICES:
+        raise ValueError(f"unknown labeler_export {which!r}; valid: {', '.join(EXPORT_CHOICES)}")
+    path = Path(labeler)
+    if model_name is not None or path.suffix in _CHECKPOINT_SUFFIXES:
+        if model_name is None:
+            raise ValueError(
+                f"labeler {path} is a published checkpoint; name its architecture with "
+                f"method.kwargs.labeler_model (e.g. fan_tiny_8_p4_hybrid_token)"
+            )
+        model, meta = load_published(path, model_name, prefer, **(model_kwargs or {}))
+        info = {"path": str(path), "export": "published", "model": model_name, **meta["source"]}
+        info.pop("file", None)
+    else:
+        stem = export_stem(path, which)
+        if path.is_dir() and which == "best" and not stem.with_suffix(".json").is_file():
+            raise FileNotFoundError(
+                f"labeler run {path} has no best export ({stem.name}.json/.safetensors): the engine writes it "
+                f"when the run validates; use method.kwargs.labeler_export=last or re-run stage 1 with validation"
+            )
+        model, meta = load_exported(stem)
+        info = {"path": str(stem), "export": which if path.is_dir() else "given", "model": meta.get("model"),
+                "step": meta.get("step")}  # fmt: skip
+    logger.info("token labeler: %s", info)
+    return model, info, meta
 
 
 @register_method("stl_labeler")
@@ -176,6 +240,9 @@ class STLStudent(Method):
         teacher_dtype: Autocast dtype of the labeler: ``"auto"`` (the trainer's AMP dtype; bfloat16 on CUDA),
             ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         label_smoothing, mixup_alpha, cutmix_alpha, mix_prob, switch_prob: class targets, see ``ClassTargets``.
+        label_store: A store of cached labels (``tokenlab labels build``) instead of ``labeler``: the data view
+            then gives each sample's ``index`` and view geometry (``view_theta``) and no teacher image; the stored
+            map is cut to the student view (``cached_logits``) and labelled by the same ``STLTokenLoss``.
 
     Raises:
         FileNotFoundError: no exported labeler at ``labeler`` (or no best export when ``labeler_export="best"``).
@@ -207,13 +274,25 @@ class STLStudent(Method):
         cutmix_alpha: float = 0.0,
         mix_prob: float = 1.0,
         switch_prob: float = 0.5,
+        label_store: str | Path | None = None,
     ) -> None:
         super().__init__(model)
         _require_token_model(model, "stl_student model")
-        if labeler is None:
+        if labeler is None and label_store is None:
             raise ValueError(
                 "stl_student needs method.kwargs.labeler: the run directory of a stage-1 (stl_labeler) run, a "
-                "published FAN-TL .pth.tar (with labeler_model) or 'self'"
+                "published FAN-TL .pth.tar (with labeler_model) or 'self'; or method.kwargs.label_store: a store "
+                "written by `tokenlab labels build`"
+            )
+        if label_store is not None and teacher_aug != "spatial":
+            raise ValueError(
+                f"teacher_aug={teacher_aug!r} does not apply with a label_store: the stored labels are cut to the "
+                f"student view's geometry; leave teacher_aug at 'spatial'"
+            )
+        if labeler is not None and label_store is not None:
+            raise ValueError(
+                "give stl_student either method.kwargs.labeler (online labels) or method.kwargs.label_store "
+                "(cached labels; the store names its labeler), not both"
             )
         if labeler_export not in EXPORT_CHOICES:
             raise ValueError(f"unknown labeler_export {labeler_export!r}; valid: {', '.join(EXPORT_CHOICES)}")
@@ -229,11 +308,21 @@ class STLStudent(Method):
         self.self_labelling = isinstance(labeler, str) and labeler == SELF_LABELER
         # A plain list hides the labeler from the module tree: no train(), no DDP, no optimizer, no checkpoint.
         self._teacher: list[nn.Module] = []
-        if self.self_labelling:
-            self.labeler_info: dict[str, Any] = {"path": SELF_LABELER, "export": "online"}
+        self.store: LabelStore | None = None
+        self.labeler_info: dict[str, Any]
+        if label_store is not None:
+            self.store = LabelStore.open(label_store)
+            if self.store.num_classes != k:
+                raise ValueError(
+                    f"label store {label_store} holds labels of {self.store.num_classes} classes but the student "
+                    f"has {k}; build the store with a labeler of this data set"
+                )
+            self.labeler_info = {**self.store.manifest["labeler"], "label_store": str(label_store)}
+        elif self.self_labelling:
+            self.labeler_info = {"path": SELF_LABELER, "export": "online"}
         else:
             assert labeler is not None
-            teacher, self.labeler_info = self._load_labeler(
+            teacher, self.labeler_info, _ = load_labeler(
                 labeler, labeler_export, labeler_model, labeler_model_kwargs, labeler_prefer
             )
             _require_token_model(teacher, "labeler")
@@ -250,42 +339,6 @@ class STLStudent(Method):
         self.teacher_dtype = _DTYPES[teacher_dtype]
         self.token_loss = STLTokenLoss(label_type, tau, hard, token_smoothing, per_image=single_token_label)
         self.targets = ClassTargets(k, label_smoothing, mixup_alpha, cutmix_alpha, mix_prob, switch_prob)
-
-    @staticmethod
-    def _load_labeler(
-        labeler: str | Path | nn.Module,
-        which: str,
-        model_name: str | None,
-        model_kwargs: dict[str, Any] | None,
-        prefer: str,
-    ) -> tuple[nn.Module, dict[str, Any]]:
-        """The labeler module and what to record about it in the student's export meta."""
-        if isinstance(labeler, nn.Module):
-            return labeler, {"path": None, "export": "module", "model": type(labeler).__name__}
-        from tokenlab.models import load_exported, load_published
-
-        path = Path(labeler)
-        if model_name is not None or path.suffix in _CHECKPOINT_SUFFIXES:
-            if model_name is None:
-                raise ValueError(
-                    f"labeler {path} is a published checkpoint; name its architecture with "
-                    f"method.kwargs.labeler_model (e.g. fan_tiny_8_p4_hybrid_token)"
-                )
-            model, meta = load_published(path, model_name, prefer, **(model_kwargs or {}))
-            info = {"path": str(path), "export": "published", "model": model_name, **meta["source"]}
-            info.pop("file", None)
-        else:
-            stem = export_stem(path, which)
-            if path.is_dir() and which == "best" and not stem.with_suffix(".json").is_file():
-                raise FileNotFoundError(
-                    f"labeler run {path} has no best export ({stem.name}.json/.safetensors): the engine writes it "
-                    f"when the run validates; use method.kwargs.labeler_export=last or re-run stage 1 with validation"
-                )
-            model, meta = load_exported(stem)
-            info = {"path": str(stem), "export": which if path.is_dir() else "given", "model": meta.get("model"),
-                    "step": meta.get("step")}  # fmt: skip
-        logger.info("token labeler: %s", info)
-        return model, info
 
     @property
     def teacher(self) -> nn.Module:
@@ -304,7 +357,12 @@ class STLStudent(Method):
 
     @classmethod
     def transform_options(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The paired STL transform, with the teacher view chosen by ``teacher_aug``."""
+        """The paired STL transform, with the teacher view chosen by ``teacher_aug``.
+
+        With a ``label_store``: no teacher image but the student view's geometry (``teacher="geometry"``).
+        """
+        if kwargs.get("label_store") is not None:
+            return {"teacher": "geometry"}
         return {"teacher": kwargs.get("teacher_aug", "spatial")}
 
     def _teacher_input(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -338,6 +396,31 @@ class STLStudent(Method):
         assert out.token_logits is not None  # the labeler was checked for an aux_head
         return out.token_logits.float().clone(), out.grid  # clone: inference tensors cannot enter autograd
 
+    def cached_logits(self, batch: dict[str, Any], grid: tuple[int, int]) -> torch.Tensor:
+        """Stored labeler logits cut to the student views: ``(B, H*W, K)`` on the student's token ``grid``.
+
+        Per sample: the stored view that best covers the student view (view 0, the full image, unless the store
+        holds augmented views), its top-k map made dense (``dense_logits``) and sampled at the student's token
+        centres through the student view's crop / flip / affine (``batch["view_theta"]``).
+        """
+        assert self.store is not None
+        for key in ("index", "view_theta"):
+            if key not in batch:
+                raise KeyError(f"stl_student with a label_store needs batch[{key!r}] (the stl_paired view with "
+                               f"teacher='geometry'); the batch has {sorted(batch)}")  # fmt: skip
+        theta_s = batch["view_theta"].float()
+        device = theta_s.device
+        rec = self.store.read(batch["index"].cpu().numpy())
+        view, theta = select_views(rec["theta"], theta_s.cpu())
+        rows = torch.arange(len(view))
+        gh, gw = self.store.grid
+        dense = dense_logits(
+            rec["values"][rows, view].to(device), rec["indices"][rows, view].to(device),
+            rec["rest"][rows, view].to(device), self.store.num_classes,
+        )  # fmt: skip
+        maps = dense.transpose(1, 2).reshape(len(view), -1, gh, gw)  # (B, G, K) -> (B, K, h, w)
+        return crop_token_map(maps, theta.to(device), grid)
+
     def token_weight(self, epoch: int) -> float:
         """The token-loss weight at ``epoch``: lambda, or ``lambda * sqrt(min(epoch, R) / R)`` with a ramp R."""
         r = self.dense_weight_ramp_epochs
@@ -347,9 +430,12 @@ class STLStudent(Method):
 
     def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         """STL losses of one micro-batch (see the class docstring)."""
-        t_logits, t_grid = self.teacher_logits(self._teacher_input(batch), ctx.amp_dtype)
+        if self.store is None:
+            t_logits, t_grid = self.teacher_logits(self._teacher_input(batch), ctx.amp_dtype)
         images, targets = self.targets(batch["image"], batch["label"])
         out = as_backbone(self.model).forward_tokens(images)
+        if self.store is not None:
+            t_logits, t_grid = self.cached_logits(batch, out.grid), out.grid
         cls_loss = soft_cross_entropy(out.cls_logits, targets)
         token_loss = self.token_loss(out.token_logits, t_logits, out.grid, t_grid)
         weight = self.token_weight(ctx.epoch)
