@@ -13,6 +13,23 @@ from PIL import Image
 
 from tokenlab.models import save_exported
 
+#: The vendored key table of the twelve published FAN / STL checkpoints (names, shapes, parameter counts).
+PUBLISHED_KEYS = Path(__file__).parent / "models" / "reference" / "fan_state_dict_keys.json"
+
+
+def published_state_dict(name: str, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights with exactly the keys and shapes of the published ``name`` checkpoint (positive BN variances)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in sorted(json.loads(PUBLISHED_KEYS.read_text())[name]["state_dict"].items()):
+        if key.endswith("num_batches_tracked"):
+            out[key] = torch.tensor(0)
+        elif key.endswith("running_var"):
+            out[key] = torch.rand(shape, generator=g) + 0.5
+        else:
+            out[key] = torch.randn(shape, generator=g) * 0.02
+    return out
+
 
 def make_tree(root: Path, classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 3, size: int = 32) -> Path:
     """Write ``root/<class>/<i>.png`` with seeded random pixels; class k images are tinted towards channel k."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from evalhelpers import make_tree
+from evalhelpers import make_tree, published_state_dict
 
 import tokenlab  # noqa: F401
 from tokenlab.engine.builders import build_method_from_config
@@ -24,7 +24,6 @@ from tokenlab.engine.trainer import train
 from tokenlab.models import save_exported
 
 FAN = "fan_tiny_12_p16_224"
-KEYS = Path(__file__).parents[1] / "models" / "reference" / "fan_state_dict_keys.json"
 QUIET = [
     "log.progress=false",
     "log.tensorboard=false",
@@ -35,19 +34,6 @@ QUIET = [
     "schedule.epochs=1",
     "schedule.warmup_epochs=0.5",
 ]
-
-
-def _published_fan(seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, shape in sorted(json.loads(KEYS.read_text())[FAN]["state_dict"].items()):
-        if key.endswith("num_batches_tracked"):
-            out[key] = torch.tensor(0)
-        elif key.endswith("running_var"):
-            out[key] = torch.rand(shape, generator=g) + 0.5
-        else:
-            out[key] = torch.randn(shape, generator=g) * 0.02
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +49,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def fan_file(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("fan")
-    model_sd = _published_fan(1)
+    model_sd = published_state_dict(FAN, 1)
     ema_sd = {k: v + 0.5 if v.is_floating_point() else v for k, v in model_sd.items()}
     torch.save(
         {

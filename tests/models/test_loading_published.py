@@ -11,12 +11,12 @@ the way the published code saves them:
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from evalhelpers import published_state_dict
 
 import tokenlab  # noqa: F401
 from tokenlab.models import (
@@ -29,28 +29,12 @@ from tokenlab.models import (
 )
 
 NAME = "fan_tiny_8_p4_hybrid_token"
-KEYS = Path(__file__).parent / "reference" / "fan_state_dict_keys.json"
-
-
-def _published_state_dict(seed: int) -> dict[str, torch.Tensor]:
-    """Random tensors with the published key names and shapes."""
-    g = torch.Generator().manual_seed(seed)
-    table = json.loads(KEYS.read_text())[NAME]["state_dict"]
-    out = {}
-    for key, shape in sorted(table.items()):
-        if key.endswith("num_batches_tracked"):
-            out[key] = torch.tensor(0)
-        elif key.endswith("running_var"):
-            out[key] = torch.rand(shape, generator=g) + 0.5
-        else:
-            out[key] = torch.randn(shape, generator=g) * 0.02
-    return out
 
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("published")
-    model_sd = _published_state_dict(1)
+    model_sd = published_state_dict(NAME, 1)
     ema_sd = {k: v + 1 if v.is_floating_point() else v for k, v in model_sd.items()}  # differs from model_sd
     saver = {
         "epoch": 309,
