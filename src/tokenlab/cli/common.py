@@ -118,7 +118,7 @@ def add_training_flags(
 
 
 def run_training(args: argparse.Namespace, extra_overrides: list[str]) -> int:
-    """Shared by ``train`` and ``segment train``: recipe + overrides -> ``engine.train``, then a one-line summary."""
+    """``train`` and the dense-task trainers: recipe + overrides -> ``engine.train``, then a one-line summary."""
     from omegaconf import OmegaConf
 
     from tokenlab import engine  # looked up at call time, so tests can replace engine.train
@@ -158,3 +158,14 @@ def _interrupted_advice(run_dir: str, err: BaseException, overwrite: bool) -> st
         return "interrupted before the first checkpoint: nothing to resume; run the same command again to start over"
     how = "with --resume auto instead of --overwrite" if overwrite else "plus --resume auto"
     return f"interrupted: checkpoint {last} is kept; continue with the same command {how}"
+
+
+def add_backbone_init_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--init-from RUN`` of the dense-task trainers (segmentation, detection): the backbone's starting weights."""
+    parser.add_argument("--init-from", default=None, help=f"classification run whose backbone initialises the {what}")
+
+
+def run_dense_training(args: argparse.Namespace) -> int:
+    """``segment train`` / ``detect train``: the shared runner with ``--init-from`` as ``method.kwargs.init_from``."""
+    extra = [f"method.kwargs.init_from={args.init_from}"] if args.init_from is not None else []
+    return run_training(args, extra)  # engine.train builds the task's data from the recipe's data view

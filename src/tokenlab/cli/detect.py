@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tokenlab.cli.common import add_runtime_flags, add_training_flags, resolve_device, run_training
+from tokenlab.cli.common import (
+    add_backbone_init_flag,
+    add_runtime_flags,
+    add_training_flags,
+    resolve_device,
+    run_dense_training,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--max-objects", type=int, default=4, help="up to this many shapes per image")
     t = det.add_parser("train", help="fine-tune a detection model from a recipe")
     add_training_flags(t, "det_synthetic", config_example="det_coco_fan_small_hybrid", override_example="data.root=DIR")
-    t.add_argument("--init-from", default=None, help="classification run whose backbone initialises the detector")
+    add_backbone_init_flag(t, "detector")
     e = det.add_parser("eval", help="evaluate an exported detection run")
     e.add_argument("run", help="run directory (or export stem) of a detection model")
     e.add_argument("--root", required=True, help="COCO-format root (annotations/instances_<split>.json + <split>/)")
@@ -44,8 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """``detect train`` goes through the shared training runner; ``data`` writes the set; ``eval`` prints AP."""
     if args.detect_command == "train":
-        extra = [f"method.kwargs.init_from={args.init_from}"] if args.init_from is not None else []
-        return run_training(args, extra)  # engine.train builds the detection data
+        return run_dense_training(args)
     if args.detect_command == "data":
         return _data(args)
     return _eval(args)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tokenlab.cli.common import add_runtime_flags, add_training_flags, resolve_device, run_training
+from tokenlab.cli.common import (
+    add_backbone_init_flag,
+    add_runtime_flags,
+    add_training_flags,
+    resolve_device,
+    run_dense_training,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     seg = p.add_subparsers(dest="segment_command", metavar="ACTION", required=True)
     t = seg.add_parser("train", help="fine-tune a segmentation model from a recipe")
     add_training_flags(t, "seg_synthetic", config_example="seg_cityscapes", override_example="data.root=DIR")
-    t.add_argument("--init-from", default=None, help="classification run whose backbone initialises the model")
+    add_backbone_init_flag(t, "model")
     e = seg.add_parser("eval", help="evaluate an exported segmentation run")
     e.add_argument("run", help="run directory (or export stem) of a segmentation model")
     e.add_argument("--data", default="synthetic", help="layout: synthetic | cityscapes | folder")
@@ -49,8 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """``segment train`` goes through the shared training runner; ``segment eval`` prints mIoU tables."""
     if args.segment_command == "train":
-        extra = [f"method.kwargs.init_from={args.init_from}"] if args.init_from is not None else []
-        return run_training(args, extra)  # engine.train builds the segmentation data
+        return run_dense_training(args)
     if args.segment_command == "corrupt":
         return _corrupt(args)
     return _eval(args)
