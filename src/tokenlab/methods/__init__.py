@@ -197,6 +197,17 @@ class Method(nn.Module):
         }
 
 
+def init_from_meta(path: str | None, source_meta: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``init_from`` entry a dense task (segmentation, detection) adds to its export meta.
+
+    It names the classification run the backbone started from, so a result can be traced to its initialisation.
+    """
+    if path is None:
+        return {}
+    info = source_meta or {}
+    return {"init_from": {"path": path, "model": info.get("model"), "method": info.get("method")}}
+
+
 def register_method(name: str) -> Callable[[M], M]:
     """Class decorator that registers a ``Method`` subclass under ``name``; a duplicate name raises."""
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torchvision.ops import box_iou
 
-from tokenlab.methods import Method, StepContext, register_method
+from tokenlab.methods import Method, StepContext, init_from_meta, register_method
 
 __all__ = ["Detection"]
 
@@ -63,11 +63,7 @@ class Detection(Method):
 
     def export_meta(self) -> dict[str, Any]:
         """The task, and where the backbone was initialised from (recorded in the exported ``model.json``)."""
-        meta: dict[str, Any] = {"task": "detection"}
-        if self.init_meta is not None or self.init_from is not None:
-            info = self.init_meta or {}
-            meta["init_from"] = {"path": self.init_from, "model": info.get("model"), "method": info.get("method")}
-        return meta
+        return {"task": "detection", **init_from_meta(self.init_from, self.init_meta)}
 
     def training_step(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         """The torchvision loss dict of one micro-batch, plus their sum as ``"loss"``."""

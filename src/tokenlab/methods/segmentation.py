@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenlab.methods import Method, StepContext, register_method
+from tokenlab.methods import Method, StepContext, init_from_meta, register_method
 
 __all__ = ["Segmentation"]
 
@@ -70,10 +70,7 @@ class Segmentation(Method):
 
     def export_meta(self) -> dict[str, Any]:
         """Where the backbone was initialised from (recorded in the exported ``model.json``)."""
-        if self.init_meta is None:
-            return {}
-        return {"init_from": {"path": self.init_from, "model": self.init_meta.get("model"),
-                              "method": self.init_meta.get("method")}}  # fmt: skip
+        return init_from_meta(self.init_from, self.init_meta)
 
     def _loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if logits.shape[-2:] != mask.shape[-2:]:
