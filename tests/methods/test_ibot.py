@@ -652,7 +652,9 @@ def test_masked_only_head_gives_the_all_token_losses_and_gradients(shared_head: 
     for key in ("loss", "loss_cls", "loss_patch"):
         torch.testing.assert_close(outs[0][key].detach(), outs[1][key].detach(), atol=1e-5, rtol=1e-5)
     assert outs[0]["loss_patch"] > 0
-    grads = [{n: p.grad for n, p in m.trainable_module().named_parameters() if p.grad is not None} for m in (fast, slow)]
+    grads = [
+        {n: p.grad for n, p in m.trainable_module().named_parameters() if p.grad is not None} for m in (fast, slow)
+    ]
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4)

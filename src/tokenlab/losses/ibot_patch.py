@@ -99,7 +99,12 @@ class IBOTPatchLoss(CenteredTeacherLoss):
                 (``student_out[mask]``), ``M = mask.sum()``.
             teacher_out: (B, N, K) teacher patch outputs on the unmasked crops.
             mask: (B, N) bool.
-            teacher_temp, update_center, apply_center: as in ``forward``.
+            teacher_temp: tau_t for this step.
+            update_center: Add this batch to the patch center statistics after computing the loss.
+            apply_center: Move the center now (the last micro-batch of an optimizer step); False only accumulates.
+
+        Returns:
+            Scalar loss (float32).
 
         Raises:
             ValueError: shapes that disagree or a non-boolean mask.

@@ -193,7 +193,7 @@ class IBOTHead(DINOHead):
         return cls_out, self.forward_patches(patches)
 
     def forward_patches(self, patches: torch.Tensor) -> torch.Tensor:
-        """Patch tokens ``(..., C)`` -> ``(..., K_patch)``; any leading shape, e.g. only the masked tokens ``(M, C)``."""
+        """Patch tokens ``(..., C)`` -> ``(..., K_patch)``; any leading shape, e.g. the masked tokens ``(M, C)``."""
         return (self.patch_last_layer or self.last_layer)(self.bottleneck(patches))
 
     def last_layer_parameters(self) -> list[nn.Parameter]:

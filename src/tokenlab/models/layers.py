@@ -155,7 +155,7 @@ class _GeluBatchNormConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         u: torch.Tensor,
         bn_w: torch.Tensor,
@@ -175,7 +175,7 @@ class _GeluBatchNormConv(torch.autograd.Function):
         return F.conv2d(z, weight, bias, 1, 1, 1, groups)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         u, bn_w, bn_b, mean, invstd, weight = ctx.saved_tensors
         g = F.gelu(u)
         z = torch.native_batch_norm(g, bn_w, bn_b, None, None, True, 0.0, ctx.eps)[0]  # the forward's kernel again
