@@ -3,6 +3,8 @@
 One step = the method's ``training_step`` (teacher forward on the global crops, student forward on all crops, both
 losses) + backward + per-parameter clipping + AdamW step + EMA teacher update. The teacher's share is measured in
 the same process, interleaved with the full steps on the same batch: ``(teacher forward + EMA update) / step``.
+Also interleaved: the step as it was before issue #19, with the student's projection head on every patch token
+(``head_on_masked_only=False``; the same losses): ``speedup_vs_all_token_head`` is the before/after ratio.
 
 Each model runs in its own subprocess so its peak memory is its own: on CUDA ``torch.cuda.max_memory_allocated``;
 on CPU the process's peak resident set size (``ru_maxrss``) and its growth over the size before the first step.
@@ -104,11 +106,16 @@ def run_one(name: str, batch_size: int, num_local: int, device: str, amp: str, s
     for _ in range(warmup):
         full_step()
         teacher_part()
-    step_times, teacher_times = [], []
-    for _ in range(steps):
+    step_times, teacher_times, before_times = [], [], []
+    for _ in range(steps):  # interleaved: today's step, the step before the masked-only head, the teacher part
+        method.head_on_masked_only = True
         step_times.append(full_step())
+        method.head_on_masked_only = False  # the student head on every patch token, as before #19
+        before_times.append(full_step())
+        method.head_on_masked_only = True
         teacher_times.append(teacher_part())
     step_s, teacher_s = statistics.median(step_times), statistics.median(teacher_times)
+    before_s = statistics.median(before_times)
     out = {
         "model": model_name,
         "params_m": round(sum(p.numel() for p in backbone.parameters()) / 1e6, 2),
@@ -120,6 +127,8 @@ def run_one(name: str, batch_size: int, num_local: int, device: str, amp: str, s
         "step_s": round(step_s, 4),
         "step_s_all": [round(t, 4) for t in step_times],
         "images_per_s": round(batch_size / step_s, 2),
+        "step_s_all_token_head": round(before_s, 4),
+        "speedup_vs_all_token_head": round(before_s / step_s, 3),
         "teacher_s": round(teacher_s, 4),
         "teacher_share": round(teacher_s / step_s, 3),
     }
@@ -182,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append(res)
         mem = f"{res['peak_mem_mb']:.0f} MB GPU" if "peak_mem_mb" in res else f"{res['peak_rss_mb']:.0f} MB RSS"
         print(
-            f"{name:<20} step {res['step_s']:.3f} s ({res['images_per_s']:.1f} img/s)  teacher "
+            f"{name:<20} step {res['step_s']:.3f} s ({res['speedup_vs_all_token_head']:.2f}x the all-token head, "
+            f"{res['images_per_s']:.1f} img/s)  teacher "
             f"{100 * res['teacher_share']:.0f}%  peak {mem}"
         )
     device = args.device if args.device == "cpu" else torch.cuda.get_device_name(torch.device(args.device))

@@ -83,3 +83,37 @@ def test_errors() -> None:
         loss_fn(torch.randn(2, 3, 4), torch.randn(2, 3, 4), ok.float(), 0.04)
     with pytest.raises(ValueError, match="teacher_temp"):
         loss_fn(torch.randn(2, 3, 4), torch.randn(2, 3, 4), ok, -1.0)
+
+
+def _dense_reference(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, tt: float, ts: float):
+    """The loss as it was computed before ``forward_masked``: CE on every token, weighted by the mask."""
+    ce = -(F.softmax(teacher / tt, -1) * F.log_softmax(student / ts, -1)).sum(-1)  # (B, N)
+    w = mask.float()
+    return ((ce * w).sum(1) / w.sum(1).clamp(min=1.0)).mean()
+
+
+def test_forward_masked_equals_the_dense_computation_with_gradients() -> None:
+    torch.manual_seed(3)
+    student = torch.randn(4, 9, 16, requires_grad=True)
+    teacher = torch.randn(4, 9, 16)
+    mask = torch.rand(4, 9) < 0.4
+    mask[2] = False  # an image without masked tokens contributes 0
+    ref = _dense_reference(student, teacher, mask, 0.04, 0.1)
+    (g_ref,) = torch.autograd.grad(ref, student)
+    fn = IBOTPatchLoss(out_dim=16)
+    masked = fn.forward_masked(student[mask], teacher, mask, teacher_temp=0.04)
+    (g_masked,) = torch.autograd.grad(masked, student)
+    torch.testing.assert_close(masked, ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(g_masked, g_ref, atol=1e-7, rtol=1e-5)
+    # the center saw every teacher token, not only the masked ones
+    torch.testing.assert_close(fn.center.center, 0.1 * teacher.reshape(-1, 16).mean(0))
+    with pytest.raises(ValueError, match="masked tokens"):
+        fn.forward_masked(student[:, 0], teacher, mask, teacher_temp=0.04)
+
+
+def test_forward_masked_without_masked_tokens_is_zero() -> None:
+    fn = IBOTPatchLoss(out_dim=5)
+    student = torch.zeros(0, 5, requires_grad=True)
+    loss = fn.forward_masked(student, torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.bool), 0.04)
+    assert loss.item() == 0.0
+    loss.backward()

@@ -631,3 +631,38 @@ def test_fp16_scaler_unscales_before_per_parameter_clipping(tmp_path: Path, monk
     plain, scaled_norms = seen["before"]
     np.testing.assert_allclose(scaled_norms, plain, rtol=1e-4, atol=1e-7)
     assert max(max(a) for a in seen["after"]) <= 3.0 * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("shared_head", [True, False])
+def test_masked_only_head_gives_the_all_token_losses_and_gradients(shared_head: bool) -> None:
+    """The student head on the masked patch tokens only (the default) against the all-token computation: same
+    losses, gradients and centres on the same batch and weights."""
+    batch = _batch(b=3)
+    torch.manual_seed(0)
+    fast = tiny_ibot(shared_head=shared_head)
+    slow = tiny_ibot(shared_head=shared_head)
+    slow.load_state_dict(fast.state_dict())
+    assert fast.head_on_masked_only
+    slow.head_on_masked_only = False
+    outs = []
+    for method in (fast, slow):
+        out = method.training_step(batch, _ctx(step=3))
+        out["loss"].backward()
+        outs.append(out)
+    for key in ("loss", "loss_cls", "loss_patch"):
+        torch.testing.assert_close(outs[0][key].detach(), outs[1][key].detach(), atol=1e-5, rtol=1e-5)
+    assert outs[0]["loss_patch"] > 0
+    grads = [
+        {n: p.grad for n, p in m.trainable_module().named_parameters() if p.grad is not None} for m in (fast, slow)
+    ]
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fast.patch_loss.center.center, slow.patch_loss.center.center, atol=1e-6, rtol=0)
+
+
+def test_head_with_batchnorm_sees_every_patch_token() -> None:
+    method = tiny_ibot(use_bn=True)
+    assert not method.head_on_masked_only  # the BatchNorm statistics would change on a subset
+    out = method.training_step(_batch(), _ctx())
+    assert torch.isfinite(out["loss"])

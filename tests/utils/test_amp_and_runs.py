@@ -43,3 +43,23 @@ def test_export_stem_and_model_meta(tmp_path: Path) -> None:
     (run / "model.json").write_text("{broken")
     with pytest.raises(ValueError, match="model.json is not valid JSON"):
         read_model_meta(run)
+
+
+def test_fast_path_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenlab.utils import amp as amp_mod
+    from tokenlab.utils.amp import FastPath, native_bf16, resolve_fast
+
+    assert native_bf16("meta") is False
+
+    monkeypatch.setattr(amp_mod, "native_bf16", lambda device: False)  # an AVX2-only CPU, like this one
+    assert resolve_fast("auto", "cpu") == FastPath("none", False, False)
+    assert resolve_fast("on", "cpu") == FastPath("none", False, True)
+    assert resolve_fast("off", "cpu", "bf16", True, True) == FastPath("bf16", True, True)
+    monkeypatch.setattr(amp_mod, "native_bf16", lambda device: True)  # AMX / AVX512-BF16 CPU or a bf16 GPU
+    assert resolve_fast("auto", "cpu") == FastPath("bf16", False, False)
+    assert resolve_fast("auto", "cuda") == FastPath("bf16", True, False)
+    assert resolve_fast("auto", "cuda", fsdp=True).channels_last is False  # FSDP2 needs contiguous weights
+    assert resolve_fast("auto", "cuda", "fp16").amp == "fp16"  # an explicit choice stays
+    assert resolve_fast("off", "cpu") == FastPath("none", False, False)
+    with pytest.raises(ValueError, match="'train.fast' is 'yes'; valid: auto, on, off"):
+        resolve_fast("yes", "cpu")

@@ -56,7 +56,7 @@ from tokenlab.engine.config import cfg_dict
 from tokenlab.errors import NonFiniteLossError, PeerFailureError, TrainingAborted, TrainingInterrupted
 from tokenlab.methods import Method, StepContext, TrainPlan, get_method_class
 from tokenlab.utils import distributed as D
-from tokenlab.utils.amp import amp_dtype, autocast
+from tokenlab.utils.amp import amp_dtype, autocast, resolve_fast
 from tokenlab.utils.device import resolve_device
 from tokenlab.utils.metrics_log import MetricLogger
 from tokenlab.utils.runlock import run_dir_lock
@@ -179,14 +179,18 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        self.amp_dtype = amp_dtype(cfg.train.amp, self.device)
+        # train.fast (auto|on|off) decides the effective amp / channels-last / compile (tokenlab.utils.amp)
+        t = cfg.train
+        fsdp = t.distributed == "fsdp" and self.distributed
+        self.fast = resolve_fast(t.fast, self.device, t.amp, t.channels_last, t.compile, fsdp)
+        self.amp_dtype = amp_dtype(self.fast.amp, self.device)
         if cfg.checkpoint.best_mode not in BEST_MODES:
             raise ValueError(
                 f"config key 'checkpoint.best_mode' is {cfg.checkpoint.best_mode!r}; valid: {', '.join(BEST_MODES)}"
             )
         if cfg.checkpoint.every_minutes < 0:
             raise ValueError(f"config key 'checkpoint.every_minutes' must be >= 0, got {cfg.checkpoint.every_minutes}")
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.train.amp == "fp16" else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.fast.amp == "fp16" else None
 
     def _setup_method(self, method: Method | None) -> None:
         """The method (built from the config and the data's meta unless given), on the device."""
@@ -199,7 +203,7 @@ class Trainer:
                 raise ValueError(f"train.grad_checkpointing: {type(self.model).__name__} has no set_grad_checkpointing")
             set_grad_checkpointing(True)
         self.method.to(self.device)
-        if cfg.train.channels_last:
+        if self.fast.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
     def _setup_plan(self) -> None:
@@ -258,7 +262,7 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.runner = DDP(self.method, device_ids=ids, find_unused_parameters=cfg.train.find_unused_parameters)
-        if cfg.train.compile:
+        if self.fast.compile:
             self.runner.compile()
         self.method.on_train_start(self.plan)
 
@@ -650,7 +654,7 @@ class Trainer:
             it = iter(self._loader(self.epoch))
             while self.batches_done < self.steps_per_epoch * accum and self.step < self.stop_step:
                 try:
-                    batches = [_to_device(next(it), self.device, cfg.train.channels_last) for _ in range(accum)]
+                    batches = [_to_device(next(it), self.device, self.fast.channels_last) for _ in range(accum)]
                 except RuntimeError:
                     if self._stop_signal is None:
                         raise
@@ -728,7 +732,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         with self._unsharded_root():
             for batch in loader:
-                batch = _to_device(batch, self.device, self.cfg.train.channels_last)
+                batch = _to_device(batch, self.device, self.fast.channels_last)
                 with autocast(self.device, self.amp_dtype):
                     out = self.method.validation_step(model, batch)
                 for k, v in out.items():
@@ -736,7 +740,7 @@ class Trainer:
             if self.fsdp:  # sharded blocks gather in every forward: every rank must run as many as rank 0 (the most)
                 most = -(-len(range(0, num_val, self.world)) // batch_size)
                 one = collate_for(self.method.data_view)([self.val_set[0]])
-                pad = _to_device(one, self.device, self.cfg.train.channels_last)
+                pad = _to_device(one, self.device, self.fast.channels_last)
                 for _ in range(most - len(loader)):
                     with autocast(self.device, self.amp_dtype):
                         self.method.validation_step(model, pad)  # result discarded

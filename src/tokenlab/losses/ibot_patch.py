@@ -77,11 +77,57 @@ class IBOTPatchLoss(CenteredTeacherLoss):
                 f"mask must be a bool tensor of shape {tuple(student_out.shape[:2])}, got {mask.dtype} "
                 f"{tuple(mask.shape)}"
             )
-        targets = self.teacher_probs(teacher_out.detach(), teacher_temp)  # (B, N, K)
-        log_probs = F.log_softmax(student_out.float() / self.student_temp, dim=-1)
-        token_ce = -(targets * log_probs).sum(dim=-1)  # (B, N, K) -> (B, N)
-        weights = mask.float()
-        per_image = (token_ce * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)  # (B, N) -> (B,)
+        return self.forward_masked(student_out[mask], teacher_out, mask, teacher_temp, update_center, apply_center)
+
+    def forward_masked(
+        self,
+        student_masked: torch.Tensor,
+        teacher_out: torch.Tensor,
+        mask: torch.Tensor,
+        teacher_temp: float,
+        update_center: bool = True,
+        apply_center: bool = True,
+    ) -> torch.Tensor:
+        """``L_mim`` from the student outputs of the masked tokens only (the same value as ``forward``).
+
+        The loss reads the student only where ``mask`` is True, so its projection head need not run elsewhere
+        (in iBOT about 70-90 % of the patch tokens are not masked). The teacher's outputs stay complete: the
+        center moves toward the mean of all of them.
+
+        Args:
+            student_masked: (M, K) student patch outputs at ``mask``'s True entries, in row-major order
+                (``student_out[mask]``), ``M = mask.sum()``.
+            teacher_out: (B, N, K) teacher patch outputs on the unmasked crops.
+            mask: (B, N) bool.
+            teacher_temp: tau_t for this step.
+            update_center: Add this batch to the patch center statistics after computing the loss.
+            apply_center: Move the center now (the last micro-batch of an optimizer step); False only accumulates.
+
+        Returns:
+            Scalar loss (float32).
+
+        Raises:
+            ValueError: shapes that disagree or a non-boolean mask.
+        """
+        if teacher_out.ndim != 3:
+            raise ValueError(f"expected teacher outputs of shape (B, N, K), got {tuple(teacher_out.shape)}")
+        if mask.dtype != torch.bool or mask.shape != teacher_out.shape[:2]:
+            raise ValueError(
+                f"mask must be a bool tensor of shape {tuple(teacher_out.shape[:2])}, got {mask.dtype} "
+                f"{tuple(mask.shape)}"
+            )
+        m = int(mask.sum())
+        if student_masked.shape != (m, teacher_out.shape[-1]):
+            raise ValueError(
+                f"expected the student outputs of the {m} masked tokens, shape ({m}, {teacher_out.shape[-1]}); got "
+                f"{tuple(student_masked.shape)}"
+            )
+        targets = self.teacher_probs(teacher_out.detach()[mask], teacher_temp)  # (M, K)
+        log_probs = F.log_softmax(student_masked.float() / self.student_temp, dim=-1)
+        token_ce = -(targets * log_probs).sum(dim=-1)  # (M, K) -> (M,)
+        image = mask.nonzero()[:, 0]  # the image of each masked token
+        counts = mask.sum(dim=1).clamp(min=1).float()  # (B,)
+        per_image = token_ce.new_zeros(mask.shape[0]).index_add(0, image, token_ce) / counts  # (M,) -> (B,)
         loss = per_image.mean()
         if update_center:
             self.accumulate_center(teacher_out, apply=apply_center)

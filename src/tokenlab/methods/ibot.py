@@ -32,6 +32,12 @@ and gives the patches their own prototype layer (the published ``iBOTHead``). Th
 shared by default (published ``shared_head_teacher=True``): its patch targets come from its [CLS] prototype layer,
 the EMA of the student's, and the student's patch prototype layer has no teacher counterpart.
 
+Cost: the student's projection head runs on the [CLS] tokens and only on the *masked* patch tokens (the patch loss
+reads nothing else), and the student softmax of the patch loss only there; the teacher's head still sees every
+patch token, since the patch center is the mean of all of them. The losses are those of the all-token computation
+(tested to 1e-6); with ``use_bn`` the head's batch statistics would change, so the student head then sees every
+token (``head_on_masked_only`` False).
+
 Safeguards: the engine clips gradients (iBOT recipes: ``optim.clip_grad: 3.0`` with ``train.clip_mode: per_param``,
 each parameter's gradient norm capped separately as in iBOT, after the fp16 scaler unscales them); done here through
 the method hooks: the prototype layers frozen during the first epoch (their gradients are dropped, so the optimizer
@@ -226,6 +232,9 @@ class IBOT(Method):
         self.cls_weight, self.patch_weight = cls_weight, patch_weight
         self.freeze_last_layer_epochs = freeze_last_layer_epochs
         self.export = export
+        # Student patch head only on the masked tokens (same losses, less work); with BatchNorm in the head its
+        # batch statistics would change, so then the head sees every token as published.
+        self.head_on_masked_only = not use_bn
         self._plan: TrainPlan | None = None
         self.teacher_temp_schedule = np.zeros(0)
         self.teacher_patch_temp_schedule = np.zeros(0)
@@ -313,7 +322,11 @@ class IBOT(Method):
             t_cls, t_patch = self.teacher["head"](t_feat, t_patch_feat)
 
         s_feat, s_patch_feat = as_backbone(self.model).forward_features(globals_, mask)
-        s_cls, s_patch = self.head(s_feat, s_patch_feat)
+        if self.head_on_masked_only:  # the patch loss reads the student only at the masked tokens
+            s_cls = self.head(s_feat)[0]
+            s_patch = self.head.forward_patches(s_patch_feat[mask])  # (M, K): the masked tokens, row-major
+        else:
+            s_cls, s_patch = self.head(s_feat, s_patch_feat)
         student_cls = [s_cls]
         if len(crops) > n_global:
             local_feat, _ = as_backbone(self.model).forward_features(torch.cat(crops[n_global:]))
@@ -326,7 +339,10 @@ class IBOT(Method):
             metrics = collapse_metrics(probs, t_feat)
         apply = ctx.last_micro_batch  # the centres move once per optimizer step, over all its micro-batches
         loss_cls = self.cls_loss(student_cls_views, teacher_cls_views, temp, apply_center=apply)
-        loss_patch = self.patch_loss(s_patch, t_patch, mask, patch_temp, apply_center=apply)
+        if self.head_on_masked_only:
+            loss_patch = self.patch_loss.forward_masked(s_patch, t_patch, mask, patch_temp, apply_center=apply)
+        else:
+            loss_patch = self.patch_loss(s_patch, t_patch, mask, patch_temp, apply_center=apply)
         loss = self.cls_weight * loss_cls + self.patch_weight * loss_patch
         out = {
             "loss": loss,

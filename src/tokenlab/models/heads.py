@@ -190,7 +190,11 @@ class IBOTHead(DINOHead):
         cls_out = self.last_layer(self.bottleneck(cls))
         if patches is None:
             return cls_out, None
-        return cls_out, (self.patch_last_layer or self.last_layer)(self.bottleneck(patches))
+        return cls_out, self.forward_patches(patches)
+
+    def forward_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """Patch tokens ``(..., C)`` -> ``(..., K_patch)``; any leading shape, e.g. the masked tokens ``(M, C)``."""
+        return (self.patch_last_layer or self.last_layer)(self.bottleneck(patches))
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
         """Parameters of the prototype layers (frozen during the first epochs of iBOT)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,15 +50,28 @@ class TokenMixing(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Self-attention token mixing of ``(B, N, C)`` tokens."""
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention token mixing of ``(B, N, C)`` tokens; ``scale`` (C,) multiplies the output channels.
+
+        ``scale`` (the block's layer scale) is folded into ``proj``'s weight and bias: a product over a (C, C)
+        matrix instead of over every token, in the forward and the backward pass.
+        """
         B, N, C = x.shape
         h = self.num_heads
         q = self.q(x).reshape(B, N, h, C // h).transpose(1, 2)  # (B, h, N, d)
-        kv = self.kv(x).reshape(B, N, 2, h, C // h).permute(2, 0, 3, 1, 4)  # (2, B, h, N, d)
-        x = F.scaled_dot_product_attention(q, kv[0], kv[1], dropout_p=self.attn_drop if self.training else 0.0)
+        # unbind, not kv[0] / kv[1]: its backward is one stack, not a zero-filled buffer per index
+        k, v = self.kv(x).reshape(B, N, 2, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, h, N, d)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(_scaled_linear(self.proj, x, scale))
+
+
+def _scaled_linear(linear: nn.Linear, x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """``linear(x) * scale`` computed as one linear with the output rows of weight and bias scaled."""
+    if scale is None:
+        return linear(x)
+    bias = None if linear.bias is None else linear.bias * scale
+    return F.linear(x, linear.weight * scale[:, None], bias)
 
 
 def init_conv_fan_out_(conv: nn.Conv2d) -> None:
@@ -88,12 +102,92 @@ class DWConv(nn.Module):
         init_conv_fan_out_(self.conv1)
         init_conv_fan_out_(self.conv2)
 
-    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        """Depth-wise 3x3 convolution of ``(B, N, C)`` tokens laid out on their ``H x W`` grid."""
+    def forward(self, x: torch.Tensor, H: int, W: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Depth-wise 3x3 convolution of ``(B, N, C)`` tokens laid out on their ``H x W`` grid.
+
+        ``scale`` (C,) multiplies the output channels; it is folded into ``conv2``'s weight and bias (one small
+        product on the weights instead of a product over the whole activation, and no stored conv output for its
+        gradient).
+
+        The tokens are viewed as a channels-last ``(B, C, H, W)`` map (no copy), so the convolutions, the
+        BatchNorm and the way back to ``(B, N, C)`` run without the two transposed copies of the naive layout.
+        """
         B, N, C = x.shape
-        x = x.transpose(1, 2).reshape(B, C, H, W)  # (B, N, C) -> (B, C, H, W)
-        x = self.conv2(self.bn(self.act(self.conv1(x))))
-        return x.reshape(B, C, N).transpose(1, 2)
+        x = x.reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, N, C) -> (B, C, H, W) view, channels-last strides
+        conv = self.conv2
+        weight, bias = conv.weight, conv.bias
+        if scale is not None:
+            bias = None if bias is None else bias * scale
+            weight = weight * scale[:, None, None, None]
+        x = self.conv1(x)
+        if self._lean(x):  # the memory-lean path: GELU and BatchNorm outputs recomputed in the backward pass
+            x = _GeluBatchNormConv.apply(x, self.bn.weight, self.bn.bias, self.bn, weight, bias, conv.groups)
+        else:
+            x = F.conv2d(self.bn(self.act(x)), weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return x.permute(0, 2, 3, 1).reshape(B, N, C)  # (B, C, H, W) -> (B, N, C); a view for channels-last
+
+    def _lean(self, x: torch.Tensor) -> bool:
+        """Whether ``_GeluBatchNormConv`` computes exactly what ``conv2(bn(act(x)))`` would here."""
+        bn, act, conv = self.bn, self.act, self.conv2
+        return (
+            self.training
+            and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(x.device.type)
+            and type(act) is nn.GELU
+            and act.approximate == "none"
+            and type(bn) is nn.BatchNorm2d  # not SyncBatchNorm
+            and bn.affine
+            and bn.track_running_stats
+            and bn.momentum is not None
+            and conv.stride == (1, 1)
+            and conv.padding == (1, 1)
+            and conv.dilation == (1, 1)
+        )
+
+
+class _GeluBatchNormConv(torch.autograd.Function):
+    """``conv2d(BatchNorm_train(gelu(u)), w, b)`` (3x3, stride 1, padding 1) storing only ``u`` for the backward.
+
+    Autograd would keep three full-size maps for this chain (the GELU input, the BatchNorm input and the conv
+    input); here only ``u`` and the per-channel batch statistics are kept, and the GELU and BatchNorm outputs are
+    recomputed in the backward pass with the same kernels, so outputs and gradients are those of the modules. The
+    BatchNorm running statistics are updated once, in the forward pass, as ``nn.BatchNorm2d`` does.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        u: torch.Tensor,
+        bn_w: torch.Tensor,
+        bn_b: torch.Tensor,
+        bn: nn.BatchNorm2d,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        groups: int,
+    ) -> torch.Tensor:
+        assert bn.num_batches_tracked is not None and bn.momentum is not None
+        bn.num_batches_tracked.add_(1)
+        z, mean, invstd = torch.native_batch_norm(
+            F.gelu(u), bn_w, bn_b, bn.running_mean, bn.running_var, True, bn.momentum, bn.eps
+        )
+        ctx.save_for_backward(u, bn_w, bn_b, mean, invstd, weight)
+        ctx.eps, ctx.groups, ctx.has_bias = bn.eps, groups, bias is not None
+        return F.conv2d(z, weight, bias, 1, 1, 1, groups)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        u, bn_w, bn_b, mean, invstd, weight = ctx.saved_tensors
+        g = F.gelu(u)
+        z = torch.native_batch_norm(g, bn_w, bn_b, None, None, True, 0.0, ctx.eps)[0]  # the forward's kernel again
+        gz, gw, gb = torch.ops.aten.convolution_backward(
+            grad, z, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1], False, [0, 0],
+            ctx.groups, [True, True, ctx.has_bias],
+        )  # fmt: skip
+        gg, g_bn_w, g_bn_b = torch.ops.aten.native_batch_norm_backward(
+            gz, g, bn_w, None, None, mean, invstd, True, ctx.eps, [True, True, True]
+        )
+        gu = torch.ops.aten.gelu_backward(gg, u)
+        return gu, g_bn_w, g_bn_b, None, gw, gb if ctx.has_bias else None, None
 
 
 class DWConvMlp(nn.Module):
@@ -110,7 +204,7 @@ class DWConvMlp(nn.Module):
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """The MLP on ``(B, N, C)`` tokens, with a depth-wise convolution over their ``H x W`` grid."""
         x = self.fc1(x)
-        x = x + self.gamma * self.dwconv(x, H, W)
+        x = x + self.dwconv(x, H, W, scale=self.gamma)  # gamma folded into the last depthwise conv
         return self.drop(self.fc2(self.drop(x)))
 
 
@@ -153,19 +247,22 @@ class ChannelProcessing(nn.Module):
         """The gate ``a`` of shape (B, heads, d, 1)."""
         B, N, C = x.shape
         h = self.num_heads
-        q = self.q(x).reshape(B, N, h, C // h).transpose(1, 2)  # (B, h, N, d)
-        k = x.reshape(B, N, h, C // h).transpose(1, 2)  # (B, h, N, d)
-        q = q.softmax(dim=-2).transpose(-1, -2)  # softmax over tokens, (B, h, d, N)
-        k = k.softmax(dim=-2).mean(dim=-1, keepdim=True)  # softmax over tokens, mean over channels: (B, h, N, 1)
-        return torch.sigmoid(q @ k) * self.temperature  # (B, h, d, 1)
+        # The softmaxes run over the token axis of the (B, N, C) layout: every channel is its own softmax, so
+        # splitting the channels into heads first changes nothing and only adds copies.
+        q = self.q(x).softmax(dim=1).reshape(B, N, h, C // h).permute(0, 2, 3, 1)  # (B, h, d, N)
+        k = x.softmax(dim=1).reshape(B, N, h, C // h).mean(dim=-1)  # mean over each head's channels: (B, N, h)
+        return torch.sigmoid(q @ k.transpose(1, 2).unsqueeze(-1)) * self.temperature  # (B, h, d, 1)
 
-    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        """Channel attention of ``(B, N, C)`` tokens on an ``H x W`` grid."""
+    def forward(self, x: torch.Tensor, H: int, W: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Channel attention of ``(B, N, C)`` tokens on an ``H x W`` grid; ``scale`` (C,) multiplies the channels.
+
+        ``scale`` (the block's layer scale) is folded into the (B, 1, C) gate, not applied to every token.
+        """
         B, N, C = x.shape
-        h = self.num_heads
-        attn = self.channel_attention(x)  # (B, h, d, 1)
-        v = self.norm_v(self.mlp_v(x, H, W)).reshape(B, N, h, C // h).permute(0, 2, 3, 1)  # (B, h, d, N)
-        return (attn * v).permute(0, 3, 1, 2).reshape(B, N, C)  # (B, h, d, N) -> (B, N, C)
+        attn = self.channel_attention(x).reshape(B, 1, C)  # (B, h, d, 1) -> one gate per channel, head-major
+        if scale is not None:
+            attn = attn * scale
+        return self.norm_v(self.mlp_v(x, H, W)) * attn  # the gate broadcast over tokens: no permuted copies
 
 
 class FANBlock(nn.Module):
@@ -209,8 +306,9 @@ class FANBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """One FAN block on ``(B, N, C)`` tokens on an ``H x W`` grid."""
-        x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))
-        return x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x), H, W))
+        # the layer scales gamma1 / gamma2 are folded into the last linear map of each half (see their ``scale``)
+        x = x + self.drop_path(self.attn(self.norm1(x), scale=self.gamma1))
+        return x + self.drop_path(self.mlp(self.norm2(x), H, W, scale=self.gamma2))
 
 
 def _conv3x3_bn(in_chs: int, out_chs: int) -> nn.Sequential:
