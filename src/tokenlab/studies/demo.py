@@ -97,7 +97,7 @@ class DemoConfig:
     batch_size: int = 32
     max_train_images: int = 32768
     shortcut_p: float = 0.8
-    object_scale: tuple[float, float] = (0.55, 0.9)
+    object_scale: tuple[float, float] = (0.7, 1.0)
     max_fragments: int = 1
     distractor_shapes: int = 0
     corruptions: str = "gaussian_noise,defocus_blur,fog,contrast,jpeg_compression"
