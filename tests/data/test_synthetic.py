@@ -83,6 +83,20 @@ def test_other_image_size(tmp_path: Path) -> None:
     assert image.size == (32, 32)
 
 
+def test_distractor_shapes_change_only_the_background() -> None:
+    # the distractors are drawn under the object: the mask and the object pixels stay, some background changes
+    import torch
+
+    from tokenlab.data.synthetic import render_chunk
+
+    labels = torch.arange(20) % len(SHAPES)
+    plain = render_chunk(labels, labels, torch.Generator().manual_seed(5), 32, distractor_shapes=0)
+    busy = render_chunk(labels, labels, torch.Generator().manual_seed(5), 32, distractor_shapes=2)
+    assert np.array_equal(plain[1], busy[1])
+    changed = (plain[0] != busy[0]).any(-1)
+    assert changed.any() and not changed[busy[1] > 0].any()
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -90,6 +104,8 @@ def test_other_image_size(tmp_path: Path) -> None:
         ({"counts": {"train": -1}}, "counts"),
         ({"shortcut_p": 1.2}, "shortcut_p"),
         ({"img_size": 4}, "img_size"),
+        ({"distractor_shapes": -1}, "distractor_shapes"),
+        ({"distractor_scale": (0.5, 0.2)}, "distractor_scale"),
     ],
 )
 def test_bad_config(tmp_path: Path, kwargs: dict, match: str) -> None:

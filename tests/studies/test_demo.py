@@ -93,6 +93,16 @@ def test_budget_draws_fresh_images_then_repeats_them() -> None:
     assert longer.train_images() == 500 * 64 <= longer.max_train_images
 
 
+def test_data_settings_reach_the_generator() -> None:
+    synth = DemoConfig(object_scale=(0.8, 0.9), max_fragments=2, distractor_shapes=1, shortcut_p=0.6).synth_config()
+    assert (synth.object_scale, synth.max_fragments, synth.distractor_shapes, synth.shortcut_p) == (
+        (0.8, 0.9),
+        2,
+        1,
+        0.6,
+    )
+
+
 def test_two_seeds_give_mean_sd_and_a_paired_interval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--preset", "tiny", "--no-progress", "--seeds", "2", "--seed", "5"]) == 0

@@ -80,6 +80,9 @@ class SynthConfig:
         shortcut_p: fraction of ``train`` images whose background texture is their class's texture.
         object_scale: range of the object's radius as a fraction of the image half-side.
         max_fragments: distractor fragments per image (each present with probability 0.75).
+        distractor_shapes: small whole shapes of other classes per natural image (each present with probability
+            0.75), drawn in the object's colour band under the object; they are background in the mask.
+        distractor_scale: radius range of the distractor shapes as a fraction of the image half-side.
     """
 
     seed: int = 0
@@ -90,6 +93,8 @@ class SynthConfig:
     shortcut_p: float = 0.8
     object_scale: tuple[float, float] = (0.35, 0.6)
     max_fragments: int = 4
+    distractor_shapes: int = 0
+    distractor_scale: tuple[float, float] = (0.25, 0.4)
 
     def validate(self) -> None:
         """Reject settings the generator cannot honour (tiny images, unknown splits).
@@ -112,6 +117,11 @@ class SynthConfig:
             raise ValueError(f"object_scale must satisfy 0 < lo <= hi <= 1, got {self.object_scale}")
         if self.max_fragments < 0:
             raise ValueError(f"max_fragments must be >= 0, got {self.max_fragments}")
+        if self.distractor_shapes < 0:
+            raise ValueError(f"distractor_shapes must be >= 0, got {self.distractor_shapes}")
+        low, high = self.distractor_scale
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"distractor_scale must satisfy 0 < lo <= hi <= 1, got {self.distractor_scale}")
 
 
 def _seed_for(*parts: object) -> int:
@@ -291,6 +301,28 @@ def _fragments(x: torch.Tensor, y: torch.Tensor, n: int, count: int, gen: torch.
     return out
 
 
+def _distractors(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    labels: torch.Tensor,
+    count: int,
+    scale_range: tuple[float, float],
+    light: torch.Tensor,
+    gen: torch.Generator,
+) -> list[tuple]:
+    """Small whole shapes of classes other than ``labels``, anywhere in the frame, in the ``light`` colour band."""
+    out = []
+    n = labels.numel()
+    for _ in range(count):
+        present = torch.rand(n, generator=gen) < 0.75
+        other = (labels + torch.randint(1, len(SHAPES), (n,), generator=gen)) % len(SHAPES)
+        scale = _rand(n, gen, *scale_range)
+        cx, cy = _rand(n, gen, -1, 1) * (1 - scale), _rand(n, gen, -1, 1) * (1 - scale)
+        u, v = _object_frame(x, y, cx, cy, scale, _rand(n, gen, 0, 2 * math.pi))
+        out.append((_shapes(other, u, v) & _col(present), _band_colours(light, gen)))
+    return out
+
+
 def _erode(mask: torch.Tensor, width: int) -> torch.Tensor:
     # (B, H, W) bool -> eroded by a (2w+1)^2 square: a pixel survives if no background pixel is within w.
     background = (~mask).float()[:, None]
@@ -305,6 +337,8 @@ def render_chunk(
     style: str = "natural",
     object_scale: tuple[float, float] = (0.35, 0.6),
     max_fragments: int = 4,
+    distractor_shapes: int = 0,
+    distractor_scale: tuple[float, float] = (0.25, 0.4),
 ) -> tuple[np.ndarray, np.ndarray, torch.Tensor | None]:
     """Render a chunk of images.
 
@@ -316,6 +350,8 @@ def render_chunk(
         style: ``"natural"`` (train / val / shortcut) or ``"rendition"``.
         object_scale: range of the object radius as a fraction of the half-side.
         max_fragments: distractor fragment slots for natural images.
+        distractor_shapes: slots for small whole shapes of other classes in natural images (background in the mask).
+        distractor_scale: their radius range as a fraction of the half-side.
 
     Returns:
         ``(images, masks, styles)``: uint8 ``(B, S, S, 3)`` and ``(B, S, S)`` arrays (mask = label + 1 on the object),
@@ -341,7 +377,11 @@ def render_chunk(
         inside = _shapes(labels, u, v)
         o1, o2 = _band_colours(~light_bg, gen), _band_colours(~light_bg, gen)
         o2 = o1 + 0.5 * (o2 - o1)  # a gentler second fill colour, same band
-        image = _paint(image, inside, _lerp_colour(o1, o2, _fill(u, v, gen)))
+        fill = _lerp_colour(o1, o2, _fill(u, v, gen))
+        # drawn last from the generator, so a set without distractors is the same as before they existed
+        for other, colour in _distractors(x, y, labels, distractor_shapes, distractor_scale, ~light_bg, gen):
+            image = _paint(image, other, colour)
+        image = _paint(image, inside, fill)
     elif style == "rendition":
         styles = torch.randint(0, len(RENDITION_STYLES), (n,), generator=gen)
         plain = torch.rand(n, generator=gen) < 0.5
@@ -418,6 +458,8 @@ def _write_chunk(
         style="rendition" if split == "rendition" else "natural",
         object_scale=config.object_scale,
         max_fragments=config.max_fragments,
+        distractor_shapes=config.distractor_shapes,
+        distractor_scale=config.distractor_scale,
     )
     for offset, label in enumerate(labels.tolist()):
         name = f"{SHAPES[label]}/{image_name(begin + offset)}"

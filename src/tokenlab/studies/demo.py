@@ -79,6 +79,7 @@ class DemoConfig:
         shortcut_p: Fraction of train images whose background texture is their class's texture.
         object_scale: Object radius range as a fraction of the image half-side.
         max_fragments: Distractor fragments per image.
+        distractor_shapes: Small whole shapes of other classes per image (background in the masks).
         corruptions: Corruptions generated for evaluation (names or a group of ``tokenlab.eval.corruptions``).
         severities: Corruption severities.
         ibot: Also run the short iBOT pre-training + k-NN stage.
@@ -96,8 +97,9 @@ class DemoConfig:
     batch_size: int = 32
     max_train_images: int = 32768
     shortcut_p: float = 0.8
-    object_scale: tuple[float, float] = (0.55, 0.9)
+    object_scale: tuple[float, float] = (0.7, 1.0)
     max_fragments: int = 1
+    distractor_shapes: int = 0
     corruptions: str = "gaussian_noise,defocus_blur,fog,contrast,jpeg_compression"
     severities: str = "3"
     ibot: bool = False
@@ -165,6 +167,7 @@ class DemoConfig:
             shortcut_p=self.shortcut_p,
             object_scale=self.object_scale,
             max_fragments=self.max_fragments,
+            distractor_shapes=self.distractor_shapes,
         )
 
 
