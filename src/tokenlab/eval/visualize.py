@@ -241,19 +241,32 @@ def plot_corruption_bars(
     names = sorted({c for v in per_corruption.values() for c in v})
     if not runs or not names:
         raise ValueError("nothing to plot: no corruption results")
-    width = 0.8 / len(runs)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(names) * max(1, len(runs) / 2) + 2), 4))
-    colors = plt.get_cmap("tab10")
-    x = np.arange(len(names))
-    for j, r in enumerate(runs):
+    for j, r, color in _grouped_bar_runs(runs):
         vals = [100 * per_corruption[r].get(c, np.nan) for c in names]
-        ax.bar(x + (j - (len(runs) - 1) / 2) * width, vals, width, label=r, color=colors(j % 10))
+        ax.bar(_group_offsets(len(names), j, len(runs)), vals, 0.8 / len(runs), label=r, color=color)
         if clean and r in clean:
-            ax.axhline(100 * clean[r], color=colors(j % 10), ls="--", lw=1)
-    ax.set_xticks(x, [c.replace("_", " ") for c in names], rotation=45, ha="right", fontsize=8)
+            ax.axhline(100 * clean[r], color=color, ls="--", lw=1)
+    ax.set_xticks(np.arange(len(names)), [c.replace("_", " ") for c in names], rotation=45, ha="right", fontsize=8)
+    return _finish_accuracy_bars(fig, ax, path, title + ("; dashed: clean" if clean else ""))
+
+
+def _grouped_bar_runs(runs: list[str]) -> list[tuple[int, str, Any]]:
+    """``(index, run, colour)`` of each run in a grouped bar chart (tab10, cycled)."""
+    colors = plt.get_cmap("tab10")
+    return [(j, r, colors(j % 10)) for j, r in enumerate(runs)]
+
+
+def _group_offsets(groups: int, j: int, runs: int) -> np.ndarray:
+    """The x positions of run ``j``'s bars: ``runs`` bars side by side, centred on each of ``groups`` ticks."""
+    return np.arange(groups) + (j - (runs - 1) / 2) * (0.8 / runs)
+
+
+def _finish_accuracy_bars(fig: Any, ax: Any, path: str | Path, title: str) -> Path:
+    """The common axes of the accuracy bar charts (0-100 %, legend, grid), then save."""
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(title + ("; dashed: clean" if clean else ""), fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -277,23 +290,15 @@ def plot_ood_bars(
     sets = list(dict.fromkeys(s for v in accuracy.values() for s in v))
     if not runs or not sets:
         raise ValueError("nothing to plot: no OOD results")
-    width = 0.8 / len(runs)
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(sets) * max(1, len(runs) / 2) + 2), 3.8))
-    colors = plt.get_cmap("tab10")
-    x = np.arange(len(sets))
-    for j, r in enumerate(runs):
+    for j, r, color in _grouped_bar_runs(runs):
         vals = np.array([accuracy[r].get(s, (np.nan, np.nan, np.nan)) for s in sets], dtype=float) * 100
         err = np.nan_to_num(np.abs(np.stack([vals[:, 0] - vals[:, 1], vals[:, 2] - vals[:, 0]])))
-        ax.bar(x + (j - (len(runs) - 1) / 2) * width, vals[:, 0], width, yerr=err, capsize=3, label=r,
-               color=colors(j % 10), error_kw={"lw": 1})  # fmt: skip
-    ax.set_xticks(x, sets, rotation=30 if len(sets) > 4 else 0, ha="right" if len(sets) > 4 else "center")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    return _save(fig, path)
+        ax.bar(_group_offsets(len(sets), j, len(runs)), vals[:, 0], 0.8 / len(runs), yerr=err, capsize=3, label=r,
+               color=color, error_kw={"lw": 1})  # fmt: skip
+    tilt = len(sets) > 4
+    ax.set_xticks(np.arange(len(sets)), sets, rotation=30 if tilt else 0, ha="right" if tilt else "center")
+    return _finish_accuracy_bars(fig, ax, path, title)
 
 
 def plot_severity_curves(
