@@ -51,10 +51,10 @@ import torch.nn.functional as F
 from timm.models import register_model
 from torch import nn
 
-from tokenlab.models._loading import check_state_dict, read_state_dict
+from tokenlab.models._loading import check_state_dict, read_state_dict, resolve_weights_file
 from tokenlab.models._registry import list_tokenlab_models
 from tokenlab.models.fan import FAN
-from tokenlab.utils.runs import export_stem, read_model_meta
+from tokenlab.utils.runs import read_model_meta
 
 __all__ = [
     "PUBLISHED_HYBRID_BLOCK",
@@ -295,19 +295,13 @@ class FANSegFormer(nn.Module):
 
 def _classification_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """Weights (and the exported meta, if any) of a classification model: run dir, export stem or weights file."""
-    path = Path(path)
-    meta = None
-    if path.is_dir() or path.suffix not in (".safetensors", ".pth", ".tar", ".pt"):
-        stem = export_stem(path)
-        weights = stem.with_suffix(".safetensors")
-        if not weights.is_file():
-            raise FileNotFoundError(f"no classification model at {path} (expected {weights.name} and "
-                                    f"{stem.with_suffix('.json').name})")  # fmt: skip
-        meta = read_model_meta(stem) if stem.with_suffix(".json").is_file() else None
-        path = weights
-    elif path.suffix == ".safetensors" and path.with_suffix(".json").is_file():
-        meta = read_model_meta(path)
-    return read_state_dict(path, prefer="model_ema"), meta
+    try:
+        weights = resolve_weights_file(path)  # the one resolution of run dir / export stem / file to weights
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"no classification model at {path}: {err}") from None
+    exported = weights.suffix == ".safetensors" and weights.with_suffix(".json").is_file()
+    meta = read_model_meta(weights) if exported else None
+    return read_state_dict(weights, prefer="model_ema"), meta
 
 
 def load_backbone_weights(model: FANSegFormer, path: str | Path) -> dict[str, Any] | None:
