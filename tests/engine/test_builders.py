@@ -55,6 +55,27 @@ def test_build_optimizer_reads_the_option() -> None:
         assert (group["weight_decay"] > 0) == decayed
 
 
+@pytest.mark.parametrize("name", ["adamw", "sgd", "lamb"])
+def test_fused_optimizer_gives_the_same_update(name: str) -> None:
+    """``train.fast`` builds torch's fused kernel where one exists (AdamW, SGD) and the usual optimizer otherwise;
+    the fused update matches the per-parameter loop to float rounding."""
+    cfg = load_config(None, [f"optim.name={name}", "optim.lr=0.01"])
+    torch.manual_seed(0)
+    grads = [torch.randn_like(p) for p in _vit().parameters()]
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = _vit()
+        opt = build_optimizer(cfg, model, fused=fused)
+        assert all(bool(g.get("fused")) == (fused and name != "lamb") for g in opt.param_groups)
+        for _ in range(3):
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
 def test_layer_decay_groups_for_finetuning() -> None:
     """timm's layer-decay groups: scale decay ** (L + 1 - layer), the head at 1."""
     model = _vit()

@@ -117,3 +117,19 @@ def test_forward_masked_without_masked_tokens_is_zero() -> None:
     loss = fn.forward_masked(student, torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.bool), 0.04)
     assert loss.item() == 0.0
     loss.backward()
+
+
+def test_forward_sparse_matches_forward_masked() -> None:
+    """Teacher rows at the mask plus the teacher sum give the loss and centre of the full teacher outputs."""
+    torch.manual_seed(0)
+    student, teacher = torch.randn(3, 6, 8), torch.randn(3, 6, 8)
+    mask = torch.rand(3, 6) < 0.5
+    full, sparse = IBOTPatchLoss(out_dim=8), IBOTPatchLoss(out_dim=8)
+    ref = full.forward_masked(student[mask], teacher, mask, teacher_temp=0.04)
+    got = sparse.forward_sparse(student[mask], teacher[mask], mask, 0.04, (teacher.reshape(-1, 8).sum(0), 18))
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(sparse.center.center, full.center.center)
+    with pytest.raises(ValueError, match="needs teacher_sum"):
+        sparse.forward_sparse(student[mask], teacher[mask], mask, 0.04)
+    with pytest.raises(ValueError, match="teacher outputs of the"):
+        sparse.forward_sparse(student[mask], teacher[:, 0], mask, 0.04, (teacher.sum((0, 1)), 18))

@@ -635,8 +635,9 @@ def test_fp16_scaler_unscales_before_per_parameter_clipping(tmp_path: Path, monk
 
 @pytest.mark.parametrize("shared_head", [True, False])
 def test_masked_only_head_gives_the_all_token_losses_and_gradients(shared_head: bool) -> None:
-    """The student head on the masked patch tokens only (the default) against the all-token computation: same
-    losses, gradients and centres on the same batch and weights."""
+    """The student head on the masked patch tokens only and the teacher's prototype layer on them plus one summed
+    row (the default) against the all-token computation: same losses, gradients and centres on the same batch and
+    weights."""
     batch = _batch(b=3)
     torch.manual_seed(0)
     fast = tiny_ibot(shared_head=shared_head)

@@ -89,6 +89,19 @@ def test_ibot_head_shared_and_separate() -> None:
     assert separate(cls)[1] is None
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_ibot_head_masked_patches_and_their_sum(shared: bool) -> None:
+    """``forward_patches_masked``: the rows at the mask, and the sum over every token through one summed row."""
+    torch.manual_seed(0)
+    head = IBOTHead(6, out_dim=10, patch_out_dim=10 if shared else 12, shared=shared, hidden_dim=8, bottleneck_dim=4)
+    patches, mask = torch.randn(3, 5, 6), torch.rand(3, 5) < 0.4
+    full = head.forward_patches(patches)  # (3, 5, K)
+    masked, (row_sum, rows) = head.forward_patches_masked(patches, mask)
+    torch.testing.assert_close(masked, full[mask])
+    torch.testing.assert_close(row_sum, full.reshape(-1, full.shape[-1]).sum(0), atol=1e-5, rtol=1e-5)
+    assert rows == 15 and row_sum.dtype == torch.float32
+
+
 def test_separate_ibot_head_shares_the_mlp_as_published() -> None:
     """Published iBOTHead(shared_head=False): [CLS] and patches share the MLP and bottleneck; only the prototype
     layer differs."""

@@ -52,13 +52,14 @@ def test_fast_path_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     assert native_bf16("meta") is False
 
     monkeypatch.setattr(amp_mod, "native_bf16", lambda device: False)  # an AVX2-only CPU, like this one
-    assert resolve_fast("auto", "cpu") == FastPath("none", False, False)
-    assert resolve_fast("on", "cpu") == FastPath("none", False, True)
+    assert resolve_fast("auto", "cpu") == FastPath("none", False, False, fused_optimizer=True)
+    assert resolve_fast("on", "cpu") == FastPath("none", False, True, fused_optimizer=True)
     assert resolve_fast("off", "cpu", "bf16", True, True) == FastPath("bf16", True, True)
     monkeypatch.setattr(amp_mod, "native_bf16", lambda device: True)  # AMX / AVX512-BF16 CPU or a bf16 GPU
-    assert resolve_fast("auto", "cpu") == FastPath("bf16", False, False)
-    assert resolve_fast("auto", "cuda") == FastPath("bf16", True, False)
+    assert resolve_fast("auto", "cpu") == FastPath("bf16", False, False, fused_optimizer=True)
+    assert resolve_fast("auto", "cuda") == FastPath("bf16", True, False, fused_optimizer=True)
     assert resolve_fast("auto", "cuda", fsdp=True).channels_last is False  # FSDP2 needs contiguous weights
+    assert resolve_fast("auto", "cuda", fsdp=True).fused_optimizer is False  # nor fused kernels over DTensors
     assert resolve_fast("auto", "cuda", "fp16").amp == "fp16"  # an explicit choice stays
     assert resolve_fast("off", "cpu") == FastPath("none", False, False)
     with pytest.raises(ValueError, match="'train.fast' is 'yes'; valid: auto, on, off"):

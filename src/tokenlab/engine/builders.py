@@ -369,14 +369,30 @@ def param_groups(
     return groups
 
 
-def build_optimizer(cfg: DictConfig, module: nn.Module) -> torch.optim.Optimizer:
-    """Timm ``create_optimizer_v2`` over ``param_groups(module)`` with the ``optim`` settings."""
-    from timm.optim import create_optimizer_v2
+def build_optimizer(cfg: DictConfig, module: nn.Module, fused: bool = False) -> torch.optim.Optimizer:
+    """Timm ``create_optimizer_v2`` over ``param_groups(module)`` with the ``optim`` settings.
+
+    ``fused`` (``train.fast``'s choice): use torch's fused kernel where the optimizer class has one (Adam, AdamW,
+    SGD); other optimizers are built as usual.
+    """
+    from timm.optim import create_optimizer_v2, get_optimizer_class
 
     o = cfg.optim
     groups = param_groups(module, o.weight_decay, o.layer_decay, bool(o.get("decay_embeddings", False)))
     betas = tuple(o.betas)
-    return create_optimizer_v2(groups, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, betas=betas, eps=o.eps)
+    extra: dict[str, Any] = {"fused": True} if fused and _has_fused_kernel(get_optimizer_class(o.name)) else {}
+    return create_optimizer_v2(
+        groups, opt=o.name, lr=o.lr, weight_decay=o.weight_decay, betas=betas, eps=o.eps, **extra
+    )
+
+
+def _has_fused_kernel(opt_class: Any) -> bool:
+    """Whether ``opt_class`` is torch's Adam, AdamW or SGD, whose fused kernels torch ships for CPU and CUDA.
+
+    timm registers some of them as ``functools.partial`` of the class (SGD with Nesterov).
+    """
+    cls = getattr(opt_class, "func", opt_class)
+    return cls in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 
 
 CLIP_MODES = ("global", "per_param")

@@ -246,7 +246,7 @@ class Trainer:
         self.fsdp = cfg.train.distributed == "fsdp" and self.distributed
         if self.fsdp:
             B.shard_method(self.method, cfg.train.ema.enabled)
-        self.optimizer = B.build_optimizer(cfg, self.method.trainable_module())
+        self.optimizer = B.build_optimizer(cfg, self.method.trainable_module(), fused=self.fast.fused_optimizer)
         self.ema = None
         if cfg.train.ema.enabled:
             from timm.utils import ModelEmaV3

@@ -78,7 +78,18 @@ class Center(nn.Module):
     @torch.no_grad()
     def accumulate(self, teacher_out: torch.Tensor) -> None:
         """Add the rows of one micro-batch's ``teacher_out`` (..., K) to the pending statistics (no EMA yet)."""
-        sums = self._row_sums(teacher_out)
+        self._check(teacher_out)
+        rows = teacher_out.detach().float().reshape(-1, self.dim)  # (..., K) -> (R, K)
+        self.accumulate_sum(rows.sum(dim=0), rows.shape[0])
+
+    @torch.no_grad()
+    def accumulate_sum(self, row_sum: torch.Tensor, rows: int) -> None:
+        """Add ``rows`` teacher rows given by their sum ``row_sum`` (K,) to the pending statistics (no EMA yet).
+
+        For callers that have the sum without the rows (iBOT's patch head sums before its linear prototype layer).
+        """
+        self._check(row_sum)
+        sums = torch.cat([row_sum.detach().float().reshape(self.dim), row_sum.new_tensor([rows], dtype=torch.float32)])
         self._pending = sums if self._pending is None else self._pending + sums.to(self._pending.device)
 
     @torch.no_grad()
@@ -98,12 +109,6 @@ class Center(nn.Module):
         """``c <- m c + (1 - m) mean(teacher_out)`` (in place): ``accumulate`` then ``apply_pending``."""
         self.accumulate(teacher_out)
         self.apply_pending()
-
-    def _row_sums(self, teacher_out: torch.Tensor) -> torch.Tensor:
-        """(K + 1,): the sum of the rows of ``teacher_out`` and their count, float32."""
-        self._check(teacher_out)
-        rows = teacher_out.detach().float().reshape(-1, self.dim)  # (..., K) -> (R, K)
-        return torch.cat([rows.sum(dim=0), rows.new_tensor([rows.shape[0]])])
 
     def _check(self, teacher_out: torch.Tensor) -> None:
         if teacher_out.shape[-1] != self.dim:

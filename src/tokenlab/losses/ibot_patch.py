@@ -72,11 +72,7 @@ class IBOTPatchLoss(CenteredTeacherLoss):
                 f"expected student and teacher outputs of equal shape (B, N, K); got {tuple(student_out.shape)} and "
                 f"{tuple(teacher_out.shape)}"
             )
-        if mask.dtype != torch.bool or mask.shape != student_out.shape[:2]:
-            raise ValueError(
-                f"mask must be a bool tensor of shape {tuple(student_out.shape[:2])}, got {mask.dtype} "
-                f"{tuple(mask.shape)}"
-            )
+        _check_mask(mask, student_out.shape[:2])
         return self.forward_masked(student_out[mask], teacher_out, mask, teacher_temp, update_center, apply_center)
 
     def forward_masked(
@@ -91,8 +87,8 @@ class IBOTPatchLoss(CenteredTeacherLoss):
         """``L_mim`` from the student outputs of the masked tokens only (the same value as ``forward``).
 
         The loss reads the student only where ``mask`` is True, so its projection head need not run elsewhere
-        (in iBOT about 70-90 % of the patch tokens are not masked). The teacher's outputs stay complete: the
-        center moves toward the mean of all of them.
+        (in iBOT about 70-90 % of the patch tokens are not masked). The center moves toward the mean of all the
+        teacher outputs given.
 
         Args:
             student_masked: (M, K) student patch outputs at ``mask``'s True entries, in row-major order
@@ -111,24 +107,70 @@ class IBOTPatchLoss(CenteredTeacherLoss):
         """
         if teacher_out.ndim != 3:
             raise ValueError(f"expected teacher outputs of shape (B, N, K), got {tuple(teacher_out.shape)}")
-        if mask.dtype != torch.bool or mask.shape != teacher_out.shape[:2]:
-            raise ValueError(
-                f"mask must be a bool tensor of shape {tuple(teacher_out.shape[:2])}, got {mask.dtype} "
-                f"{tuple(mask.shape)}"
-            )
+        _check_mask(mask, teacher_out.shape[:2])
+        teacher_out = teacher_out.detach()
+        rows = teacher_out.float().reshape(-1, teacher_out.shape[-1])
+        return self.forward_sparse(
+            student_masked, teacher_out[mask], mask, teacher_temp, (rows.sum(dim=0), rows.shape[0]),
+            update_center, apply_center,
+        )  # fmt: skip
+
+    def forward_sparse(
+        self,
+        student_masked: torch.Tensor,
+        teacher_masked: torch.Tensor,
+        mask: torch.Tensor,
+        teacher_temp: float,
+        teacher_sum: tuple[torch.Tensor, int] | None = None,
+        update_center: bool = True,
+        apply_center: bool = True,
+    ) -> torch.Tensor:
+        """``L_mim`` from student *and* teacher outputs at the masked tokens, the center from a precomputed sum.
+
+        iBOT's prototype layer is linear and bias-free, so the sum of the teacher's outputs over all tokens (all the
+        center needs) is the layer applied to the sum of its inputs: the teacher head then runs its prototype layer
+        on the masked tokens and one summed row instead of every token (``IBOTHead.forward_patches_masked``).
+
+        Args:
+            student_masked: (M, K) student patch outputs at ``mask``'s True entries, row-major.
+            teacher_masked: (M, K) teacher patch outputs at the same entries.
+            mask: (B, N) bool, which gives each masked row its image.
+            teacher_temp: tau_t for this step.
+            teacher_sum: ``(row_sum (K,), rows)``: the sum of the teacher outputs over every token of the crops and
+                their number, for the center; required when ``update_center``.
+            update_center: Add ``teacher_sum`` to the patch center statistics after computing the loss.
+            apply_center: Move the center now (the last micro-batch of an optimizer step); False only accumulates.
+
+        Returns:
+            Scalar loss (float32).
+
+        Raises:
+            ValueError: shapes that disagree, a non-boolean mask, or ``update_center`` without ``teacher_sum``.
+        """
+        _check_mask(mask, mask.shape)
         m = int(mask.sum())
-        if student_masked.shape != (m, teacher_out.shape[-1]):
-            raise ValueError(
-                f"expected the student outputs of the {m} masked tokens, shape ({m}, {teacher_out.shape[-1]}); got "
-                f"{tuple(student_masked.shape)}"
-            )
-        targets = self.teacher_probs(teacher_out.detach()[mask], teacher_temp)  # (M, K)
+        k = self.center.dim
+        for name, out in (("student", student_masked), ("teacher", teacher_masked)):
+            if out.shape != (m, k):
+                raise ValueError(
+                    f"expected the {name} outputs of the {m} masked tokens, shape ({m}, {k}); got {tuple(out.shape)}"
+                )
+        if update_center and teacher_sum is None:
+            raise ValueError("update_center needs teacher_sum, the sum of the teacher outputs over all tokens")
+        targets = self.teacher_probs(teacher_masked.detach(), teacher_temp)  # (M, K)
         log_probs = F.log_softmax(student_masked.float() / self.student_temp, dim=-1)
         token_ce = -(targets * log_probs).sum(dim=-1)  # (M, K) -> (M,)
         image = mask.nonzero()[:, 0]  # the image of each masked token
         counts = mask.sum(dim=1).clamp(min=1).float()  # (B,)
         per_image = token_ce.new_zeros(mask.shape[0]).index_add(0, image, token_ce) / counts  # (M,) -> (B,)
         loss = per_image.mean()
-        if update_center:
-            self.accumulate_center(teacher_out, apply=apply_center)
+        if update_center and teacher_sum is not None:
+            self.center.accumulate_sum(*teacher_sum)
+            if apply_center:
+                self.center.apply_pending()
         return loss
+
+
+def _check_mask(mask: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> None:
+    if mask.dtype != torch.bool or mask.ndim != 2 or mask.shape != shape:
+        raise ValueError(f"mask must be a bool tensor of shape {tuple(shape)}, got {mask.dtype} {tuple(mask.shape)}")

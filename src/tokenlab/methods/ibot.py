@@ -33,10 +33,11 @@ shared by default (published ``shared_head_teacher=True``): its patch targets co
 the EMA of the student's, and the student's patch prototype layer has no teacher counterpart.
 
 Cost: the student's projection head runs on the [CLS] tokens and only on the *masked* patch tokens (the patch loss
-reads nothing else), and the student softmax of the patch loss only there; the teacher's head still sees every
-patch token, since the patch center is the mean of all of them. The losses are those of the all-token computation
-(tested to 1e-6); with ``use_bn`` the head's batch statistics would change, so the student head then sees every
-token (``head_on_masked_only`` False).
+reads nothing else), and the student softmax of the patch loss only there. The teacher's MLP sees every patch token,
+but its prototype layer (8192 outputs, the largest matrix of the head) only the masked ones plus one row: the patch
+center needs the mean of all teacher outputs, and the layer is linear and bias-free, so that mean is the layer of
+the mean input. The losses are those of the all-token computation (tested to 1e-6); with ``use_bn`` the head's
+batch statistics would change, so both heads then see every token (``head_on_masked_only`` False).
 
 Safeguards: the engine clips gradients (iBOT recipes: ``optim.clip_grad: 3.0`` with ``train.clip_mode: per_param``,
 each parameter's gradient norm capped separately as in iBOT, after the fp16 scaler unscales them); done here through
@@ -319,7 +320,12 @@ class IBOT(Method):
 
         with torch.no_grad():
             t_feat, t_patch_feat = as_backbone(self.teacher["backbone"]).forward_features(globals_)
-            t_cls, t_patch = self.teacher["head"](t_feat, t_patch_feat)
+            if self.head_on_masked_only:  # the teacher's prototype layer: the masked tokens and one summed row
+                t_head: IBOTHead = self.teacher["head"]  # type: ignore[assignment]
+                t_cls = t_head(t_feat)[0]
+                t_patch, t_patch_sum = t_head.forward_patches_masked(t_patch_feat, mask)
+            else:
+                t_cls, t_patch = self.teacher["head"](t_feat, t_patch_feat)
 
         s_feat, s_patch_feat = as_backbone(self.model).forward_features(globals_, mask)
         if self.head_on_masked_only:  # the patch loss reads the student only at the masked tokens
@@ -340,7 +346,9 @@ class IBOT(Method):
         apply = ctx.last_micro_batch  # the centres move once per optimizer step, over all its micro-batches
         loss_cls = self.cls_loss(student_cls_views, teacher_cls_views, temp, apply_center=apply)
         if self.head_on_masked_only:
-            loss_patch = self.patch_loss.forward_masked(s_patch, t_patch, mask, patch_temp, apply_center=apply)
+            loss_patch = self.patch_loss.forward_sparse(
+                s_patch, t_patch, mask, patch_temp, t_patch_sum, apply_center=apply
+            )
         else:
             loss_patch = self.patch_loss(s_patch, t_patch, mask, patch_temp, apply_center=apply)
         loss = self.cls_weight * loss_cls + self.patch_weight * loss_patch

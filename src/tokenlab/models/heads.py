@@ -196,6 +196,29 @@ class IBOTHead(DINOHead):
         """Patch tokens ``(..., C)`` -> ``(..., K_patch)``; any leading shape, e.g. the masked tokens ``(M, C)``."""
         return (self.patch_last_layer or self.last_layer)(self.bottleneck(patches))
 
+    def forward_patches_masked(
+        self, patches: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, int]]:
+        """The outputs at ``mask``'s tokens and the sum of the outputs over *all* tokens, without the other rows.
+
+        The prototype layer is linear and bias-free, so ``sum_i W u_i = W sum_i u_i``: one summed row through it
+        instead of every unmasked token (the iBOT teacher needs no more: its patch targets are read at the masked
+        tokens, its center from the mean of all). The summed row runs in float32, outside autocast.
+
+        Args:
+            patches: (B, N, C) patch tokens.
+            mask: (B, N) bool.
+
+        Returns:
+            ``(masked, (row_sum, rows))``: (M, K_patch) outputs at the masked tokens in row-major order, the (K_patch,)
+            float32 sum of the outputs over all B N tokens, and B N.
+        """
+        layer = self.patch_last_layer or self.last_layer
+        u = self.bottleneck(patches)  # (B, N, D)
+        with torch.autocast(u.device.type, enabled=False):
+            row_sum = layer(u.float().sum(dim=(0, 1))[None])[0].float()  # (D,) -> (1, D) -> (K,)
+        return layer(u[mask]), (row_sum, u.shape[0] * u.shape[1])
+
     def last_layer_parameters(self) -> list[nn.Parameter]:
         """Parameters of the prototype layers (frozen during the first epochs of iBOT)."""
         params = list(self.last_layer.parameters())

@@ -65,6 +65,7 @@ class FastPath:
     amp: str
     channels_last: bool
     compile: bool
+    fused_optimizer: bool = False
 
 
 def resolve_fast(
@@ -80,7 +81,9 @@ def resolve_fast(
     - ``off``: the three settings as given.
     - ``auto`` (default): ``amp: none`` becomes ``bf16`` where ``native_bf16(device)``; channels-last on CUDA
       (not under FSDP, ``fsdp``). Channels-last leaves fp32 results unchanged to ~1e-6 (tested), so this is safe
-      by default; on a CPU without bf16 hardware it changes nothing.
+      by default. The optimizer runs fused (one kernel over all parameters) where torch has a fused version of it
+      (Adam, AdamW, SGD; not under FSDP): the same update to float rounding, and on CPU 4-5x faster than torch's
+      default per-parameter loop (measured in ``benchmarks/models.py``), which matters for small models.
     - ``on``: ``auto`` plus ``torch.compile`` (minutes of compilation first: worth it for long runs only).
 
     An explicit ``amp: fp16``/``bf16`` is never changed.
@@ -91,9 +94,9 @@ def resolve_fast(
     if fast not in FAST_CHOICES:
         raise ValueError(f"config key 'train.fast' is {fast!r}; valid: {', '.join(FAST_CHOICES)}")
     if fast == "off":
-        return FastPath(amp, channels_last, compile)
+        return FastPath(amp, channels_last, compile, fused_optimizer=False)
     amp = "bf16" if amp == "none" and native_bf16(device) else amp
     # channels-last helps the conv stems on GPUs; on CPU it measured no faster (0.96x, FAN-T hybrid), and FSDP2
     # cannot shard the non-contiguous weights it makes
     channels_last = channels_last or (torch.device(device).type == "cuda" and not fsdp)
-    return FastPath(amp, channels_last, compile or fast == "on")
+    return FastPath(amp, channels_last, compile or fast == "on", fused_optimizer=not fsdp)
