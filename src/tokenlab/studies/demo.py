@@ -76,10 +76,13 @@ class DemoConfig:
         steps: Optimizer steps per model at ``minutes == 6``.
         batch_size: Training batch size.
         max_train_images: Cap on the generated train split.
-        shortcut_p: Fraction of train images whose background texture is their class's texture.
+        shortcut_p: Fraction of train images whose shortcut cue is their class's cue.
+        shortcut_cue: The cue tied to the class: ``"texture"`` (background) or ``"colour"`` (the object's fill).
+        val_tied: The val split shares the train split's tie (in-distribution); the shortcut split breaks it.
         object_scale: Object radius range as a fraction of the image half-side.
         max_fragments: Distractor fragments per image.
         distractor_shapes: Small whole shapes of other classes per image (background in the masks).
+        labeler_kwargs: Extra ``method.kwargs`` of the labeler stage (``stl_labeler`` options).
         corruptions: Corruptions generated for evaluation (names or a group of ``tokenlab.eval.corruptions``).
         severities: Corruption severities.
         ibot: Also run the short iBOT pre-training + k-NN stage.
@@ -97,9 +100,12 @@ class DemoConfig:
     batch_size: int = 32
     max_train_images: int = 32768
     shortcut_p: float = 0.8
+    shortcut_cue: str = "texture"
+    val_tied: bool = False
     object_scale: tuple[float, float] = (0.7, 1.0)
     max_fragments: int = 1
     distractor_shapes: int = 0
+    labeler_kwargs: dict[str, Any] = field(default_factory=dict)
     corruptions: str = "gaussian_noise,defocus_blur,fog,contrast,jpeg_compression"
     severities: str = "3"
     ibot: bool = False
@@ -165,6 +171,8 @@ class DemoConfig:
             img_size=self.img_size,
             counts={"train": self.train_images(), **self.counts},
             shortcut_p=self.shortcut_p,
+            shortcut_cue=self.shortcut_cue,
+            val_tied=self.val_tied,
             object_scale=self.object_scale,
             max_fragments=self.max_fragments,
             distractor_shapes=self.distractor_shapes,
@@ -196,7 +204,7 @@ class Demo:
         self.study = StlStudy(
             self.runs_dir,
             [
-                TrainStage(name, recipe, self._train_overrides(), labeler="labeler" if name == "student" else None)
+                TrainStage(name, recipe, self._train_overrides(name), labeler="labeler" if name == "student" else None)
                 for name, recipe in TRAIN_STAGES
             ],
             device=self.cfg.device,
@@ -228,8 +236,11 @@ class Demo:
             f"data.root={self.data_dir}",
         ]
 
-    def _train_overrides(self) -> tuple[str, ...]:
-        """The budget of the three STL study trainings (same for each, so the comparison is fair)."""
+    def _train_overrides(self, name: str = "") -> tuple[str, ...]:
+        """The budget of the three STL study trainings (same for each, so the comparison is fair).
+
+        The ``labeler`` stage also gets ``labeler_kwargs`` as ``method.kwargs``.
+        """
         epochs = self.cfg.train_epochs()
         warmup = min(0.1 * epochs, 0.5)  # in epochs: 10 % of a one-epoch run
         overrides = [
@@ -246,6 +257,8 @@ class Demo:
             "log.every_steps=5",
             "log.tensorboard=false",
         ]
+        if name == "labeler":
+            overrides += [f"method.kwargs.{k}={json.dumps(v)}" for k, v in sorted(self.cfg.labeler_kwargs.items())]
         return tuple(overrides)
 
     def stages(self) -> list[Stage]:
