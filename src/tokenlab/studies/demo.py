@@ -2,8 +2,10 @@
 
 Stages, each resumable (a finished stage is skipped; an interrupted training resumes from its newest checkpoint):
 
-1. ``data``      generate the synthetic shapes set (train / val / rendition / shortcut splits, with masks);
-2. ``labeler``   STL stage 1: FAN token labeler, ``CE(cls) + CE(aux_head(mean of patch tokens))``;
+1. ``data``      generate the synthetic shapes set (train / val / rendition / shortcut splits, with masks; the
+   object's colour tied to its class in train and val, broken in the shortcut split);
+2. ``labeler``   STL stage 1: FAN token labeler, ``CE(cls) + CE(top-k mean over tokens of aux_head(p_i))`` (the
+   published token average spreads the class over every token here; ``DEMO_LABELER_KWARGS``);
 3. ``baseline``  supervised FAN with the same budget;
 4. ``student``   STL stage 2: FAN student taught per token by the frozen labeler;
 5. ``ibot``      (``--ibot``) a short iBOT pre-training of a tiny ViT, scored by k-NN against random weights;
