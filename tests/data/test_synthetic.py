@@ -2,10 +2,12 @@
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tokenlab.data.synthetic import SHAPES, TEXTURES, SynthConfig, generate, shortcut_correlation
@@ -70,6 +72,65 @@ def test_shortcut_correlation_is_p_in_train_and_chance_in_val(tmp_path: Path) ->
     assert abs(shortcut_correlation(written, "train") - 0.7) <= 0.02
 
 
+def test_val_tied_shares_the_train_correlation_and_the_shortcut_split_breaks_it() -> None:
+    from tokenlab.data.synthetic import assign_split
+
+    config = SynthConfig(seed=11, counts={"train": 2000, "val": 2000, "shortcut": 500}, shortcut_p=0.7, val_tied=True)
+    meta = {"splits": {}}
+    for split in config.counts:
+        labels, textures = assign_split(config, split)
+        meta["splits"][split] = {"labels": labels.tolist(), "textures": textures.tolist()}
+    assert shortcut_correlation(meta, "train") == pytest.approx(0.7, abs=1e-3)
+    assert shortcut_correlation(meta, "val") == pytest.approx(0.7, abs=1e-3)
+    assert shortcut_correlation(meta, "shortcut") == 0.0
+    # the train split (and every other split) does not depend on how val is drawn
+    untied = replace(config, val_tied=False)
+    for split in ("train", "shortcut"):
+        pairs = zip(assign_split(config, split), assign_split(untied, split), strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_colour_cue_ties_the_object_hue_and_unties_the_background(tmp_path: Path) -> None:
+    from tokenlab.data.synthetic import HUES
+
+    config = SynthConfig(seed=2, img_size=32, counts={"train": 300, "shortcut": 100}, shortcut_p=0.8,
+                         shortcut_cue="colour", object_scale=(0.7, 1.0), max_fragments=0)  # fmt: skip
+    meta = generate(tmp_path, config, workers=1)
+    assert shortcut_correlation(meta, "train") == pytest.approx(0.8, abs=1e-3)
+    assert shortcut_correlation(meta, "shortcut") == 0.0
+    train = meta["splits"]["train"]
+    # backgrounds carry no class evidence: texture = class at chance
+    assert abs(np.mean(np.array(train["textures"]) == np.array(train["labels"])) - 0.1) < 0.06
+    # the object's mean colour, as a direction in colour space, is nearest to its cue's hue
+    hues = HUES.numpy() - HUES.numpy().mean(1, keepdims=True)
+    hits = 0
+    for index, (label, cue) in enumerate(zip(train["labels"], train["colours"], strict=True)):
+        name = f"{SHAPES[label]}/{index:06d}.png"
+        image = np.asarray(Image.open(tmp_path / "train" / name)).astype(float) / 255
+        mask = np.asarray(Image.open(tmp_path / "train_masks" / name)) > 0
+        colour = image[mask].mean(0)
+        hits += int(np.argmax(hues @ (colour - colour.mean())) == cue)
+    assert hits / len(train["labels"]) > 0.9
+
+
+def test_colour_cue_changes_only_the_object_pixels() -> None:
+    from tokenlab.data.synthetic import render_chunk
+
+    labels = torch.arange(20) % len(SHAPES)
+    plain = render_chunk(labels, labels, torch.Generator().manual_seed(5), 32)
+    tied = render_chunk(labels, labels, torch.Generator().manual_seed(5), 32, colours=(labels + 3) % len(SHAPES))
+    assert np.array_equal(plain[1], tied[1])
+    changed = (plain[0] != tied[0]).any(-1)
+    assert changed[tied[1] > 0].mean() > 0.9 and not changed[tied[1] == 0].any()
+
+
+def test_colour_cue_set_is_byte_identical_for_a_seed(tmp_path: Path) -> None:
+    config = SynthConfig(seed=3, img_size=32, counts={"train": 40, "val": 20}, shortcut_cue="colour", val_tied=True)
+    generate(tmp_path / "a", config, workers=1)
+    generate(tmp_path / "b", config, workers=2)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+
+
 def test_small_set_writes_every_image_and_mask(tmp_path: Path) -> None:
     # generation speed is measured in benchmarks/data.py, not asserted here
     generate(tmp_path, SynthConfig(counts={"train": 200}))
@@ -106,6 +167,7 @@ def test_distractor_shapes_change_only_the_background() -> None:
         ({"img_size": 4}, "img_size"),
         ({"distractor_shapes": -1}, "distractor_shapes"),
         ({"distractor_scale": (0.5, 0.2)}, "distractor_scale"),
+        ({"shortcut_cue": "shape"}, "shortcut_cue"),
     ],
 )
 def test_bad_config(tmp_path: Path, kwargs: dict, match: str) -> None:

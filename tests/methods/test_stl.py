@@ -271,3 +271,84 @@ def test_in1k_student_recipes_take_the_labelers_best_export():
         assert kwargs["token_smoothing"] is None and kwargs["label_type"] == "gumbel", path.name
     evaluation = yaml.safe_load((configs / "in1k_base.yaml").read_text())["data"]["eval"]
     assert evaluation == {"crop_pct": 1.0, "interpolation": "bicubic"}
+
+
+def test_labeler_max_over_tokens_term_adds_the_mil_loss():
+    """Option (not published): ``+ mu * CE(max_i aux_head(p_i), y)`` next to the published GAP term."""
+    model = _token_model().eval()
+    method = build_method("stl_labeler", model=model, aux_max_weight=0.3, label_smoothing=0.0)
+    batch = _batch()
+    out = method.training_step(batch, _ctx())
+    cls, patches = model.forward_features(batch["image"])
+    ce_cls = F.cross_entropy(model.head(cls), batch["label"])
+    ce_aux = F.cross_entropy(model.aux_head(patches.mean(1)), batch["label"])
+    ce_max = F.cross_entropy(model.aux_head(patches).max(dim=1).values, batch["label"])
+    assert out["aux_max"].item() == pytest.approx(ce_max.item(), abs=1e-5)
+    assert out["loss"].item() == pytest.approx((ce_cls + ce_aux + 0.3 * ce_max).item(), abs=1e-5)
+
+
+def test_token_cutmix_pastes_a_token_aligned_box_and_targets_each_region():
+    import numpy as np
+
+    from tokenlab.methods.stl import region_cross_entropy, token_cutmix
+
+    images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 16, 16)
+    np.random.seed(3)
+    mixed, inside = token_cutmix(images, (4, 4), alpha=1.0)
+    assert inside.shape == (16,) and 0 < inside.sum() < 16
+    # every 4x4 patch is wholly from one image: the flipped partner inside the box, the image itself outside
+    patches = mixed[:, 0].reshape(4, 4, 4, 4, 4).permute(0, 1, 3, 2, 4).reshape(4, 16, 16)
+    source = torch.where(inside, 3 - torch.arange(4.0)[:, None], torch.arange(4.0)[:, None])  # (B, N)
+    assert torch.equal(patches, source[..., None].expand(4, 16, 16))
+    assert torch.equal(images[:, 0, 0, 0], torch.arange(4.0))  # the caller's batch is untouched
+    # region loss: area-weighted CE of the region means; without a box it is the published GAP term
+    logits, targets = torch.randn(4, 16, 3), F.one_hot(torch.tensor([0, 1, 2, 0]), 3).float()
+    a = inside.float().mean()
+    expected = (1 - a) * F.cross_entropy(logits[:, ~inside].mean(1), targets.argmax(1)) + a * F.cross_entropy(
+        logits[:, inside].mean(1), targets.flip(0).argmax(1)
+    )
+    assert region_cross_entropy(logits, targets, inside).item() == pytest.approx(expected.item(), abs=1e-5)
+    gap = F.cross_entropy(logits.mean(1), targets.argmax(1))
+    assert region_cross_entropy(logits, targets).item() == pytest.approx(gap.item(), abs=1e-6)
+    mil = (1 - a) * F.cross_entropy(logits[:, ~inside].max(1).values, targets.argmax(1)) + a * F.cross_entropy(
+        logits[:, inside].max(1).values, targets.flip(0).argmax(1)
+    )
+    assert region_cross_entropy(logits, targets, inside, "max").item() == pytest.approx(mil.item(), abs=1e-5)
+    with pytest.raises(ValueError, match="pooling"):
+        region_cross_entropy(logits, targets, pool="median")
+    # top-k pooling: the mean of each class's 4 highest of 16 token logits; all tokens give the mean, one the max
+    top4 = logits.sort(dim=1, descending=True).values[:, :4].mean(1)
+    assert region_cross_entropy(logits, targets, None, "max", 0.25).item() == pytest.approx(
+        F.cross_entropy(top4, targets.argmax(1)).item(), abs=1e-5
+    )
+    assert region_cross_entropy(logits, targets, None, "max", 1.0).item() == pytest.approx(gap.item(), abs=1e-5)
+
+
+def test_labeler_token_cutmix_mixes_class_targets_by_area():
+    import numpy as np
+
+    model = _token_model().eval()
+    method = build_method("stl_labeler", model=model, token_cutmix_alpha=1.0, token_cutmix_prob=1.0,
+                          label_smoothing=0.0)  # fmt: skip
+    batch = _batch()
+    np.random.seed(0)
+    out = method.training_step(batch, _ctx())
+    np.random.seed(0)
+    from tokenlab.methods.stl import region_cross_entropy, token_cutmix
+
+    assert np.random.rand() < 1.0  # the step's draw of whether to mix
+    mixed, inside = token_cutmix(batch["image"], (4, 4), 1.0)
+    cls, patches = model.forward_features(mixed)
+    y = F.one_hot(batch["label"], 3).float()
+    a = inside.float().mean()
+    ce_cls = -((1 - a) * y + a * y.flip(0)).mul(F.log_softmax(model.head(cls), -1)).sum(-1).mean()
+    ce_aux = region_cross_entropy(model.aux_head(patches), y, inside)
+    assert out["loss"].item() == pytest.approx((ce_cls + ce_aux).item(), abs=1e-5)
+    out["loss"].backward()
+    assert model.aux_head.weight.grad.any()
+    with pytest.raises(ValueError, match="token_cutmix_alpha"):
+        build_method("stl_labeler", model=model, token_cutmix_alpha=1.0, cutmix_alpha=1.0)
+    with pytest.raises(ValueError, match="aux_max_weight"):
+        build_method("stl_labeler", model=model, aux_max_weight=-1.0)
+    with pytest.raises(ValueError, match="aux_max_topk"):
+        build_method("stl_labeler", model=model, aux_max_topk=1.5)

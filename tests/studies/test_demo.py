@@ -103,6 +103,15 @@ def test_data_settings_reach_the_generator() -> None:
     )
 
 
+def test_cue_settings_reach_the_generator_and_labeler_options_only_the_labeler(tmp_path: Path) -> None:
+    cfg = DemoConfig(shortcut_cue="colour", val_tied=True, labeler_kwargs={"aux_max_weight": 0.5})
+    synth = cfg.synth_config()
+    assert (synth.shortcut_cue, synth.val_tied) == ("colour", True)
+    stages = {s.name: s.overrides for s in Demo(tmp_path, cfg, progress=False).study.stages}
+    assert "method.kwargs.aux_max_weight=0.5" in stages["labeler"]
+    assert not any(o.startswith("method.kwargs.aux_max") for o in stages["baseline"] + stages["student"])
+
+
 def test_two_seeds_give_mean_sd_and_a_paired_interval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--preset", "tiny", "--no-progress", "--seeds", "2", "--seed", "5"]) == 0

@@ -8,14 +8,22 @@ object pixels), which is what token-level evaluation compares token labels again
 
 Splits:
 
-- ``train``: background texture ``t`` is tied to the class ``k`` for an exact fraction ``p`` of the images
-  (``t = k``); the rest get a texture drawn uniformly from the other textures. A model can therefore take the
-  texture shortcut on ``train`` and still look good on it.
-- ``val``: same rendering, texture uniform over all textures (``P(t = k) = 1/T``, chance).
+- ``train``: the shortcut cue ``t`` (``shortcut_cue``: the background texture, or the object's fill colour) is tied
+  to the class ``k`` for an exact fraction ``p`` of the images (``t = k``); the rest get a cue drawn uniformly from
+  the other cues. A model can therefore take the shortcut on ``train`` and still look good on it.
+- ``val``: same rendering, cue uniform over all cues (``P(t = k) = 1/T``, chance); with ``val_tied`` the cue is
+  tied as in ``train`` (an in-distribution test that shares the training correlation, as in Waterbirds).
 - ``rendition`` (ImageNet-R analogue): the same shapes drawn as outlines, sketches (wobbly dashed strokes) or flat
   silhouettes on plain paper-like or unusual saturated-gradient backgrounds, without clutter.
-- ``shortcut`` (cue-conflict): train rendering, but the texture is never the class's texture, so a model that
-  learned the shortcut is misled on every image.
+- ``shortcut`` (cue-conflict): train rendering, but the cue is never the class's cue, so a model that learned the
+  shortcut is misled on every image. Its accuracy against the in-distribution ``val`` (``val_tied``) measures how
+  much a model relies on the cue.
+
+Cues (``shortcut_cue``): ``"texture"`` ties the background texture (the object's colours are random); ``"colour"``
+ties the object's fill colour to one hue per class (``HUES``, in the object's light or dark band) and draws the
+background texture uniformly in every split, so the background carries no class evidence. At 32 px the models
+learn the shape and ignore a tied background texture (docs/results/demo.md); the fill colour sits on the object
+and is picked up.
 
 Rendering is vectorised over chunks of ``CHUNK`` images with torch; every chunk draws from its own
 ``torch.Generator`` seeded from ``(seed, split, chunk)``, and the per-split label/texture assignment from
@@ -24,13 +32,14 @@ thread pool (zlib releases the GIL).
 
 On disk (a standard image-folder tree)::
 
-    DIR/dataset.json                      classes, seed, parameters, per-split labels / textures / styles
+    DIR/dataset.json                      classes, seed, parameters, per-split labels / textures / colours / styles
     DIR/<split>/<class>/<index>.png       RGB images
     DIR/<split>_masks/<class>/<index>.png 8-bit masks, same names
 """
 
 from __future__ import annotations
 
+import colorsys
 import hashlib
 import json
 import logging
@@ -67,6 +76,7 @@ TEXTURES = (
     "antidiag_stripes",
 )
 RENDITION_STYLES = ("outline", "sketch", "silhouette")
+SHORTCUT_CUES = ("texture", "colour")
 
 
 @dataclass
@@ -77,7 +87,10 @@ class SynthConfig:
         seed: master seed; the same seed gives byte-identical files.
         img_size: image side in pixels.
         counts: images per split; a split with count 0 is not written.
-        shortcut_p: fraction of ``train`` images whose background texture is their class's texture.
+        shortcut_p: fraction of ``train`` images whose cue is their class's cue.
+        shortcut_cue: ``"texture"`` (the background texture is the cue) or ``"colour"`` (the object's fill hue is
+            the cue; background textures uniform in every split).
+        val_tied: ``val`` ties its cue with ``shortcut_p`` as ``train`` does (in-distribution); default: chance.
         object_scale: range of the object's radius as a fraction of the image half-side.
         max_fragments: distractor fragments per image (each present with probability 0.75).
         distractor_shapes: small whole shapes of other classes per natural image (each present with probability
@@ -91,6 +104,8 @@ class SynthConfig:
         default_factory=lambda: {"train": 5000, "val": 1000, "rendition": 1000, "shortcut": 1000}
     )
     shortcut_p: float = 0.8
+    shortcut_cue: str = "texture"
+    val_tied: bool = False
     object_scale: tuple[float, float] = (0.35, 0.6)
     max_fragments: int = 4
     distractor_shapes: int = 0
@@ -112,6 +127,8 @@ class SynthConfig:
             raise ValueError(f"split counts must be >= 0, got {bad}")
         if not 0.0 <= self.shortcut_p <= 1.0:
             raise ValueError(f"shortcut_p must be in [0, 1], got {self.shortcut_p}")
+        if self.shortcut_cue not in SHORTCUT_CUES:
+            raise ValueError(f"unknown shortcut_cue {self.shortcut_cue!r}; valid: {list(SHORTCUT_CUES)}")
         low, high = self.object_scale
         if not 0.0 < low <= high <= 1.0:
             raise ValueError(f"object_scale must satisfy 0 < lo <= hi <= 1, got {self.object_scale}")
@@ -194,9 +211,26 @@ def _band_colours(light: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(light[:, None], 0.55 + 0.45 * base, 0.45 * base)
 
 
+def _hues(count: int) -> torch.Tensor:
+    """(count, 3) fully saturated colours of evenly spaced hues (HSV with s = v = 1)."""
+    return torch.tensor([colorsys.hsv_to_rgb(i / count, 1.0, 1.0) for i in range(count)], dtype=torch.float32)
+
+
+def _cue_colours(cue: torch.Tensor, light: torch.Tensor, jitter: torch.Tensor) -> torch.Tensor:
+    """(B,) cue ids into ``HUES``, (B,) bool band, (B, 3) colours of that band -> the cue's hue in the band, jittered.
+
+    A convex mix of two colours of a band stays in the band, so the object keeps its contrast with the background.
+    """
+    hue = HUES.to(cue.device)[cue]
+    return 0.8 * torch.where(light[:, None], 0.55 + 0.45 * hue, 0.45 * hue) + 0.2 * jitter
+
+
 def _lerp_colour(c1: torch.Tensor, c2: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     # (B, 3) colours, (B, H, W) weights -> (B, 3, H, W); channel-first keeps the per-pixel work contiguous
     return torch.addcmul(c1[:, :, None, None], (c2 - c1)[:, :, None, None], t[:, None])
+
+
+HUES = _hues(len(SHAPES))  # the object colour of each class under shortcut_cue="colour"
 
 
 def _paint(image: torch.Tensor, where: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
@@ -339,6 +373,7 @@ def render_chunk(
     max_fragments: int = 4,
     distractor_shapes: int = 0,
     distractor_scale: tuple[float, float] = (0.25, 0.4),
+    colours: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray, torch.Tensor | None]:
     """Render a chunk of images.
 
@@ -352,6 +387,8 @@ def render_chunk(
         max_fragments: distractor fragment slots for natural images.
         distractor_shapes: slots for small whole shapes of other classes in natural images (background in the mask).
         distractor_scale: their radius range as a fraction of the half-side.
+        colours: (B,) cue ids into ``HUES``: natural objects are filled with that hue (``shortcut_cue="colour"``);
+            None: random fill colours. Nothing else of the image changes (no extra random draws).
 
     Returns:
         ``(images, masks, styles)``: uint8 ``(B, S, S, 3)`` and ``(B, S, S)`` arrays (mask = label + 1 on the object),
@@ -376,6 +413,8 @@ def render_chunk(
             image = _paint(image, frag, colour)
         inside = _shapes(labels, u, v)
         o1, o2 = _band_colours(~light_bg, gen), _band_colours(~light_bg, gen)
+        if colours is not None:  # the cue's hue, jittered by the random colours
+            o1, o2 = _cue_colours(colours, ~light_bg, o1), _cue_colours(colours, ~light_bg, o2)
         o2 = o1 + 0.5 * (o2 - o1)  # a gentler second fill colour, same band
         fill = _lerp_colour(o1, o2, _fill(u, v, gen))
         # drawn last from the generator, so a set without distractors is the same as before they existed
@@ -412,18 +451,19 @@ def render_chunk(
 
 
 def assign_split(config: SynthConfig, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels and background textures of one split, drawn from ``(seed, split)``.
+    """Labels and shortcut cues (texture or hue ids, ``shortcut_cue``) of one split, drawn from ``(seed, split)``.
 
-    Labels are balanced (``i mod K``, shuffled). Textures: ``train`` ties exactly ``round(p * n)`` images to their
-    class's texture and draws the rest uniformly from the other textures; ``val`` and ``rendition`` draw uniformly
-    from all textures; ``shortcut`` draws uniformly from the textures of other classes (cue conflict).
+    Labels are balanced (``i mod K``, shuffled). Cues: ``train`` (and ``val`` with ``val_tied``) ties exactly
+    ``round(p * n)`` images to their class's cue and draws the rest uniformly from the other cues; ``val`` and
+    ``rendition`` draw uniformly from all cues; ``shortcut`` draws uniformly from the cues of other classes (cue
+    conflict). ``background_textures`` gives the background textures.
     """
     n = config.counts.get(split, 0)
     gen = _generator(config.seed, split, "assign")
     num_classes, num_textures = len(SHAPES), len(TEXTURES)
     labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=gen)]
     other = (labels + torch.randint(1, num_textures, (n,), generator=gen)) % num_textures  # never == label
-    if split == "train":
+    if split == "train" or (split == "val" and config.val_tied):
         tied = torch.zeros(n, dtype=torch.bool)
         tied[torch.randperm(n, generator=gen)[: round(config.shortcut_p * n)]] = True
         textures = torch.where(tied, labels, other)
@@ -434,6 +474,17 @@ def assign_split(config: SynthConfig, split: str) -> tuple[torch.Tensor, torch.T
     else:
         raise ValueError(f"unknown split {split!r}; valid: {list(SPLITS)}")
     return labels, textures
+
+
+def background_textures(config: SynthConfig, split: str, cues: torch.Tensor) -> torch.Tensor:
+    """Background texture ids of a split.
+
+    The cues themselves for ``shortcut_cue="texture"``; else uniform over all textures, drawn from
+    ``(seed, split, "background")``.
+    """
+    if config.shortcut_cue == "texture":
+        return cues
+    return torch.randint(0, len(TEXTURES), cues.shape, generator=_generator(config.seed, split, "background"))
 
 
 def _encode_png(target: Path | BinaryIO, array: np.ndarray) -> None:
@@ -447,7 +498,13 @@ def image_name(index: int) -> str:
 
 
 def _write_chunk(
-    out: Path, config: SynthConfig, split: str, chunk: int, labels: torch.Tensor, textures: torch.Tensor
+    out: Path,
+    config: SynthConfig,
+    split: str,
+    chunk: int,
+    labels: torch.Tensor,
+    textures: torch.Tensor,
+    colours: torch.Tensor | None,
 ) -> list[int]:
     begin = chunk * CHUNK
     images, masks, styles = render_chunk(
@@ -460,6 +517,7 @@ def _write_chunk(
         max_fragments=config.max_fragments,
         distractor_shapes=config.distractor_shapes,
         distractor_scale=config.distractor_scale,
+        colours=colours,
     )
     for offset, label in enumerate(labels.tolist()):
         name = f"{SHAPES[label]}/{image_name(begin + offset)}"
@@ -510,15 +568,20 @@ def generate(out: str | Path, config: SynthConfig | None = None, workers: int = 
                 n = config.counts.get(split, 0)
                 if n == 0:
                     continue
-                labels, textures = assign_split(config, split)
+                labels, cues = assign_split(config, split)
+                textures = background_textures(config, split, cues)
+                colours = cues if config.shortcut_cue == "colour" else None
                 for sub in (split, f"{split}_masks"):
                     for name in SHAPES:
                         (out / sub / name).mkdir(parents=True, exist_ok=True)
                 meta["splits"][split] = {"count": n, "labels": labels.tolist(), "textures": textures.tolist()}
+                if colours is not None:
+                    meta["splits"][split]["colours"] = colours.tolist()
                 jobs[split] = [
-                    pool.submit(_write_chunk, out, config, split, chunk, labels[b : b + CHUNK], textures[b : b + CHUNK])
+                    pool.submit(_write_chunk, out, config, split, chunk, labels[b : b + CHUNK],
+                                textures[b : b + CHUNK], None if colours is None else colours[b : b + CHUNK])
                     for chunk, b in enumerate(range(0, n, CHUNK))
-                ]
+                ]  # fmt: skip
             for split, futures in jobs.items():
                 styles = [style for future in futures for style in future.result()]
                 if split == "rendition":
@@ -533,9 +596,13 @@ def generate(out: str | Path, config: SynthConfig | None = None, workers: int = 
 
 
 def shortcut_correlation(meta: dict, split: str) -> float:
-    """Fraction of ``split`` images whose background texture is their class's texture (``P(t = k)``)."""
+    """Fraction of ``split`` images whose shortcut cue is their class's cue (``P(t = k)``).
+
+    The cue is the object colour when the set has one (``colours``, ``shortcut_cue="colour"``), else the background
+    texture.
+    """
     entry = meta["splits"].get(split)
     if entry is None:
         raise KeyError(f"split {split!r} not in the data set; present: {sorted(meta['splits'])}")
-    labels, textures = np.asarray(entry["labels"]), np.asarray(entry["textures"])
-    return float((labels == textures).mean()) if labels.size else float("nan")
+    labels, cues = np.asarray(entry["labels"]), np.asarray(entry.get("colours", entry["textures"]))
+    return float((labels == cues).mean()) if labels.size else float("nan")

@@ -40,6 +40,16 @@ Options the published code has, each off by default as published (NVlabs/STL ``m
   after labelling, here its train mode is restored;
 - ``aux_only`` of ``stl_labeler`` [``--single-token-label`` in ``train_token_labeler.py``]: the labeler learns only
   ``CE(aux_head(mean of patch tokens), y)``.
+
+Labeler options that are not in the published code (off by default; ``tokenlab demo`` documents what it turns on):
+- ``aux_max_weight`` mu: a multiple-instance term on the token that scores a class highest, the pooling of the
+  published evaluation rule: ``L_1 += mu * CE(max_i aux_head(p_i), y)`` (per region under token CutMix), or with
+  ``aux_max_topk`` f the mean of the top ``f * N`` token logits of each class (top-k pooling);
+  ``aux_loss_weight=0`` leaves it alone, without the GAP term;
+- ``token_cutmix_alpha`` / ``token_cutmix_prob``: CutMix of a token-aligned box (LV-ViT's MixToken) whose aux
+  target is per region: ``lambda * [(1 - a) CE(aux_head(mean_{i outside} p_i), y) + a CE(aux_head(mean_{i inside}
+  p_i), y')]`` with ``a`` the box's share of the tokens and ``y'`` the pasted image's class (the class head learns
+  the area-mixed label), so the tokens of each region have to say the class of the image they show.
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,7 +73,7 @@ from tokenlab.methods.supervised import ClassTargets, soft_cross_entropy
 from tokenlab.models.contract import as_backbone
 from tokenlab.utils.runs import EXPORT_CHOICES, export_stem
 
-__all__ = ["SELF_LABELER", "STLLabeler", "STLStudent", "TEACHER_AUGS"]
+__all__ = ["SELF_LABELER", "STLLabeler", "STLStudent", "TEACHER_AUGS", "region_cross_entropy", "token_cutmix"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +147,62 @@ def load_labeler(
     return model, info, meta
 
 
+def token_cutmix(images: torch.Tensor, grid: tuple[int, int], alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """CutMix of a box aligned with the token ``grid``: ``(mixed images, inside (H*W,) bool, row-major)``.
+
+    The box comes from timm's CutMix (``rand_bbox`` on the grid, ``lambda ~ Beta(alpha, alpha)``, numpy's global
+    RNG, which the engine checkpoints); image ``b`` gets the box from image ``B - 1 - b`` (the batch flipped, as
+    timm's batch mode). Images are mixed in a copy.
+    """
+    from timm.data.mixup import rand_bbox
+
+    gh, gw = grid
+    h, w = images.shape[-2:]
+    if h % gh or w % gw:
+        raise ValueError(f"token CutMix needs an image side divisible by the token grid; got {h}x{w} on {gh}x{gw}")
+    yl, yh, xl, xh = (int(v) for v in rand_bbox((gh, gw), float(np.random.beta(alpha, alpha))))
+    inside = torch.zeros(gh, gw, dtype=torch.bool, device=images.device)
+    inside[yl:yh, xl:xh] = True
+    ph, pw = h // gh, w // gw
+    mixed = images.clone()
+    mixed[..., yl * ph : yh * ph, xl * pw : xh * pw] = images.flip(0)[..., yl * ph : yh * ph, xl * pw : xh * pw]
+    return mixed, inside.flatten()
+
+
+def region_cross_entropy(
+    token_logits: torch.Tensor,
+    targets: torch.Tensor,
+    inside: torch.Tensor | None = None,
+    pool: str = "mean",
+    topk: float = 0.0,
+) -> torch.Tensor:
+    """``CE(pool_i z_i, y)`` of token logits ``(B, N, K)`` and targets ``(B, K)``, per token-CutMix region.
+
+    ``pool`` is ``"mean"`` (the published GAP term) or ``"max"`` (per class over tokens: the multiple-instance
+    term); with ``topk`` f > 0, ``"max"`` is the mean of each class's ``max(1, round(f * n))`` highest logits over
+    the n tokens (top-k pooling, between max and mean). With a box ``inside`` (N,) bool:
+    ``(1 - a) CE(pool_{outside} z, y) + a CE(pool_{inside} z, y_flipped)``, ``a`` the box's share of the tokens (a
+    region without tokens drops out).
+    """
+    if pool not in ("mean", "max"):
+        raise ValueError(f"unknown token pooling {pool!r}; valid: mean, max")
+
+    def pooled(z: torch.Tensor) -> torch.Tensor:
+        if pool == "mean":
+            return z.mean(dim=1)
+        k = max(1, round(topk * z.shape[1]))
+        return z.topk(k, dim=1).values.mean(dim=1)  # (B, n, K) -> (B, K)
+
+    if inside is None:
+        return soft_cross_entropy(pooled(token_logits), targets)
+    loss = token_logits.new_zeros(())
+    for region, target in ((~inside, targets), (inside, targets.flip(0))):
+        share = region.float().mean()
+        if share > 0:
+            loss = loss + share * soft_cross_entropy(pooled(token_logits[:, region]), target)
+    return loss
+
+
 @register_method("stl_labeler")
 class STLLabeler(Method):
     """STL stage 1: ``CE(cls, y) + lambda * CE(aux_head(mean of patch tokens), y)``.
@@ -149,6 +216,13 @@ class STLLabeler(Method):
             published recipes train cls + aux, ``--cls-with-single-token-label``). The class head stays in the graph
             with weight 0, so DDP sees a gradient for every parameter.
         label_smoothing, mixup_alpha, cutmix_alpha, mix_prob, switch_prob: class targets, see ``ClassTargets``.
+        aux_max_weight: Weight mu of the max-over-tokens term ``CE(max_i aux_head(p_i), y)`` (not published;
+            default 0: off).
+        aux_max_topk: Fraction f of the tokens that term pools per class: the mean of the ``round(f * N)``
+            highest token logits (top-k pooling); 0 (default): the single highest, the max.
+        token_cutmix_alpha: Beta(alpha, alpha) of the token-aligned CutMix with per-region aux targets (not
+            published; default 0: off). Cannot be combined with ``mixup_alpha`` / ``cutmix_alpha``.
+        token_cutmix_prob: Probability that a batch is token-CutMixed.
     """
 
     def __init__(
@@ -162,6 +236,10 @@ class STLLabeler(Method):
         cutmix_alpha: float = 0.0,
         mix_prob: float = 1.0,
         switch_prob: float = 0.5,
+        aux_max_weight: float = 0.0,
+        aux_max_topk: float = 0.0,
+        token_cutmix_alpha: float = 0.0,
+        token_cutmix_prob: float = 0.5,
     ) -> None:
         super().__init__(model)
         _require_token_model(model, "stl_labeler model")
@@ -169,8 +247,22 @@ class STLLabeler(Method):
             raise ValueError(f"aux_loss_weight must be >= 0, got {aux_loss_weight}")
         if aux_only and aux_loss_weight == 0:
             raise ValueError("aux_only=true trains only the aux term; it needs aux_loss_weight > 0")
+        if aux_max_weight < 0:
+            raise ValueError(f"aux_max_weight must be >= 0, got {aux_max_weight}")
+        if not 0.0 <= aux_max_topk <= 1.0:
+            raise ValueError(f"aux_max_topk must be in [0, 1], got {aux_max_topk}")
+        if token_cutmix_alpha < 0 or not 0.0 <= token_cutmix_prob <= 1.0:
+            raise ValueError(f"token_cutmix_alpha must be >= 0 and token_cutmix_prob in [0, 1], got "
+                             f"{token_cutmix_alpha}, {token_cutmix_prob}")  # fmt: skip
+        if token_cutmix_alpha > 0 and (mixup_alpha > 0 or cutmix_alpha > 0):
+            raise ValueError("token_cutmix_alpha replaces Mixup/CutMix of the labeler; set mixup_alpha and "
+                             "cutmix_alpha to 0")  # fmt: skip
         self.aux_loss_weight = aux_loss_weight
         self.aux_only = bool(aux_only)
+        self.aux_max_weight = aux_max_weight
+        self.aux_max_topk = aux_max_topk
+        self.token_cutmix_alpha = token_cutmix_alpha
+        self.token_cutmix_prob = token_cutmix_prob
         k = int(num_classes or as_backbone(model).num_classes)
         self.targets = ClassTargets(k, label_smoothing, mixup_alpha, cutmix_alpha, mix_prob, switch_prob)
 
@@ -178,14 +270,31 @@ class STLLabeler(Method):
         """STL losses of one micro-batch (see the class docstring)."""
         images, targets = self.targets(batch["image"], batch["label"])
         model = as_backbone(self.model)
+        aux_targets, inside = targets, None
+        if self.token_cutmix_alpha > 0 and np.random.rand() < self.token_cutmix_prob:
+            grid = model.grid_size(tuple(images.shape[-2:]))
+            images, inside = token_cutmix(images, grid, self.token_cutmix_alpha)
+            area = inside.float().mean()
+            targets = (1 - area) * aux_targets + area * aux_targets.flip(0)  # the class head: area-mixed label
         cls, patches = model.forward_features(images)
         cls_loss = soft_cross_entropy(model.forward_head((cls, patches)), targets)
-        aux_loss = soft_cross_entropy(
-            self.model.get_submodule("aux_head")(patches.mean(dim=1)), targets
-        )  # (B, N, C) -> (B, C)
+        aux_head = self.model.get_submodule("aux_head")
+        out = {"cls": cls_loss.detach()}
+        if inside is None and self.aux_max_weight == 0:  # the published loss
+            aux_loss = soft_cross_entropy(aux_head(patches.mean(dim=1)), targets)  # (B, N, C) -> (B, C)
+            mil = None
+        else:
+            token_logits = aux_head(patches)  # (B, N, K); aux_head is linear: their mean is the GAP logit
+            aux_loss = region_cross_entropy(token_logits, aux_targets, inside)
+            mil = None
+            if self.aux_max_weight > 0:
+                mil = region_cross_entropy(token_logits, aux_targets, inside, "max", self.aux_max_topk)
         cls_weight = 0.0 if self.aux_only else 1.0
         loss = cls_weight * cls_loss + self.aux_loss_weight * aux_loss
-        return {"loss": loss, "cls": cls_loss.detach(), "aux": aux_loss.detach()}
+        if mil is not None:
+            loss = loss + self.aux_max_weight * mil
+            out["aux_max"] = mil.detach()
+        return {"loss": loss, **out, "aux": aux_loss.detach()}
 
     @torch.no_grad()
     def validation_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -331,7 +331,7 @@ VERDICT_METRICS = (
     ("clean_top1", "clean accuracy"),
     ("corrupted_top1", "accuracy under the generated corruptions"),
     ("rendition_top1", "accuracy on the rendition split"),
-    ("shortcut_top1", "accuracy on the shortcut (texture cue-conflict) split"),
+    ("shortcut_top1", "accuracy on the shortcut (cue-conflict) split"),
 )
 VERDICT_SPLITS = {
     "clean_top1": "val",
