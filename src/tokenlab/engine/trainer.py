@@ -874,6 +874,8 @@ def train(cfg: DictConfig) -> RunResult:
             raise ValueError(problem)
         train_set, val_set, meta = B.build_datasets(cfg, cls.data_view, options)
         try:
-            return Trainer(cfg, train_set, val_set, data_meta=meta).fit()
+            result = Trainer(cfg, train_set, val_set, data_meta=meta).fit()
+            D.barrier()  # leave the process group together: gloo can abort a rank torn down while a peer still works
+            return result
         finally:
             D.cleanup_distributed()
