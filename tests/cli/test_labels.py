@@ -27,6 +27,20 @@ def labeler(tmp_path_factory):
     return synth, run
 
 
+def test_flip_view_store_holds_the_mirrored_image_and_refuses_a_resume_without_it(labeler, tmp_path, capsys):
+    synth, run = labeler
+    out = tmp_path / "store"
+    build = ["labels", "build", "--labeler", str(run), "--data", str(synth), "--out", str(out), "--topk", "2",
+             "--flip-view", "--device", "cpu", "--workers", "0", "--no-progress"]  # fmt: skip
+    assert main(build) == 0
+    assert "32 images x 2 view(s)" in capsys.readouterr().out
+    store = LabelStore.open(out)
+    assert json.loads((out / "manifest.json").read_text())["flip_view"] is True
+    assert store.read([0])["theta"][0, 1, 0, 0].item() == pytest.approx(-1.0)  # view 1: x mirrored
+    assert main([a for a in build if a != "--flip-view"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
 def test_build_then_train_a_student_from_the_store(labeler, tmp_path, capsys):
     synth, run = labeler
     out = tmp_path / "store"

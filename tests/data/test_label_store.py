@@ -97,6 +97,22 @@ def test_select_views_takes_the_smallest_stored_view_holding_the_student():
     assert torch.allclose(theta[1], student[1])
 
 
+def test_select_views_prefers_a_view_of_the_students_orientation():
+    """A flipped student crop takes the mirrored full view over the unflipped full view and over a smaller unflipped
+    crop that holds it; an unflipped student keeps the smallest unflipped view."""
+    full = torch.tensor([[1.0, 0, 0], [0, 1, 0]])
+    mirrored = torch.tensor([[-1.0, 0, 0], [0, 1, 0]])
+    half = torch.tensor([[0.5, 0, 0.5], [0, 1, 0]])  # the right half of the image, unflipped
+    stored = torch.stack([full, mirrored, half])[None].repeat(3, 1, 1, 1)
+    flipped_student = torch.tensor([[-0.25, 0, 0.6], [0, 0.5, 0]])  # inside the right half, mirrored
+    plain_student = torch.tensor([[0.25, 0, 0.6], [0, 0.5, 0]])
+    rotated_out = torch.tensor([[-0.8, 0.7, 0.0], [0.7, 0.8, 0.0]])  # mirrored, corners outside the image
+    view, theta = select_views(stored, torch.stack([flipped_student, plain_student, rotated_out]))
+    assert view.tolist() == [1, 2, 1]
+    assert torch.linalg.det(theta[0][:, :2]) > 0  # the student is not mirrored relative to the chosen view
+    assert torch.allclose(mirrored[:, :2] @ theta[0][:, :2], flipped_student[:, :2])
+
+
 def _manifest(n=6, k=2, views=1, sha="a" * 64, data_sha="d" * 64):
     return {
         "labeler": {"model": "m", "path": "p", "export": "last", "sha256": sha},
@@ -200,3 +216,8 @@ def test_store_views_full_view_is_the_resized_image_and_crops_have_their_theta()
     assert torch.allclose(out["theta"][0], torch.tensor([[1.0, 0, 0], [0, 1, 0]]), atol=1e-6)
     again = StoreViews(12, views=3, mean=(0, 0, 0), std=(1, 1, 1))({"image": image, "index": 5})
     assert torch.equal(again["theta"], out["theta"])  # seeded by the index: a resumed build stores the same views
+    flipped = StoreViews(12, views=2, mean=(0, 0, 0), std=(1, 1, 1), flip_view=True)({"image": image, "index": 5})
+    assert torch.allclose(flipped["views"][1], full.flip(-1), atol=2 / 255)  # view 1: the mirrored full image
+    assert torch.allclose(flipped["theta"][1], torch.tensor([[-1.0, 0, 0], [0, 1, 0]]), atol=1e-6)
+    with pytest.raises(ValueError, match="at least the full view"):
+        StoreViews(12, views=1, flip_view=True)

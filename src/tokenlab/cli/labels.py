@@ -29,6 +29,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--views", type=int, default=0, help="augmented views per image besides the full one")
     b.add_argument("--img-size", type=int, default=None, help="labeler input side (default: the labeler's)")
     b.add_argument("--seed", type=int, default=0, help="seed of the augmented views")
+    b.add_argument(
+        "--flip-view", action="store_true",
+        help="also store the mirrored full image, for flipped student crops (labelers are not flip-equivariant)",
+    )  # fmt: skip
     add_runtime_flags(b, {"device": "auto", "amp": "none", "batch_size": 64, "workers": 2})
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
@@ -40,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         store = build_store(
             args.labeler, args.data, args.out, split=args.split, topk=args.topk, views=args.views,
             img_size=args.img_size, labeler_export=args.labeler_export, labeler_model=args.labeler_model,
-            seed=args.seed, device=args.device, amp=args.amp, batch_size=args.batch_size, workers=args.workers,
+            seed=args.seed, flip_view=args.flip_view, device=args.device, amp=args.amp, batch_size=args.batch_size,
+            workers=args.workers,
             progress=not args.no_progress,
         )  # fmt: skip
         if store is not None:
@@ -63,6 +68,7 @@ def build_store(
     labeler_export: str = "last",
     labeler_model: str | None = None,
     seed: int = 0,
+    flip_view: bool = False,
     device: str = "auto",
     amp: str = "none",
     batch_size: int = 64,
@@ -105,7 +111,7 @@ def build_store(
         if not 0 < topk <= num_classes:
             raise ValueError(f"--topk must be in [1, {num_classes}] (the labeler's classes), got {topk}")
         grid = [int(g) for g in backbone.grid_size(size)]
-        transform = StoreViews(size, 1 + views, mean, std, seed=seed)
+        transform = StoreViews(size, 1 + flip_view + views, mean, std, seed=seed, flip_view=flip_view)
         dataset = build_dataset(data, split=split, transform=transform)
         paths = [p for p, _ in dataset.samples]
         rel, digest = data_identity(paths, [y for _, y in dataset.samples])
@@ -116,9 +122,11 @@ def build_store(
             "labeler": {"model": info.get("model"), "path": info.get("path"), "export": info.get("export"),
                         "sha256": sha256_file(weights) if weights else None},
             "data": {"spec": str(data), "split": split, "num_images": len(rel), "sha256": digest},
-            "img_size": size, "k": topk, "grid": grid, "views": 1 + views, "num_classes": num_classes,
+            "img_size": size, "k": topk, "grid": grid, "views": transform.views, "num_classes": num_classes,
             "mean": mean, "std": std, "seed": seed, "view_scale": list(transform.scale),
         }  # fmt: skip
+        if flip_view:  # absent otherwise, so stores built before the option compare equal on resume
+            manifest["flip_view"] = True
         problem = None
         if D.is_main_process():
             try:

@@ -4,8 +4,8 @@ STL's student runs the frozen labeler on a second view of every image at every s
 (``tokenlab labels build``) and keeps, per image and per stored view, the ``k`` largest token logits (fp16) with
 their class ids (uint16) and the log-sum-exp of the other classes (fp16, one value per token): with a 14x14 grid and
 top-5 that is ``196 * (5 * 4 + 2)`` = 4312 bytes per image and view. View 0 is the full image, resized to the
-labeler's input size without cropping; optional views 1..V-1 are random crops (with flips) of it, each stored with
-its ``theta`` (``tokenlab.data.transforms.view_affine``).
+labeler's input size without cropping; optional further views are the mirrored full image (``--flip-view``) and
+random crops (with flips) of it, each stored with its ``theta`` (``tokenlab.data.transforms.view_affine``).
 
 Layout of a store directory::
 
@@ -70,7 +70,7 @@ _ARRAYS: dict[str, tuple[str, Any]] = {
     "done": ("done.u8", np.uint8),
 }
 #: manifest keys that must agree for a build to resume an existing store (labeler and data by identity only)
-_SETTINGS = ("labeler", "data", "img_size", "k", "grid", "views", "num_classes", "mean", "std", "seed")
+_SETTINGS = ("labeler", "data", "img_size", "k", "grid", "views", "num_classes", "mean", "std", "seed", "flip_view")
 _IDENTITY = {"labeler": ("model", "sha256"), "data": ("num_images", "sha256")}
 
 
@@ -360,7 +360,10 @@ def select_views(stored: torch.Tensor, student: torch.Tensor) -> tuple[torch.Ten
 
     Returns:
         ``(view id (B,), theta (B, 2, 3))``: among the stored views that contain the four corners of the student
-        view, the one with the smallest area (the finest labels); ``theta`` maps the student view into it.
+        view, those with the student's orientation (not mirrored relative to it) first, then the one with the smallest
+        area (the finest labels); ``theta`` maps the student view into it. Orientation comes first because labelers
+        are not flip-equivariant: a mirrored stored view costs more label agreement than a coarser one
+        (docs/results/cached_labels.md).
     """
     s3 = _as3(student.double()).unsqueeze(1)  # (B, 1, 3, 3)
     v3 = _as3(stored.double())  # (B, V, 3, 3)
@@ -369,20 +372,27 @@ def select_views(stored: torch.Tensor, student: torch.Tensor) -> tuple[torch.Ten
                            dtype=rel.dtype, device=rel.device).T  # fmt: skip
     mapped = rel @ corners  # (B, V, 3, 4)
     inside = (mapped[..., :2, :].abs() <= 1.0 + 1e-4).flatten(-2).all(dim=-1)  # (B, V)
-    inside[:, 0] = True  # the full view holds every point (a student point outside it is clamped to the border)
-    area = torch.linalg.det(v3[..., :2, :2]).abs().masked_fill(~inside, float("inf"))
-    view = area.argmin(dim=1)
+    # the full view, mirrored or not, holds every point (a student point outside it is clamped to the border)
+    eye = torch.eye(2, dtype=v3.dtype, device=v3.device)
+    whole = ((v3[..., :2, :2].abs() - eye).abs().amax(dim=(-2, -1)) < 1e-6) & (v3[..., :2, 2].abs().amax(-1) < 1e-6)
+    inside |= whole
+    inside[:, 0] = True
+    area = torch.linalg.det(v3[..., :2, :2]).abs()
+    mirrored = torch.linalg.det(rel[..., :2, :2]) < 0  # (B, V): the student view is a mirror image of the stored one
+    score = (area + mirrored.to(area.dtype) * 1e3).masked_fill(~inside, float("inf"))  # areas are <= 1
+    view = score.argmin(dim=1)
     theta = rel[torch.arange(rel.shape[0]), view, :2].to(student.dtype)
     return view, theta
 
 
 # ---- the views a store is built from --------------------------------------------------------------------------
 class StoreViews:
-    """The labeler's inputs of one sample: view 0 the full image, views 1..V-1 random crops, each with its theta.
+    """The labeler's inputs of one sample: the full image, its mirror (``flip_view``), random crops; each with theta.
 
-    View 0 resizes the whole image to ``img_size x img_size`` (no crop, so its token map covers the source image
-    exactly; a non-square image is squashed). Augmented views draw a random-resized crop (``scale``, aspect 3/4-4/3)
-    and a flip from a generator seeded by ``(seed, index)``, so a resumed build stores the same views.
+    ``views`` counts them all. View 0 resizes the whole image to ``img_size x img_size`` (no crop, so its token map
+    covers the source image exactly; a non-square image is squashed). The mirrored full view gives flipped student
+    crops labels of a flipped image. Augmented views draw a random-resized crop (``scale``, aspect 3/4-4/3) and a
+    flip from a generator seeded by ``(seed, index)``, so a resumed build stores the same views.
 
     Returns (per sample): ``views`` ``(V, 3, S, S)`` normalised, ``theta`` ``(V, 2, 3)``, ``index``.
     """
@@ -395,10 +405,11 @@ class StoreViews:
         std: Sequence[float] = (0.229, 0.224, 0.225),
         scale: tuple[float, float] = (0.35, 1.0),
         seed: int = 0,
+        flip_view: bool = False,
     ) -> None:
-        if views < 1:
-            raise ValueError(f"a label store holds at least the full view; got {views} views")
-        self.img_size, self.views, self.scale, self.seed = img_size, views, scale, seed
+        if views < 1 + flip_view:
+            raise ValueError(f"a label store holds at least the full view (and its mirror); got {views} views")
+        self.img_size, self.views, self.scale, self.seed, self.flip_view = img_size, views, scale, seed, flip_view
         self.mean = torch.tensor(list(mean)).view(3, 1, 1)
         self.std = torch.tensor(list(std)).view(3, 1, 1)
 
@@ -411,8 +422,10 @@ class StoreViews:
         height, width = (int(v) for v in image.shape[-2:])
         size = [self.img_size, self.img_size]
         boxes: list[dict[str, Any]] = [{"box": (0, 0, height, width), "flip": False, "geometric": []}]
+        if self.flip_view:
+            boxes.append({"box": (0, 0, height, width), "flip": True, "geometric": []})
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(sample["index"]))
-        for _ in range(1, self.views):
+        for _ in range(len(boxes), self.views):
             box = sample_crop_box((height, width), self.scale, (3 / 4, 4 / 3), gen)
             boxes.append({"box": box, "flip": bool(torch.rand((), generator=gen) < 0.5), "geometric": []})
         images, thetas = [], []
