@@ -29,14 +29,20 @@ def _batch(b: int = 4) -> dict:
     }
 
 
-def test_labeler_loss_equals_formula():
+def _labeler_step(**kwargs):
+    """One labeler step with ``kwargs`` and the reference terms: (out, CE of cls, CE of the GAP term, logits, batch)."""
     model = _token_model().eval()
-    method = build_method("stl_labeler", model=model, aux_loss_weight=0.5, label_smoothing=0.0)
+    method = build_method("stl_labeler", model=model, label_smoothing=0.0, **kwargs)
     batch = _batch()
     out = method.training_step(batch, _ctx())
     cls, patches = model.forward_features(batch["image"])
     ce_cls = F.cross_entropy(model.head(cls), batch["label"])
     ce_aux = F.cross_entropy(model.aux_head(patches.mean(1)), batch["label"])
+    return out, ce_cls, ce_aux, model.aux_head(patches), batch
+
+
+def test_labeler_loss_equals_formula():
+    out, ce_cls, ce_aux, _, _ = _labeler_step(aux_loss_weight=0.5)
     assert out["loss"].item() == pytest.approx((ce_cls + 0.5 * ce_aux).item(), abs=1e-5)
     assert out["cls"].item() == pytest.approx(ce_cls.item(), abs=1e-5)
 
@@ -275,14 +281,8 @@ def test_in1k_student_recipes_take_the_labelers_best_export():
 
 def test_labeler_max_over_tokens_term_adds_the_mil_loss():
     """Option (not published): ``+ mu * CE(max_i aux_head(p_i), y)`` next to the published GAP term."""
-    model = _token_model().eval()
-    method = build_method("stl_labeler", model=model, aux_max_weight=0.3, label_smoothing=0.0)
-    batch = _batch()
-    out = method.training_step(batch, _ctx())
-    cls, patches = model.forward_features(batch["image"])
-    ce_cls = F.cross_entropy(model.head(cls), batch["label"])
-    ce_aux = F.cross_entropy(model.aux_head(patches.mean(1)), batch["label"])
-    ce_max = F.cross_entropy(model.aux_head(patches).max(dim=1).values, batch["label"])
+    out, ce_cls, ce_aux, token_logits, batch = _labeler_step(aux_max_weight=0.3)
+    ce_max = F.cross_entropy(token_logits.max(dim=1).values, batch["label"])
     assert out["aux_max"].item() == pytest.approx(ce_max.item(), abs=1e-5)
     assert out["loss"].item() == pytest.approx((ce_cls + ce_aux + 0.3 * ce_max).item(), abs=1e-5)
 
