@@ -76,21 +76,27 @@ class Center(nn.Module):
         return teacher_out.float() - self.center
 
     @torch.no_grad()
-    def accumulate(self, teacher_out: torch.Tensor) -> None:
-        """Add the rows of one micro-batch's ``teacher_out`` (..., K) to the pending statistics (no EMA yet)."""
+    def accumulate(self, teacher_out: torch.Tensor, apply: bool = False) -> None:
+        """Add the rows of one micro-batch's ``teacher_out`` (..., K) to the pending statistics.
+
+        ``apply``: then move the center (``apply_pending``); otherwise no EMA yet.
+        """
         self._check(teacher_out)
         rows = teacher_out.detach().float().reshape(-1, self.dim)  # (..., K) -> (R, K)
-        self.accumulate_sum(rows.sum(dim=0), rows.shape[0])
+        self.accumulate_sum(rows.sum(dim=0), rows.shape[0], apply)
 
     @torch.no_grad()
-    def accumulate_sum(self, row_sum: torch.Tensor, rows: int) -> None:
-        """Add ``rows`` teacher rows given by their sum ``row_sum`` (K,) to the pending statistics (no EMA yet).
+    def accumulate_sum(self, row_sum: torch.Tensor, rows: int, apply: bool = False) -> None:
+        """Add ``rows`` teacher rows given by their sum ``row_sum`` (K,) to the pending statistics.
 
-        For callers that have the sum without the rows (iBOT's patch head sums before its linear prototype layer).
+        ``apply``: then move the center (``apply_pending``); otherwise no EMA yet. For callers that have the sum
+        without the rows (iBOT's patch head sums before its linear prototype layer).
         """
         self._check(row_sum)
         sums = torch.cat([row_sum.detach().float().reshape(self.dim), row_sum.new_tensor([rows], dtype=torch.float32)])
         self._pending = sums if self._pending is None else self._pending + sums.to(self._pending.device)
+        if apply:
+            self.apply_pending()
 
     @torch.no_grad()
     def apply_pending(self) -> None:
@@ -107,8 +113,7 @@ class Center(nn.Module):
     @torch.no_grad()
     def update(self, teacher_out: torch.Tensor) -> None:
         """``c <- m c + (1 - m) mean(teacher_out)`` (in place): ``accumulate`` then ``apply_pending``."""
-        self.accumulate(teacher_out)
-        self.apply_pending()
+        self.accumulate(teacher_out, apply=True)
 
     def _check(self, teacher_out: torch.Tensor) -> None:
         if teacher_out.shape[-1] != self.dim:
@@ -140,9 +145,7 @@ class CenteredTeacherLoss(nn.Module):
 
         Pass ``apply=StepContext.last_micro_batch`` so the EMA moves once per optimizer step.
         """
-        self.center.accumulate(teacher_out)
-        if apply:
-            self.center.apply_pending()
+        self.center.accumulate(teacher_out, apply)
 
     @torch.no_grad()
     def teacher_probs(self, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:

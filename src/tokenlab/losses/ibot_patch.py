@@ -108,12 +108,10 @@ class IBOTPatchLoss(CenteredTeacherLoss):
         if teacher_out.ndim != 3:
             raise ValueError(f"expected teacher outputs of shape (B, N, K), got {tuple(teacher_out.shape)}")
         _check_mask(mask, teacher_out.shape[:2])
-        teacher_out = teacher_out.detach()
-        rows = teacher_out.float().reshape(-1, teacher_out.shape[-1])
-        return self.forward_sparse(
-            student_masked, teacher_out[mask], mask, teacher_temp, (rows.sum(dim=0), rows.shape[0]),
-            update_center, apply_center,
-        )  # fmt: skip
+        loss = self.forward_sparse(student_masked, teacher_out[mask], mask, teacher_temp, update_center=False)
+        if update_center:
+            self.accumulate_center(teacher_out, apply=apply_center)
+        return loss
 
     def forward_sparse(
         self,
@@ -165,9 +163,7 @@ class IBOTPatchLoss(CenteredTeacherLoss):
         per_image = token_ce.new_zeros(mask.shape[0]).index_add(0, image, token_ce) / counts  # (M,) -> (B,)
         loss = per_image.mean()
         if update_center and teacher_sum is not None:
-            self.center.accumulate_sum(*teacher_sum)
-            if apply_center:
-                self.center.apply_pending()
+            self.center.accumulate_sum(*teacher_sum, apply=apply_center)
         return loss
 
 

@@ -280,13 +280,12 @@ class STLLabeler(Method):
         cls_loss = soft_cross_entropy(model.forward_head((cls, patches)), targets)
         aux_head = self.model.get_submodule("aux_head")
         out = {"cls": cls_loss.detach()}
+        mil = None
         if inside is None and self.aux_max_weight == 0:  # the published loss
             aux_loss = soft_cross_entropy(aux_head(patches.mean(dim=1)), targets)  # (B, N, C) -> (B, C)
-            mil = None
         else:
             token_logits = aux_head(patches)  # (B, N, K); aux_head is linear: their mean is the GAP logit
             aux_loss = region_cross_entropy(token_logits, aux_targets, inside)
-            mil = None
             if self.aux_max_weight > 0:
                 mil = region_cross_entropy(token_logits, aux_targets, inside, "max", self.aux_max_topk)
         cls_weight = 0.0 if self.aux_only else 1.0
