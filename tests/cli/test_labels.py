@@ -1,6 +1,7 @@
 """`tokenlab labels build` end to end: a stage-1 labeler, its label store, a 2-step student from the store."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -41,7 +42,7 @@ def test_flip_view_store_holds_the_mirrored_image_and_refuses_a_resume_without_i
     assert "other settings" in capsys.readouterr().err
 
 
-def test_build_then_train_a_student_from_the_store(labeler, tmp_path, capsys):
+def test_build_then_train_a_student_from_the_store(labeler, tmp_path, capsys, caplog):
     synth, run = labeler
     out = tmp_path / "store"
     build = ["labels", "build", "--labeler", str(run), "--data", str(synth), "--out", str(out), "--topk", "2",
@@ -60,6 +61,11 @@ def test_build_then_train_a_student_from_the_store(labeler, tmp_path, capsys):
     assert "trained 2 steps" in capsys.readouterr().out
     _, meta = load_exported(student / "model")
     assert meta["labeler"]["label_store"] == str(out) and meta["labeler"]["sha256"] == manifest["labeler"]["sha256"]
+    # on the store's own crops (FKD-style): the student's crop boxes are the stored random views
+    with caplog.at_level(logging.INFO, logger="tokenlab.data.transforms"):
+        assert main([*train[:2], f"run_dir={tmp_path / 'crops'}", *train[3:], "method.kwargs.store_crops=true"]) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    assert "student crops: the 1 random-crop views of label store" in caplog.text
 
 
 def test_store_of_other_data_or_labeler_is_refused(labeler, tmp_path, capsys):
@@ -78,6 +84,9 @@ def test_store_of_other_data_or_labeler_is_refused(labeler, tmp_path, capsys):
              f"method.kwargs.label_store={out}", *TINY]  # fmt: skip
     assert main(train) == 2
     assert "missing from label store" in capsys.readouterr().err
+    crops = [*train, f"data.root={synth}", "method.kwargs.store_crops=true"]  # a store of the full view only
+    assert main(crops) == 2
+    assert "no random-crop views to train on" in capsys.readouterr().err
 
 
 @pytest.mark.slow

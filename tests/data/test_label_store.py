@@ -10,8 +10,10 @@ from torchvision import tv_tensors
 
 from tokenlab.data.label_store import (
     LabelStore,
+    StoredCrops,
     StoreViews,
     compress_logits,
+    crop_from_theta,
     crop_token_map,
     data_identity,
     dense_logits,
@@ -221,3 +223,58 @@ def test_store_views_full_view_is_the_resized_image_and_crops_have_their_theta()
     assert torch.allclose(flipped["theta"][1], torch.tensor([[-1.0, 0, 0], [0, 1, 0]]), atol=1e-6)
     with pytest.raises(ValueError, match="at least the full view"):
         StoreViews(12, views=1, flip_view=True)
+
+
+def test_crop_from_theta_recovers_every_box_and_flip():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        H, W = (int(v) for v in torch.randint(7, 300, (2,), generator=gen))
+        h, w = int(torch.randint(1, H + 1, (), generator=gen)), int(torch.randint(1, W + 1, (), generator=gen))
+        top, left = (
+            int(torch.randint(0, H - h + 1, (), generator=gen)),
+            int(torch.randint(0, W - w + 1, (), generator=gen)),
+        )
+        flip = bool(torch.rand((), generator=gen) < 0.5)
+        theta = view_affine({"box": (top, left, h, w), "flip": flip, "geometric": []}, (H, W), 224)
+        assert crop_from_theta(theta, (H, W)) == ((top, left, h, w), flip)
+    rotated = view_affine({"box": (0, 0, 8, 8), "flip": False, "geometric": [Op("Rotate", 10.0)]}, (8, 8), 8)
+    with pytest.raises(ValueError, match="not a crop box"):
+        crop_from_theta(rotated, (8, 8))
+
+
+def test_stored_crops_are_the_stores_random_views_and_the_student_takes_one(tmp_path):
+    image = tv_tensors.Image(torch.randint(0, 255, (3, 30, 40), dtype=torch.uint8))
+    views = StoreViews(16, views=4, mean=(0, 0, 0), std=(1, 1, 1), scale=(0.3, 0.9), flip_view=True)
+    built = [views({"image": image, "index": i}) for i in range(6)]
+    store = LabelStore.create(tmp_path / "s", {**_manifest(views=4), "flip_view": True}, [f"{i}.png" for i in range(6)])
+    rows, values, indices, rest, _ = _rows(range(6), views=4)
+    store.write_rows(rows, values, indices, rest, torch.stack([b["theta"] for b in built]))
+    assert store.finish()
+    crops = StoredCrops(tmp_path / "s")
+    assert crops.count == 2  # views 2 and 3: the full view and its mirror are not random crops
+    given = crops(4, (30, 40))
+    assert [view_affine({"box": b, "flip": f, "geometric": []}, (30, 40), 16) for b, f in given] == [
+        pytest.approx(t) for t in built[4]["theta"][2:]
+    ]
+    # the student view takes one of them: its theta is a stored view's, so select_views finds that very view
+    tf = build_transforms("stl_paired", 16, teacher="geometry", rand_augment=None, re_prob=0.0,
+                          mean=(0, 0, 0), std=(1, 1, 1), crops_from=str(tmp_path / "s"))  # fmt: skip
+    chosen = set()
+    for _ in range(20):
+        out = tf({"image": image, "index": 4})
+        view, theta = select_views(built[4]["theta"][None], out["view_theta"][None])
+        assert view.item() in (2, 3) and torch.allclose(theta[0], torch.tensor([[1.0, 0, 0], [0, 1, 0]]), atol=1e-5)
+        chosen.add(view.item())
+        box, flip = given[view.item() - 2]
+        crop = F.interpolate(image[None, :, box[0] : box[0] + box[2], box[1] : box[1] + box[3]].float(),
+                             size=(16, 16), mode="bilinear", antialias=True)[0]  # fmt: skip
+        assert torch.allclose(out["image"] * 255, crop.flip(-1) if flip else crop, atol=1.01)
+    assert chosen == {2, 3}
+    import pickle
+
+    assert pickle.loads(pickle.dumps(tf)).crops(4, (30, 40)) == given  # data-loader workers reopen the store
+    plain = LabelStore.create(tmp_path / "p", _manifest(views=1), [f"{i}.png" for i in range(6)])
+    plain.write_rows(*_rows(range(6)))
+    plain.finish()
+    with pytest.raises(ValueError, match="no random-crop views.*--views N"):
+        StoredCrops(tmp_path / "p")

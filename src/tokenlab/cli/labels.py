@@ -30,6 +30,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--img-size", type=int, default=None, help="labeler input side (default: the labeler's)")
     b.add_argument("--seed", type=int, default=0, help="seed of the augmented views")
     b.add_argument(
+        "--view-scale", type=float, nargs=2, default=(0.35, 1.0), metavar=("LO", "HI"),
+        help="area range of the augmented views (default: 0.35 1); for method.kwargs.store_crops use the "
+        "student's data.transform.scale",
+    )  # fmt: skip
+    b.add_argument(
         "--flip-view", action="store_true",
         help="also store the mirrored full image, for flipped student crops (labelers are not flip-equivariant)",
     )  # fmt: skip
@@ -44,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
         store = build_store(
             args.labeler, args.data, args.out, split=args.split, topk=args.topk, views=args.views,
             img_size=args.img_size, labeler_export=args.labeler_export, labeler_model=args.labeler_model,
-            seed=args.seed, flip_view=args.flip_view, device=args.device, amp=args.amp, batch_size=args.batch_size,
-            workers=args.workers,
+            seed=args.seed, view_scale=tuple(args.view_scale), flip_view=args.flip_view, device=args.device,
+            amp=args.amp, batch_size=args.batch_size, workers=args.workers,
             progress=not args.no_progress,
         )  # fmt: skip
         if store is not None:
@@ -68,6 +73,7 @@ def build_store(
     labeler_export: str = "last",
     labeler_model: str | None = None,
     seed: int = 0,
+    view_scale: tuple[float, float] = (0.35, 1.0),
     flip_view: bool = False,
     device: str = "auto",
     amp: str = "none",
@@ -96,6 +102,8 @@ def build_store(
 
     if views < 0:
         raise ValueError(f"--views must be >= 0, got {views}")
+    if not 0 < view_scale[0] <= view_scale[1] <= 1:
+        raise ValueError(f"--view-scale must satisfy 0 < LO <= HI <= 1, got {list(view_scale)}")
     dev = torch.device(resolve_device(device, amp))
     D.init_distributed(dev)
     try:
@@ -111,7 +119,7 @@ def build_store(
         if not 0 < topk <= num_classes:
             raise ValueError(f"--topk must be in [1, {num_classes}] (the labeler's classes), got {topk}")
         grid = [int(g) for g in backbone.grid_size(size)]
-        transform = StoreViews(size, 1 + flip_view + views, mean, std, seed=seed, flip_view=flip_view)
+        transform = StoreViews(size, 1 + flip_view + views, mean, std, scale=view_scale, seed=seed, flip_view=flip_view)
         dataset = build_dataset(data, split=split, transform=transform)
         paths = [p for p, _ in dataset.samples]
         rel, digest = data_identity(paths, [y for _, y in dataset.samples])

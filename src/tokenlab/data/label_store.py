@@ -6,6 +6,8 @@ their class ids (uint16) and the log-sum-exp of the other classes (fp16, one val
 top-5 that is ``196 * (5 * 4 + 2)`` = 4312 bytes per image and view. View 0 is the full image, resized to the
 labeler's input size without cropping; optional further views are the mirrored full image (``--flip-view``) and
 random crops (with flips) of it, each stored with its ``theta`` (``tokenlab.data.transforms.view_affine``).
+``StoredCrops`` turns those random crops back into crop boxes, so that a student can train on exactly the crops
+the labeler saw (FKD-style [0]): then its cached labels are the labeler's opinion of its own crop, as online.
 
 Layout of a store directory::
 
@@ -30,6 +32,8 @@ This keeps the labeler's full-softmax probabilities of the top-k classes and its
 every missing class below the k-th, and stays finite, so bilinear sampling of the map never meets ``-inf``.
 ``crop_token_map`` cuts a dense map with a view's ``theta`` onto another token grid (bilinear ``grid_sample`` at the
 token centres, border padding outside the source image).
+
+- [0]: A Fast Knowledge Distillation Framework for Visual Recognition (FKD), 2022, https://arxiv.org/abs/2112.01528
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ __all__ = [
     "dense_logits",
     "select_views",
     "sha256_file",
+    "StoredCrops",
+    "crop_from_theta",
     "store_bytes_per_image",
 ]
 
@@ -70,7 +76,20 @@ _ARRAYS: dict[str, tuple[str, Any]] = {
     "done": ("done.u8", np.uint8),
 }
 #: manifest keys that must agree for a build to resume an existing store (labeler and data by identity only)
-_SETTINGS = ("labeler", "data", "img_size", "k", "grid", "views", "num_classes", "mean", "std", "seed", "flip_view")
+_SETTINGS = (
+    "labeler",
+    "data",
+    "img_size",
+    "k",
+    "grid",
+    "views",
+    "num_classes",
+    "mean",
+    "std",
+    "seed",
+    "flip_view",
+    "view_scale",
+)
 _IDENTITY = {"labeler": ("model", "sha256"), "data": ("num_images", "sha256")}
 
 
@@ -437,3 +456,59 @@ class StoreViews:
             images.append((view.as_subclass(torch.Tensor).float() / 255 - self.mean) / self.std)
             thetas.append(view_affine(params, (height, width), self.img_size))
         return {"views": torch.stack(images), "theta": torch.stack(thetas), "index": sample["index"]}
+
+
+# ---- the stored crops as student crops --------------------------------------------------------------------
+def crop_from_theta(theta: torch.Tensor, src_size: tuple[int, int]) -> tuple[tuple[int, int, int, int], bool]:
+    """The crop box ``(top, left, h, w)`` and flip of a crop view's ``theta`` (``view_affine`` without other ops).
+
+    ``theta`` of a crop box (no rotation or shear) is ``[[+-w/W, 0, (2 left + w)/W - 1], [0, h/H, (2 top + h)/H -
+    1]]``, so the integer box is recovered exactly from the float32 entries.
+
+    Raises:
+        ValueError: ``theta`` rotates or shears (it is not a crop box).
+    """
+    t = theta.double()
+    if abs(float(t[0, 1])) > 1e-6 or abs(float(t[1, 0])) > 1e-6:
+        raise ValueError(f"view affine {t.tolist()} rotates or shears: it is not a crop box")
+    height, width = src_size
+    w, h = abs(float(t[0, 0])) * width, float(t[1, 1]) * height
+    left = (float(t[0, 2]) + 1) * width / 2 - w / 2
+    top = (float(t[1, 2]) + 1) * height / 2 - h / 2
+    return (round(top), round(left), round(h), round(w)), float(t[0, 0]) < 0
+
+
+class StoredCrops:
+    """The random-crop views of a label store as crop boxes: ``crops(index, src_size)`` -> ``[(box, flip), ...]``.
+
+    A student view that takes one of them as its crop box and flip (``ViewTransform(crops=...)``) gets the
+    labeler's logits of exactly that crop from the store (``select_views`` picks the identical view), as the online
+    path would compute them, instead of the full-image map resampled: the lever that closes most of the gap in
+    docs/results/cached_labels.md. Opens the store lazily, so that each data-loader worker maps it itself.
+
+    Raises:
+        ValueError: the store holds no random-crop views (build it with ``--views N``).
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        manifest = LabelStore._read_manifest(self.root)
+        self.first = 1 + bool(manifest.get("flip_view"))  # the full view and its mirror are not random crops
+        self.count = int(manifest["views"]) - self.first
+        if self.count < 1:
+            raise ValueError(
+                f"label store {self.root} holds no random-crop views to train on; build one with "
+                f"`tokenlab labels build --views N` (N >= 1; --view-scale to match the student's crop scale)"
+            )
+        self.scale = tuple(manifest.get("view_scale", ()))
+        self._store: LabelStore | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_store": None}  # memory maps are reopened in each worker, not pickled
+
+    def __call__(self, index: int, src_size: tuple[int, int]) -> list[tuple[tuple[int, int, int, int], bool]]:
+        """Crop boxes and flips of sample ``index``'s stored random-crop views, on a ``src_size`` source image."""
+        if self._store is None:
+            self._store = LabelStore.open(self.root)
+        theta = torch.from_numpy(np.array(self._store.arrays["theta"][int(index), self.first :]))  # no logits read
+        return [crop_from_theta(t, src_size) for t in theta]

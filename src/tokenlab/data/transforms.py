@@ -470,6 +470,9 @@ class ViewTransform(v2.Transform):
         std: normalisation std.
         colour: False turns every student-only op (colour ops, jitter, erasing, noise) off.
         generator: randomness source; None uses torch's default generator (seeded per sample by the loader).
+        crops: given crops instead of random ones: ``crops(sample["index"], (H, W))`` lists ``(box, flip)`` pairs and
+            each call takes one at random (``scale``, ``ratio`` and ``hflip`` are then unused); a label store's
+            random-crop views (``tokenlab.data.label_store.StoredCrops``) train a student on the labeler's crops.
 
     Raises:
         ValueError: on an unknown teacher mode, bad ranges or probabilities.
@@ -491,6 +494,7 @@ class ViewTransform(v2.Transform):
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
         colour: bool = True,
         generator: torch.Generator | None = None,
+        crops: Callable[[int, tuple[int, int]], Sequence[tuple[tuple[int, int, int, int], bool]]] | None = None,
     ) -> None:
         super().__init__()
         if teacher is not None and teacher not in TEACHER_MODES:
@@ -512,6 +516,7 @@ class ViewTransform(v2.Transform):
         self.std = torch.tensor(list(std)).view(3, 1, 1)
         self.colour = colour
         self.generator = generator
+        self.crops = crops
         self.centre = EvalTransform(img_size, crop_pct, mean, std) if teacher == "none" else None
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
@@ -576,6 +581,11 @@ class ViewTransform(v2.Transform):
         sample = _as_sample(inpt)
         flat = [sample["image"]] + ([sample["mask"]] if "mask" in sample else [])
         params = self.make_params(flat)
+        if self.crops is not None:
+            if "index" not in sample:
+                raise KeyError(f"ViewTransform(crops=...) needs sample['index']; the sample has {sorted(sample)}")
+            given = self.crops(int(sample["index"]), _image_size(sample["image"]))
+            params["box"], params["flip"] = given[min(int(_rand(self.generator) * len(given)), len(given) - 1)]
         geometric = self.transform(sample["image"], params)
         out = dict(sample)
         if "mask" in sample:
@@ -704,8 +714,9 @@ def build_transforms(kind: str, img_size: int, **kwargs: Any) -> Any:
 
     Args:
         kind: ``eval``, ``classification`` (single view), ``stl_paired`` (teacher/student; ``teacher=``
-            none/spatial/full, default spatial), ``multicrop`` (iBOT; ``patch_size=`` sets the mask grid,
-            ``mask_ratio=(a, b)``, ``mask_prob``, ``min_block``; ``local_size`` defaults to ``96/224`` of
+            none/spatial/full/geometry, default spatial; ``crops_from=`` a label store whose random-crop views are
+            the student's crops, see ``label_store.StoredCrops``), ``multicrop`` (iBOT; ``patch_size=`` sets the
+            mask grid, ``mask_ratio=(a, b)``, ``mask_prob``, ``min_block``; ``local_size`` defaults to ``96/224`` of
             ``img_size`` rounded to the patch) or ``segmentation`` (joint image + mask; ``train=`` True/False, see
             ``data.segmentation.build_segmentation_transforms``) or ``detection`` (image + boxes + masks, ``train=``,
             ``hflip=``; ``data.detection.build_detection_transforms``). The old names ``train``, ``stl_pair`` and
@@ -727,6 +738,14 @@ def build_transforms(kind: str, img_size: int, **kwargs: Any) -> Any:
         kwargs.setdefault("teacher", "spatial")
         if kwargs["teacher"] is None:
             raise ValueError(f"view 'stl_paired' needs a teacher mode in {list(TEACHER_MODES)}")
+        crops_from = kwargs.pop("crops_from", None)
+        if crops_from is not None:
+            from tokenlab.data.label_store import StoredCrops
+
+            kwargs["crops"] = StoredCrops(crops_from)
+            logger.info("student crops: the %d random-crop views of label store %s per image (area %s, flip p 0.5); "
+                        "the data.transform scale/ratio/hflip are not used", kwargs["crops"].count, crops_from,
+                        kwargs["crops"].scale)  # fmt: skip
         return ViewTransform(img_size, **kwargs)
     if kind == "multicrop":
         patch_size = kwargs.pop("patch_size", 16)

@@ -242,6 +242,7 @@ def _check_data_options(cfg: DictConfig) -> None:
     extra = cfg_dict(cfg.data.transform)
     try:
         options = method.transform_options(cfg_dict(cfg.method.kwargs))
+        options.pop("crops_from", None)  # a label store: the method checks it with its own message
         if view == "segmentation":
             build_transforms(view, cfg.data.img_size, train=True, **extra)
         else:

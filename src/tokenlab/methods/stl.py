@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenlab.data.label_store import LabelStore, crop_token_map, dense_logits, select_views
+from tokenlab.data.label_store import LabelStore, StoredCrops, crop_token_map, dense_logits, select_views
 from tokenlab.losses.stl_token import STLTokenLoss
 from tokenlab.methods import Method, StepContext, register_method
 from tokenlab.methods.supervised import ClassTargets, soft_cross_entropy
@@ -351,6 +351,11 @@ class STLStudent(Method):
         label_store: A store of cached labels (``tokenlab labels build``) instead of ``labeler``: the data view
             then gives each sample's ``index`` and view geometry (``view_theta``) and no teacher image; the stored
             map is cut to the student view (``cached_logits``) and labelled by the same ``STLTokenLoss``.
+        store_crops: With a ``label_store`` built with ``--views N``: the student's crop box and flip are one of
+            the sample's N stored random crops (FKD-style; ``data.label_store.StoredCrops``) instead of a fresh
+            random crop, so its cached labels are the labeler's logits of that very crop, as online (the full-image
+            map resampled to a crop costs accuracy: docs/results/cached_labels.md). Fewer distinct crops per image
+            (N) over a run; the store's ``--view-scale`` replaces ``data.transform.scale``.
 
     Raises:
         FileNotFoundError: no exported labeler at ``labeler`` (or no best export when ``labeler_export="best"``).
@@ -383,6 +388,7 @@ class STLStudent(Method):
         mix_prob: float = 1.0,
         switch_prob: float = 0.5,
         label_store: str | Path | None = None,
+        store_crops: bool = False,
     ) -> None:
         super().__init__(model)
         _require_token_model(model, "stl_student model")
@@ -426,6 +432,13 @@ class STLStudent(Method):
                     f"has {k}; build the store with a labeler of this data set"
                 )
             self.labeler_info = {**self.store.manifest["labeler"], "label_store": str(label_store)}
+            if store_crops:
+                StoredCrops(label_store)  # a store without random-crop views: the error names --views
+        elif store_crops:
+            raise ValueError(
+                "store_crops=true takes the student's crops from a label store; set method.kwargs.label_store (a "
+                "store built with `tokenlab labels build --views N`)"
+            )
         elif self.self_labelling:
             self.labeler_info = {"path": SELF_LABELER, "export": "online"}
         else:
@@ -467,10 +480,12 @@ class STLStudent(Method):
     def transform_options(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The paired STL transform, with the teacher view chosen by ``teacher_aug``.
 
-        With a ``label_store``: no teacher image but the student view's geometry (``teacher="geometry"``).
+        With a ``label_store``: no teacher image but the student view's geometry (``teacher="geometry"``); with
+        ``store_crops`` the crop boxes come from the store (``crops_from``).
         """
         if kwargs.get("label_store") is not None:
-            return {"teacher": "geometry"}
+            crops = {"crops_from": kwargs["label_store"]} if kwargs.get("store_crops") else {}
+            return {"teacher": "geometry", **crops}
         return {"teacher": kwargs.get("teacher_aug", "spatial")}
 
     def _teacher_input(self, batch: dict[str, Any]) -> torch.Tensor:
