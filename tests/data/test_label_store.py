@@ -111,6 +111,12 @@ def test_select_views_prefers_a_view_of_the_students_orientation():
     rotated_out = torch.tensor([[-0.8, 0.7, 0.0], [0.7, 0.8, 0.0]])  # mirrored, corners outside the image
     view, theta = select_views(stored, torch.stack([flipped_student, plain_student, rotated_out]))
     assert view.tolist() == [1, 2, 1]
+    # a student cut from the stored crop 2 and then rotated past its edges keeps crop 2 when it is named as source
+    rotated_crop = torch.tensor([[0.45, -0.2, 0.5], [0.2, 0.9, 0.0]])
+    assert select_views(stored[:1], rotated_crop[None])[0].tolist() == [0]
+    kept, inside = select_views(stored[:1], rotated_crop[None], torch.tensor([2]))
+    assert kept.tolist() == [2] and torch.allclose(half[:, :2] @ inside[0][:, :2], rotated_crop[:, :2], atol=1e-6)
+    assert select_views(stored[:1], rotated_crop[None], torch.tensor([-1]))[0].tolist() == [0]
     assert torch.linalg.det(theta[0][:, :2]) > 0  # the student is not mirrored relative to the chosen view
     assert torch.allclose(mirrored[:, :2] @ theta[0][:, :2], flipped_student[:, :2])
 
@@ -263,7 +269,9 @@ def test_stored_crops_are_the_stores_random_views_and_the_student_takes_one(tmp_
     for _ in range(20):
         out = tf({"image": image, "index": 4})
         view, theta = select_views(built[4]["theta"][None], out["view_theta"][None])
-        assert view.item() in (2, 3) and torch.allclose(theta[0], torch.tensor([[1.0, 0, 0], [0, 1, 0]]), atol=1e-5)
+        assert view.item() == crops.first + out["given_crop"] and torch.allclose(
+            theta[0], torch.tensor([[1.0, 0, 0], [0, 1, 0]]), atol=1e-5
+        )
         chosen.add(view.item())
         box, flip = given[view.item() - 2]
         crop = F.interpolate(image[None, :, box[0] : box[0] + box[2], box[1] : box[1] + box[3]].float(),

@@ -370,12 +370,18 @@ def _as3(theta: torch.Tensor) -> torch.Tensor:
     return torch.cat([theta, bottom], dim=-2)
 
 
-def select_views(stored: torch.Tensor, student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def select_views(
+    stored: torch.Tensor, student: torch.Tensor, source: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For each sample, the stored view that best covers the student view, and the student's affine on it.
 
     Args:
         stored: ``(B, V, 2, 3)`` affines of the stored views onto the source image (view 0: the full image).
         student: ``(B, 2, 3)`` affines of the student views onto the source image.
+        source: ``(B,)`` the stored view each student view was cut from (``StoredCrops``; -1: none), taken whether
+            or not it holds the whole student view: a geometric op (rotate, shear, translate) on the stored crop
+            reaches past it, where the labeler, run online, would see the op's fill; the crop's border tokens are
+            the nearer stand-in than the full image resampled.
 
     Returns:
         ``(view id (B,), theta (B, 2, 3))``: among the stored views that contain the four corners of the student
@@ -400,6 +406,9 @@ def select_views(stored: torch.Tensor, student: torch.Tensor) -> tuple[torch.Ten
     mirrored = torch.linalg.det(rel[..., :2, :2]) < 0  # (B, V): the student view is a mirror image of the stored one
     score = (area + mirrored.to(area.dtype) * 1e3).masked_fill(~inside, float("inf"))  # areas are <= 1
     view = score.argmin(dim=1)
+    if source is not None:
+        source = source.to(view.device)
+        view = torch.where(source >= 0, source, view)
     theta = rel[torch.arange(rel.shape[0]), view, :2].to(student.dtype)
     return view, theta
 
@@ -482,7 +491,8 @@ class StoredCrops:
     """The random-crop views of a label store as crop boxes: ``crops(index, src_size)`` -> ``[(box, flip), ...]``.
 
     A student view that takes one of them as its crop box and flip (``ViewTransform(crops=...)``) gets the
-    labeler's logits of exactly that crop from the store (``select_views`` picks the identical view), as the online
+    labeler's logits of exactly that crop from the store (the transform's ``given_crop`` + ``first`` is the stored
+    view, passed to ``select_views`` as ``source``), as the online
     path would compute them, instead of the full-image map resampled: the lever that closes most of the gap in
     docs/results/cached_labels.md. Opens the store lazily, so that each data-loader worker maps it itself.
 

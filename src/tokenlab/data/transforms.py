@@ -471,8 +471,9 @@ class ViewTransform(v2.Transform):
         colour: False turns every student-only op (colour ops, jitter, erasing, noise) off.
         generator: randomness source; None uses torch's default generator (seeded per sample by the loader).
         crops: given crops instead of random ones: ``crops(sample["index"], (H, W))`` lists ``(box, flip)`` pairs and
-            each call takes one at random (``scale``, ``ratio`` and ``hflip`` are then unused); a label store's
-            random-crop views (``tokenlab.data.label_store.StoredCrops``) train a student on the labeler's crops.
+            each call takes one at random, returned as ``given_crop`` (its position in the list; ``scale``, ``ratio``
+            and ``hflip`` are then unused); a label store's random-crop views
+            (``tokenlab.data.label_store.StoredCrops``) train a student on the labeler's crops.
 
     Raises:
         ValueError: on an unknown teacher mode, bad ranges or probabilities.
@@ -585,9 +586,12 @@ class ViewTransform(v2.Transform):
             if "index" not in sample:
                 raise KeyError(f"ViewTransform(crops=...) needs sample['index']; the sample has {sorted(sample)}")
             given = self.crops(int(sample["index"]), _image_size(sample["image"]))
-            params["box"], params["flip"] = given[min(int(_rand(self.generator) * len(given)), len(given) - 1)]
+            chosen = min(int(_rand(self.generator) * len(given)), len(given) - 1)
+            params["box"], params["flip"] = given[chosen]
         geometric = self.transform(sample["image"], params)
         out = dict(sample)
+        if self.crops is not None:
+            out["given_crop"] = chosen
         if "mask" in sample:
             out["mask"] = self.transform(sample["mask"], params)
         out["image"] = self._student(geometric, params)

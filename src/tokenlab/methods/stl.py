@@ -423,6 +423,7 @@ class STLStudent(Method):
         # A plain list hides the labeler from the module tree: no train(), no DDP, no optimizer, no checkpoint.
         self._teacher: list[nn.Module] = []
         self.store: LabelStore | None = None
+        self.crops: StoredCrops | None = None
         self.labeler_info: dict[str, Any]
         if label_store is not None:
             self.store = LabelStore.open(label_store)
@@ -432,8 +433,8 @@ class STLStudent(Method):
                     f"has {k}; build the store with a labeler of this data set"
                 )
             self.labeler_info = {**self.store.manifest["labeler"], "label_store": str(label_store)}
-            if store_crops:
-                StoredCrops(label_store)  # a store without random-crop views: the error names --views
+            # the stored view of each given crop: StoredCrops.first + batch["given_crop"]; no random crops: an error
+            self.crops = StoredCrops(label_store) if store_crops else None
         elif store_crops:
             raise ValueError(
                 "store_crops=true takes the student's crops from a label store; set method.kwargs.label_store (a "
@@ -523,8 +524,9 @@ class STLStudent(Method):
         """Stored labeler logits cut to the student views: ``(B, H*W, K)`` on the student's token ``grid``.
 
         Per sample: the stored view that best covers the student view (view 0, the full image, unless the store
-        holds augmented views), its top-k map made dense (``dense_logits``) and sampled at the student's token
-        centres through the student view's crop / flip / affine (``batch["view_theta"]``).
+        holds augmented views; with ``store_crops`` the stored crop the view was cut from), its top-k map made dense
+        (``dense_logits``) and sampled at the student's token centres through the student view's crop / flip /
+        affine (``batch["view_theta"]``).
         """
         assert self.store is not None
         for key in ("index", "view_theta"):
@@ -534,7 +536,13 @@ class STLStudent(Method):
         theta_s = batch["view_theta"].float()
         device = theta_s.device
         rec = self.store.read(batch["index"].cpu().numpy())
-        view, theta = select_views(rec["theta"], theta_s.cpu())
+        source = None
+        if self.crops is not None:
+            if "given_crop" not in batch:
+                raise KeyError(f"stl_student with store_crops needs batch['given_crop'] (the stl_paired view with "
+                               f"crops_from); the batch has {sorted(batch)}")  # fmt: skip
+            source = self.crops.first + batch["given_crop"].cpu().long()
+        view, theta = select_views(rec["theta"], theta_s.cpu(), source)
         rows = torch.arange(len(view))
         gh, gw = self.store.grid
         dense = dense_logits(
