@@ -12,6 +12,9 @@
    one full view per image, written to a temporary directory) and cuts them to random crop/flip views
    (``view_theta``), so the step pays the store read, the dense reconstruction and the RoI sampling, no labeler.
    ``cached_over_supervised`` is its time ratio, ``store_bytes_per_image`` the store size at a 14x14 grid, top-5.
+   Cached STL on the store's own crops (``store_crops``): the store also holds ``CROP_VIEWS`` random crops per image
+   and each student view is one of them (``given_crop``), so the step cuts the stored crop itself;
+   ``cached_crops_over_supervised`` is its time ratio, ``store_crops_bytes_per_image`` the size per number of crops.
 2. Throughput: images/s of full training steps (forward, backward, AdamW) of fan_tiny/fan_small against timm's
    deit_tiny/deit_small at the same image size and batch, interleaved in one process.
 
@@ -72,30 +75,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-KINDS = ("supervised", "stl_student", "stl_cached")
+KINDS = ("supervised", "stl_student", "stl_cached", "stl_cached_crops")
 STORE_IMAGES = 256  # images in the benchmark's label store; each step reads a random batch of them
+CROP_VIEWS = 2  # random crops per image in the store_crops store
 
 
-def make_store(args: argparse.Namespace, grid: tuple[int, int], root: Path) -> Path:
-    """A finished label store of ``STORE_IMAGES`` images with random top-k logits on ``grid`` (full views)."""
+def make_store(args: argparse.Namespace, grid: tuple[int, int], root: Path, crops: int = 0) -> Path:
+    """A finished label store of ``STORE_IMAGES`` images with random top-k logits on ``grid``: the full view, then
+    ``crops`` random crop/flip views."""
     import numpy as np
 
     from tokenlab.data.label_store import LabelStore, compress_logits
 
-    n, k, tokens = STORE_IMAGES, args.topk, grid[0] * grid[1]
+    n, k, tokens, v = STORE_IMAGES, args.topk, grid[0] * grid[1], 1 + crops
     manifest = {
         "labeler": {"model": args.labeler or args.model, "path": None, "export": "benchmark", "sha256": None},
         "data": {"spec": "random", "split": "train", "num_images": n, "sha256": "0" * 64},
-        "img_size": args.img_size, "k": k, "grid": list(grid), "views": 1, "num_classes": args.num_classes,
+        "img_size": args.img_size, "k": k, "grid": list(grid), "views": v, "num_classes": args.num_classes,
         "mean": [0.0] * 3, "std": [1.0] * 3, "seed": 0,
     }  # fmt: skip
     store = LabelStore.create(root, manifest, [f"{i}.png" for i in range(n)])
     g = torch.Generator().manual_seed(2)
     for start in range(0, n, 32):
         rows = np.arange(start, min(start + 32, n))
-        values, indices, rest = compress_logits(torch.randn(len(rows), tokens, args.num_classes, generator=g), k)
-        theta = torch.tensor([[1.0, 0, 0], [0, 1, 0]]).expand(len(rows), 1, 2, 3)
-        store.write_rows(rows, values[:, None], indices[:, None], rest[:, None], theta)
+        b = len(rows)
+        logits = torch.randn(b * v, tokens, args.num_classes, generator=g)
+        values, indices, rest = (t.view(b, v, *t.shape[1:]) for t in compress_logits(logits, k))
+        full = torch.tensor([[1.0, 0, 0], [0, 1, 0]]).expand(b, 1, 2, 3)
+        theta = torch.cat([full, random_view_thetas(b * crops, g).view(b, crops, 2, 3)], dim=1)
+        store.write_rows(rows, values, indices, rest, theta)
     store.finish()
     return root
 
@@ -121,16 +129,21 @@ def make_step(kind: str, args: argparse.Namespace, device: torch.device) -> Call
     extra: dict[str, torch.Tensor] = {}
     if kind == "supervised":
         method = build_method("supervised", model=model, num_classes=args.num_classes)
-    elif kind == "stl_cached":
+    elif kind in ("stl_cached", "stl_cached_crops"):
         import tempfile
 
+        from tokenlab.data.label_store import LabelStore
+
         gh, gw = as_backbone(model).grid_size(args.img_size)
-        root = Path(tempfile.mkdtemp(prefix="stl_overhead_store_")) / "store"
-        method = build_method("stl_student", model=model, label_store=str(make_store(args, (gh, gw), root)))
-        extra = {
-            "index": torch.randperm(STORE_IMAGES, generator=g)[:b],
-            "view_theta": random_view_thetas(b, g).to(device),
-        }
+        crops = CROP_VIEWS if kind == "stl_cached_crops" else 0
+        root = make_store(args, (gh, gw), Path(tempfile.mkdtemp(prefix="stl_overhead_store_")) / "store", crops)
+        method = build_method("stl_student", model=model, label_store=str(root), store_crops=bool(crops))
+        index = torch.randperm(STORE_IMAGES, generator=g)[:b]
+        extra = {"index": index, "view_theta": random_view_thetas(b, g).to(device)}
+        if crops:  # each student view is one of its image's stored crops, as ViewTransform(crops=...) gives them
+            given = torch.randint(0, crops, (b,), generator=g)
+            stored = LabelStore.open(root).read(index.numpy())["theta"]
+            extra.update(given_crop=given.to(device), view_theta=stored[torch.arange(b), 1 + given].to(device))
     else:
         labeler = timm.create_model(args.labeler or args.model, **kw)
         method = build_method("stl_student", model=model, labeler=labeler, teacher_dtype=args.teacher_dtype)
@@ -275,7 +288,9 @@ def main() -> None:
         "time_ratio": med["stl_student"] / med["supervised"],
         "cached_over_supervised": med["stl_cached"] / med["supervised"],
         "cached_over_online": med["stl_cached"] / med["stl_student"],
+        "cached_crops_over_supervised": med["stl_cached_crops"] / med["supervised"],
         "store_bytes_per_image": store_bytes_per_image(14 * 14, args.topk),
+        "store_crops_bytes_per_image": {n: store_bytes_per_image(14 * 14, args.topk, 1 + n) for n in (1, 2, 4)},
         "store_layout": f"14x14 grid, top-{args.topk}: fp16 logits + uint16 ids + fp16 rest per token, theta, flag",
         "peak_memory_mib": mem,
         "memory_ratio": mem["stl_student"] / mem["supervised"],
@@ -286,8 +301,8 @@ def main() -> None:
     }
     if not args.skip_throughput:
         result["images_per_s"] = throughput(args, device)
-    keys = ("time_ratio", "cached_over_supervised", "store_bytes_per_image", "memory_ratio", "cached_memory_ratio",
-            "step_time_s", "peak_memory_mib")  # fmt: skip
+    keys = ("time_ratio", "cached_over_supervised", "cached_crops_over_supervised", "store_bytes_per_image",
+            "memory_ratio", "cached_memory_ratio", "step_time_s", "peak_memory_mib")  # fmt: skip
     logger.info(json.dumps({k: result[k] for k in keys}))
     if "images_per_s" in result:
         logger.info("images/s: %s", {k: round(v, 1) for k, v in result["images_per_s"].items()})
