@@ -492,9 +492,10 @@ class StoredCrops:
 
     A student view that takes one of them as its crop box and flip (``ViewTransform(crops=...)``) gets the
     labeler's logits of exactly that crop from the store (the transform's ``given_crop`` + ``first`` is the stored
-    view, passed to ``select_views`` as ``source``), as the online
-    path would compute them, instead of the full-image map resampled: the lever that closes most of the gap in
-    docs/results/cached_labels.md. Opens the store lazily, so that each data-loader worker maps it itself.
+    view, passed to ``select_views`` as ``source``), as the online path would compute them, instead of the
+    full-image map resampled. That closes the accuracy gap of cached labels when each image has about one stored
+    crop per epoch; reused crops cost crop diversity (docs/results/cached_labels.md). Opens the store lazily, so
+    that each data-loader worker maps it itself.
 
     Raises:
         ValueError: the store holds no random-crop views (build it with ``--views N``).
