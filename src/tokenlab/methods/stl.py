@@ -529,19 +529,16 @@ class STLStudent(Method):
         affine (``batch["view_theta"]``).
         """
         assert self.store is not None
-        for key in ("index", "view_theta"):
+        crops = self.crops is not None
+        for key in ("index", "view_theta") + (("given_crop",) if crops else ()):
             if key not in batch:
                 raise KeyError(f"stl_student with a label_store needs batch[{key!r}] (the stl_paired view with "
-                               f"teacher='geometry'); the batch has {sorted(batch)}")  # fmt: skip
+                               f"teacher='geometry'{' and crops_from' if crops else ''}); the batch has "
+                               f"{sorted(batch)}")  # fmt: skip
         theta_s = batch["view_theta"].float()
         device = theta_s.device
         rec = self.store.read(batch["index"].cpu().numpy())
-        source = None
-        if self.crops is not None:
-            if "given_crop" not in batch:
-                raise KeyError(f"stl_student with store_crops needs batch['given_crop'] (the stl_paired view with "
-                               f"crops_from); the batch has {sorted(batch)}")  # fmt: skip
-            source = self.crops.first + batch["given_crop"].cpu().long()
+        source = self.crops.first + batch["given_crop"].cpu().long() if self.crops is not None else None
         view, theta = select_views(rec["theta"], theta_s.cpu(), source)
         rows = torch.arange(len(view))
         gh, gw = self.store.grid
